@@ -1,0 +1,89 @@
+"""The verified manifest of a sealed bundle: typed, frozen, and shared by every part of the runtime.
+
+Objects of these types are only ever built from bundle bytes by ``edgeguard.bundle._open`` (after the
+signature has been checked) or by the publisher-side packer. The engine reads ``inputs``/``outputs`` for the
+input guard, ``preprocess``/``postprocess`` for image handling and ``golden_tolerance`` for the self-test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = ["ModelFormat", "TensorSpec", "Tolerance", "GoldenSample", "Manifest"]
+
+ModelFormat = Literal["onnx", "tflite"]
+
+# numpy dtype names a tensor may declare (anything else is refused as malformed).
+TENSOR_DTYPES = frozenset(
+    {"float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool"}
+)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One model input or output as declared in the manifest.
+
+    ``shape`` holds a positive int for a fixed axis and ``None`` for a dynamic one (batch, image size).
+    ``value_range`` is the inclusive range of valid values for an input (the input guard enforces it).
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+    value_range: tuple[float, float] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.value_range is not None:
+            out["range"] = [self.value_range[0], self.value_range[1]]
+        return out
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How close an accelerator's output must be to the reference: ``|a - b| <= atol + rtol * |b|``."""
+
+    rtol: float = 1e-3
+    atol: float = 1e-4
+
+    def to_json(self) -> dict[str, float]:
+        return {"rtol": self.rtol, "atol": self.atol}
+
+
+@dataclass(frozen=True)
+class GoldenSample:
+    """One golden vector: inputs and the outputs the publisher's reference run produced for them."""
+
+    inputs: Mapping[str, np.ndarray]
+    outputs: Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything the publisher signed about a model, except the model itself."""
+
+    format: ModelFormat
+    name: str
+    version: int
+    created: str  # ISO 8601, UTC
+    payload_sha256: str  # hex digest of the plaintext model
+    payload_size: int  # bytes of the plaintext model
+    chunk_size: int  # plaintext bytes per AEAD chunk
+    publisher_key_id: str
+    recipient_key_ids: tuple[str, ...]
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    not_after: str | None = None  # ISO 8601, UTC; None = never expires
+    min_runtime: str = "0.1.0"
+    golden_count: int = 0
+    golden_tolerance: Tolerance = field(default_factory=Tolerance)
+    # Free-form but size-limited JSON objects whose schemas belong to the engine (validated there):
+    preprocess: Mapping[str, Any] | None = None  # image preprocessing (resize/letterbox, normalise, layout...)
+    postprocess: Mapping[str, Any] | None = None  # top-k, YOLO box decoding + NMS...
+    input_stats: Mapping[str, Any] | None = None  # per-channel statistics for out-of-distribution flags
+    quantization: Mapping[str, Any] | None = None  # how the model was quantized, for reporting
+    description: str = ""

@@ -1,0 +1,88 @@
+"""Error families by origin.
+
+Each family says where a failure came from, so the CLI and the service can map it to an exit code, a counter or
+an event without looking at messages. Caller mistakes (a wrong argument type, an impossible option) stay
+``ValueError``/``TypeError`` and are bugs, not conditions to handle.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+__all__ = [
+    "EdgeGuardError",
+    "BundleRejected",
+    "BundleCheck",
+    "BUNDLE_CHECKS",
+    "KeyFileError",
+    "ConfigError",
+    "BackendError",
+    "InputRejected",
+    "OutboxError",
+    "LinkError",
+]
+
+# The one-word (or two-word) names of the checks a bundle can fail; they are part of the CLI contract.
+BundleCheck = Literal[
+    "signature",
+    "untrusted signer",
+    "revoked",
+    "rollback",
+    "expired",
+    "not a recipient",
+    "integrity",
+    "malformed",
+    "too large",
+    "unsupported",
+]
+BUNDLE_CHECKS: Final[tuple[str, ...]] = (
+    "signature",
+    "untrusted signer",
+    "revoked",
+    "rollback",
+    "expired",
+    "not a recipient",
+    "integrity",
+    "malformed",
+    "too large",
+    "unsupported",
+)
+
+
+class EdgeGuardError(Exception):
+    """Base of every error EdgeGuard raises on purpose."""
+
+
+class BundleRejected(EdgeGuardError):
+    """A sealed bundle failed verification. ``check`` names the failed check; the message is one line."""
+
+    def __init__(self, check: BundleCheck, detail: str) -> None:
+        if check not in BUNDLE_CHECKS:
+            raise ValueError(f"unknown bundle check {check!r}")
+        self.check: BundleCheck = check
+        self.detail = detail
+        super().__init__(f"bundle rejected: {check}: {detail}")
+
+
+class KeyFileError(EdgeGuardError):
+    """A key file is missing, malformed, of the wrong kind, or readable by group/others."""
+
+
+class ConfigError(EdgeGuardError):
+    """A config file, device profile or command-line option is invalid (exit code 2)."""
+
+
+class BackendError(EdgeGuardError):
+    """An inference backend failed to load or run a model (whatever the library raised)."""
+
+
+class InputRejected(EdgeGuardError):
+    """An inference input did not match the model's declared inputs; the message says exactly what."""
+
+
+class OutboxError(EdgeGuardError):
+    """The durable result store failed (disk full, corrupt database, I/O error)."""
+
+
+class LinkError(EdgeGuardError):
+    """The MQTT link failed: bad broker settings, refused credentials, TLS failure."""

