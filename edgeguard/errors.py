@@ -20,6 +20,8 @@ __all__ = [
     "InputRejected",
     "OutboxError",
     "LinkError",
+    "WatchdogError",
+    "ServiceUnavailable",
 ]
 
 # The one-word (or two-word) names of the checks a bundle can fail; they are part of the CLI contract.
@@ -86,3 +88,11 @@ class OutboxError(EdgeGuardError):
 
 class LinkError(EdgeGuardError):
     """The MQTT link failed: bad broker settings, refused credentials, TLS failure."""
+
+
+class WatchdogError(EdgeGuardError):
+    """A watchdog (systemd, /dev/watchdog, external microcontroller) could not be opened or kicked."""
+
+
+class ServiceUnavailable(EdgeGuardError):
+    """The service cannot take a request now (safe state, stopping, too many in flight); try again later."""

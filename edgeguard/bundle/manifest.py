@@ -87,3 +87,33 @@ class Manifest:
     input_stats: Mapping[str, Any] | None = None  # per-channel statistics for out-of-distribution flags
     quantization: Mapping[str, Any] | None = None  # how the model was quantized, for reporting
     description: str = ""
+    golden_size: int = 0  # bytes of the golden-vector .npz carried encrypted after the wrapped keys
+    bundle_id: str = ""  # 32 random hex digits: makes every manifest (hashed into HPKE info and AAD) unique
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest as the JSON object stored in a bundle (and printed by ``edgeguard inspect``)."""
+        out: dict[str, Any] = {
+            "format": self.format,
+            "name": self.name,
+            "version": self.version,
+            "created": self.created,
+            "not_after": self.not_after,
+            "payload_sha256": self.payload_sha256,
+            "payload_size": self.payload_size,
+            "chunk_size": self.chunk_size,
+            "publisher_key_id": self.publisher_key_id,
+            "recipient_key_ids": list(self.recipient_key_ids),
+            "inputs": [t.to_json() for t in self.inputs],
+            "outputs": [t.to_json() for t in self.outputs],
+            "min_runtime": self.min_runtime,
+            "golden_count": self.golden_count,
+            "golden_size": self.golden_size,
+            "golden_tolerance": self.golden_tolerance.to_json(),
+            "description": self.description,
+            "bundle_id": self.bundle_id,
+        }
+        for key in ("preprocess", "postprocess", "input_stats", "quantization"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = dict(value)
+        return out

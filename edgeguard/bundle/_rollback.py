@@ -1,0 +1,77 @@
+"""The rollback floor: per model name, the lowest version this device still accepts.
+
+One small file per model name under ``<state_dir>/rollback/``, holding the version as decimal text. Writes are
+atomic (temp file in the same directory, fsync, ``os.replace``, fsync of the directory), so a crash leaves
+either the old floor or the new one, never a torn or empty file. A floor only ever goes up.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from edgeguard.errors import ConfigError
+
+__all__ = ["RollbackFloor", "MODEL_NAME_RE"]
+
+# Model names become file names: keep them to a safe, portable alphabet (also enforced in the manifest).
+MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+_MAX_VERSION = 2**53  # stays exact in JSON numbers everywhere
+
+
+class RollbackFloor:
+    """Reads and raises rollback floors kept in ``state_dir``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self._dir = Path(state_dir) / "rollback"
+
+    def _path(self, name: str) -> Path:
+        if not MODEL_NAME_RE.match(name):
+            raise ValueError(f"invalid model name {name!r}")
+        return self._dir / name
+
+    def get(self, name: str) -> int:
+        """The floor for ``name``; 0 when none was ever recorded."""
+        path = self._path(name)
+        try:
+            text = path.read_text(encoding="ascii")
+        except FileNotFoundError:
+            return 0
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read rollback floor {path}: {exc}") from None
+        text = text.strip()
+        # A corrupt floor must not silently become 0 (that would re-open the downgrade window): refuse.
+        if not text.isdigit() or len(text) > 17:
+            raise ConfigError(f"rollback floor {path} is corrupt ({text[:20]!r}); restore or remove it")
+        return int(text)
+
+    def raise_to(self, name: str, version: int) -> bool:
+        """Record ``version`` as the floor if it is above the current one; True when the floor moved."""
+        if not 0 <= version <= _MAX_VERSION:
+            raise ValueError(f"version {version} out of range")
+        if version <= self.get(name):
+            return False
+        self._dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self._path(name), f"{version}\n".encode("ascii"))
+        return True
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # The rename itself is only durable once the directory entry is on disk.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

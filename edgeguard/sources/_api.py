@@ -1,0 +1,254 @@
+"""The local inference API (aiohttp): the only parser of HTTP requests from applications on the device.
+
+Routes (``docs/openapi.json`` describes them; :data:`OPENAPI` is the same document):
+  POST /v1/infer           scope infer   JSON / .npy / image body -> result (also queued for MQTT)
+  GET  /v1/health          scope status  health of every stage
+  POST /v1/admin/{action}  scope admin   reload, and whatever else the service registers
+  GET  /v1/openapi.json    no auth       this API's description
+
+Order of checks: route -> token (401) -> scope (403) -> declared size (413) -> capacity (503) -> body read
+with the same limit (413) -> parse (400/415) -> engine (400 for a rejected input, 500 for a backend error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from edgeguard.bundle.manifest import TensorSpec
+from edgeguard.errors import BackendError, InputRejected, ServiceUnavailable
+
+from ._openapi import OPENAPI
+from ._request import BodyLimits, InferenceSink, UnsupportedMediaType, parse_body
+from ._tokens import TokenStore
+
+__all__ = ["ApiConfig", "ApiSource", "AdminHandler"]
+
+_log = logging.getLogger("edgeguard.sources.api")
+
+AdminHandler = Callable[[str, dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiConfig:
+    unix_socket: Path | None = None
+    host: str | None = "127.0.0.1"
+    port: int = 8780
+    allow_non_loopback: bool = False  # refuse to listen beyond the device unless set on purpose
+    limits: BodyLimits = field(default_factory=BodyLimits)
+    max_in_flight: int = 32  # requests admitted at once; more get 503 instead of an unbounded queue
+    infer_threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.unix_socket is None and self.host is None:
+            raise ValueError("the local API needs a unix_socket, a host, or both")
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port must be 0..65535")
+        if not 1 <= self.max_in_flight <= 4096:
+            raise ValueError("max_in_flight must be 1..4096")
+        if not 1 <= self.infer_threads <= 64:
+            raise ValueError("infer_threads must be 1..64")
+        if self.host is not None and not self.allow_non_loopback and not _is_loopback(self.host):
+            raise ValueError(f"host {self.host!r} is not a loopback address (set allow_non_loopback to expose it)")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _error(status: int, reason: str, **headers: str) -> web.Response:
+    return web.json_response({"error": reason, "status": status}, status=status, headers=headers or None)
+
+
+class ApiSource:
+    """Serves the local API until :meth:`stop`; counters feed the heartbeat."""
+
+    name = "api"
+
+    def __init__(
+        self,
+        *,
+        config: ApiConfig,
+        tokens: TokenStore,
+        sink: InferenceSink,
+        specs: Callable[[], Sequence[TensorSpec]],
+        health: Callable[[], dict[str, Any]],
+        admin: AdminHandler | None = None,
+    ) -> None:
+        self.config = config
+        self._tokens = tokens
+        self._sink = sink
+        self._specs = specs
+        self._health = health
+        self._admin = admin
+        self._executor = ThreadPoolExecutor(max_workers=config.infer_threads, thread_name_prefix="eg-api")
+        self._runner: web.AppRunner | None = None
+        self._in_flight = 0
+        self.counts: dict[str, int] = {"ok": 0, "400": 0, "401": 0, "403": 0, "413": 0, "415": 0,
+                                       "500": 0, "503": 0}
+        self.bound: list[str] = []
+        self.accepting = False
+
+    # -- lifecycle -------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        app = web.Application(client_max_size=self.config.limits.max_body_bytes,
+                              middlewares=[self._auth_middleware])
+        app.router.add_post("/v1/infer", self._infer)
+        app.router.add_get("/v1/health", self._get_health)
+        app.router.add_post("/v1/admin/{action}", self._post_admin)
+        app.router.add_get("/v1/openapi.json", self._openapi)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=30.0)
+        await runner.setup()
+        self._runner = runner
+        if self.config.unix_socket is not None:
+            sock = self.config.unix_socket
+            sock.unlink(missing_ok=True)  # a stale socket from a killed worker would block the bind
+            site: web.BaseSite = web.UnixSite(runner, str(sock))
+            await site.start()
+            sock.chmod(0o660)
+            self.bound.append(f"unix:{sock}")
+        if self.config.host is not None:
+            site = web.TCPSite(runner, self.config.host, self.config.port)
+            await site.start()
+            server = getattr(site, "_server", None)
+            port = server.sockets[0].getsockname()[1] if server is not None and server.sockets else 0
+            self.bound.append(f"http://{self.config.host}:{port}")
+        self.accepting = True
+
+    @property
+    def port(self) -> int:
+        for b in self.bound:
+            if b.startswith("http://"):
+                return int(b.rsplit(":", 1)[1])
+        return 0
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (aiohttp drains them), then release the threads."""
+        self.accepting = False
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        self._executor.shutdown(wait=True)
+        if self.config.unix_socket is not None:
+            self.config.unix_socket.unlink(missing_ok=True)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"bound": list(self.bound), "in_flight": self._in_flight, "responses": dict(self.counts)}
+
+    # -- access control --------------------------------------------------------------------------------
+    @web.middleware
+    async def _auth_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        scope = _required_scope(request)
+        if scope is not None:
+            header = request.headers.get("Authorization", "")
+            if not header.startswith("Bearer ") or not header[7:].strip():
+                return self._count(_error(401, "missing bearer token", **{"WWW-Authenticate": "Bearer"}))
+            token = self._tokens.authenticate(header[7:].strip())
+            if token is None:
+                return self._count(_error(401, "invalid token",
+                                          **{"WWW-Authenticate": 'Bearer error="invalid_token"'}))
+            if scope not in token.scopes:
+                return self._count(_error(403, f"token {token.name!r} lacks the {scope!r} scope"))
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    def _count(self, response: web.Response) -> web.Response:
+        key = str(response.status) if response.status >= 400 else "ok"
+        self.counts[key] = self.counts.get(key, 0) + 1
+        return response
+
+    # -- handlers --------------------------------------------------------------------------------------
+    async def _infer(self, request: web.Request) -> web.Response:
+        limit = self.config.limits.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            return self._count(_error(413, f"body of {request.content_length} bytes exceeds the limit of {limit}"))
+        if not self.accepting:
+            return self._count(_error(503, "stopping"))
+        if self._in_flight >= self.config.max_in_flight:
+            return self._count(_error(503, f"busy: {self._in_flight} requests in flight"))
+        self._in_flight += 1
+        try:
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                return self._count(_error(413, f"body exceeds the limit of {limit} bytes"))
+            try:
+                parsed = parse_body(body=body, content_type=request.headers.get("Content-Type", ""),
+                                    specs=self._specs(), source="api", limits=self.config.limits,
+                                    input_name=request.query.get("input"),
+                                    correlation_id=request.query.get("id"))
+            except UnsupportedMediaType as exc:
+                return self._count(_error(415, str(exc)))
+            except InputRejected as exc:
+                return self._count(_error(400, str(exc)))
+            loop = asyncio.get_running_loop()
+            try:
+                result = await loop.run_in_executor(self._executor, self._sink, parsed)
+            except InputRejected as exc:
+                return self._count(_error(400, str(exc)))
+            except ServiceUnavailable as exc:
+                return self._count(_error(503, str(exc)))
+            except BackendError as exc:
+                return self._count(_error(500, str(exc)))
+            except Exception:
+                _log.exception("inference request failed")
+                return self._count(_error(500, "internal error (see the device log)"))
+            return self._count(web.json_response(result))
+        finally:
+            self._in_flight -= 1
+
+    async def _get_health(self, request: web.Request) -> web.Response:
+        del request
+        health = self._health()
+        return self._count(web.json_response(health, status=200 if health.get("ok", True) else 503))
+
+    async def _post_admin(self, request: web.Request) -> web.Response:
+        action = request.match_info["action"]
+        if self._admin is None:
+            return self._count(_error(404, "no admin actions on this device"))
+        try:
+            raw = await request.read()
+            args = json.loads(raw) if raw else {}
+        except web.HTTPRequestEntityTooLarge:
+            return self._count(_error(413, "body too large"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            return self._count(_error(400, f"malformed JSON: {exc}"))
+        if not isinstance(args, dict):
+            return self._count(_error(400, "the JSON body must be an object"))
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(None, self._admin, action, args)
+        except KeyError:
+            return self._count(_error(404, f"unknown admin action {action!r}"))
+        except InputRejected as exc:
+            return self._count(_error(400, str(exc)))
+        return self._count(web.json_response(result))
+
+    async def _openapi(self, request: web.Request) -> web.Response:
+        del request
+        return web.json_response(OPENAPI)
+
+
+def _required_scope(request: web.Request) -> str | None:
+    path = request.path
+    if path == "/v1/infer":
+        return "infer"
+    if path == "/v1/health":
+        return "status"
+    if path.startswith("/v1/admin/"):
+        return "admin"
+    return None  # the OpenAPI document and unknown routes (404) need no token

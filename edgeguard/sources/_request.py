@@ -1,0 +1,228 @@
+"""What every input source produces, what it hands it to, and the one parser of request bodies.
+
+The local API and the MQTT input topic carry the same body formats, so both call :func:`parse_body`; the tensor
+checks proper (dtype, shape, range, finiteness) belong to the engine's input guard, which sees every request
+after this. This module only turns bytes into arrays or image bytes, refusing anything oversized or malformed
+with one line that says why.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from edgeguard.bundle.manifest import TensorSpec
+from edgeguard.errors import InputRejected
+
+__all__ = [
+    "BodyLimits",
+    "InferenceRequest",
+    "InferenceSink",
+    "SourceName",
+    "parse_body",
+    "UnsupportedMediaType",
+    "NPY_MAGIC",
+]
+
+SourceName = Literal["api", "mqtt", "serial", "directory"]
+NPY_MAGIC = b"\x93NUMPY"
+_NUMERIC_KINDS = frozenset("biuf")
+_IMAGE_MAGICS = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"GIF8", b"RIFF")
+
+
+class UnsupportedMediaType(InputRejected):
+    """The request declared a content type no parser handles (HTTP 415)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class BodyLimits:
+    """Hard bounds on one request body, checked before any decoding."""
+
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_elements: int = 4 * 1024 * 1024  # tensor elements per request, over all inputs
+    max_id_chars: int = 128
+
+    def __post_init__(self) -> None:
+        if not 64 <= self.max_body_bytes <= 1024**3:
+            raise ValueError("max_body_bytes must be within 64 B .. 1 GiB")
+        if not 1 <= self.max_elements <= 1 << 28:
+            raise ValueError("max_elements must be within 1 .. 2**28")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InferenceRequest:
+    """One parsed request: either named tensors or one encoded image (decoded by the engine's preprocessor)."""
+
+    source: SourceName
+    tensors: Mapping[str, np.ndarray] | None = None
+    image: bytes | None = None
+    correlation_id: str | None = None  # the client's own id, echoed in the result
+
+    def __post_init__(self) -> None:
+        if (self.tensors is None) == (self.image is None):
+            raise ValueError("exactly one of tensors or image must be given")
+
+
+class InferenceSink(Protocol):
+    """Runs one request to a result. Raises InputRejected (bad input), BackendError, ServiceUnavailable.
+
+    The service's implementation runs the engine, stores the result in the outbox (durable on return) and
+    returns the result's JSON, including its unique ``id``.
+    """
+
+    def __call__(self, request: InferenceRequest) -> dict[str, Any]: ...
+
+
+def parse_body(
+    *,
+    body: bytes,
+    content_type: str,
+    specs: Sequence[TensorSpec],
+    source: SourceName,
+    limits: BodyLimits,
+    input_name: str | None = None,
+    correlation_id: str | None = None,
+) -> InferenceRequest:
+    """Bytes of one request body -> :class:`InferenceRequest`; InputRejected with the reason otherwise."""
+    if len(body) > limits.max_body_bytes:
+        raise InputRejected(f"body of {len(body)} bytes exceeds the limit of {limits.max_body_bytes}")
+    if not body:
+        raise InputRejected("empty body")
+    ctype = content_type.split(";", 1)[0].strip().lower()
+    if ctype in ("", "application/octet-stream"):
+        ctype = _sniff(body)
+    if ctype == "application/json":
+        return _parse_json(body, specs=specs, source=source, limits=limits)
+    if ctype in ("application/x-npy", "application/npy"):
+        name = _single_input(specs, input_name)
+        array = _parse_npy(body, limits)
+        return InferenceRequest(source=source, tensors={name: array},
+                                correlation_id=_check_id(correlation_id, limits))
+    if ctype.startswith("image/"):
+        return InferenceRequest(source=source, image=body, correlation_id=_check_id(correlation_id, limits))
+    raise UnsupportedMediaType(f"unsupported content type {ctype!r} (use application/json, "
+                               "application/x-npy or image/*)")
+
+
+def _sniff(body: bytes) -> str:
+    if body.startswith(NPY_MAGIC):
+        return "application/x-npy"
+    if body.startswith(_IMAGE_MAGICS):
+        return "image/unknown"
+    if body.lstrip()[:1] == b"{":
+        return "application/json"
+    return "application/octet-stream-unknown"
+
+
+def _single_input(specs: Sequence[TensorSpec], input_name: str | None) -> str:
+    names = [s.name for s in specs]
+    if input_name is not None:
+        if input_name not in names:
+            raise InputRejected(f"unknown input {input_name!r}; the model takes {', '.join(names)}")
+        return input_name
+    if len(names) != 1:
+        raise InputRejected(f"the model takes {len(names)} inputs ({', '.join(names)}): name one with ?input=")
+    return names[0]
+
+
+def _check_id(value: object, limits: BodyLimits) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 0 < len(value) <= limits.max_id_chars or not value.isprintable():
+        raise InputRejected(f"'id' must be a printable string of 1..{limits.max_id_chars} characters")
+    return value
+
+
+def _parse_npy(body: bytes, limits: BodyLimits) -> np.ndarray:
+    try:
+        # allow_pickle=False: an .npy body must never be able to run code.
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputRejected(f"malformed .npy body: {exc}") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in _NUMERIC_KINDS:
+        raise InputRejected("the .npy body must hold one numeric array")
+    if array.size > limits.max_elements:
+        raise InputRejected(f"{array.size} elements exceed the limit of {limits.max_elements}")
+    return array
+
+
+def _parse_json(body: bytes, *, specs: Sequence[TensorSpec], source: SourceName, limits: BodyLimits
+                ) -> InferenceRequest:
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputRejected(f"malformed JSON: {exc}") from None
+    except RecursionError:  # nesting deeper than the interpreter's limit
+        raise InputRejected("malformed JSON: nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise InputRejected("the JSON body must be an object")
+    unknown = sorted(set(doc) - {"inputs", "image_b64", "id"})
+    if unknown:
+        raise InputRejected(f"unknown key {unknown[0]!r} (expected 'inputs' or 'image_b64', and 'id')")
+    cid = _check_id(doc.get("id"), limits)
+    if ("inputs" in doc) == ("image_b64" in doc):
+        raise InputRejected("give exactly one of 'inputs' or 'image_b64'")
+    if "image_b64" in doc:
+        raw = doc["image_b64"]
+        if not isinstance(raw, str):
+            raise InputRejected("'image_b64' must be a base64 string")
+        try:
+            image = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            raise InputRejected("'image_b64' is not valid base64") from None
+        return InferenceRequest(source=source, image=image, correlation_id=cid)
+    inputs = doc["inputs"]
+    if not isinstance(inputs, dict) or not inputs:
+        raise InputRejected("'inputs' must be a non-empty object of input name -> tensor")
+    by_name = {s.name: s for s in specs}
+    tensors: dict[str, np.ndarray] = {}
+    budget = limits.max_elements
+    for name, value in inputs.items():
+        spec = by_name.get(name)
+        if spec is None:
+            raise InputRejected(f"unknown input {name!r}; the model takes {', '.join(by_name) or '(none)'}")
+        array = _json_tensor(name, value, spec.dtype)
+        budget -= array.size
+        if budget < 0:
+            raise InputRejected(f"more than {limits.max_elements} tensor elements in one request")
+        tensors[name] = array
+    return InferenceRequest(source=source, tensors=tensors, correlation_id=cid)
+
+
+def _json_tensor(name: str, value: Any, dtype: str) -> np.ndarray:
+    """A nested list, or {"shape": [...], "data": [flat list]}, as an array of the declared dtype."""
+    shape: list[int] | None = None
+    data = value
+    if isinstance(value, dict):
+        if set(value) - {"shape", "data", "dtype"} or "data" not in value:
+            raise InputRejected(f"input {name!r}: a tensor object has 'data' and optionally 'shape', 'dtype'")
+        if "dtype" in value and value["dtype"] != dtype:
+            raise InputRejected(f"input {name!r}: dtype {value['dtype']!r} given, the model takes {dtype}")
+        data = value["data"]
+        if "shape" in value:
+            raw_shape = value["shape"]
+            if not isinstance(raw_shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw_shape
+            ):
+                raise InputRejected(f"input {name!r}: 'shape' must be a list of non-negative integers")
+            shape = raw_shape
+    if not isinstance(data, list):
+        raise InputRejected(f"input {name!r}: tensor data must be a JSON array")
+    try:
+        array = np.asarray(data, dtype=np.dtype(dtype))
+        if shape is not None:
+            array = array.reshape(shape)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InputRejected(f"input {name!r}: {_first_line(exc)}") from None
+    return array
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]

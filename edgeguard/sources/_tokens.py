@@ -1,0 +1,101 @@
+"""Bearer tokens for the local API: loaded from a file or a systemd credential, checked in constant time.
+
+File format, one token per line (``#`` starts a comment)::
+
+    <name> <scope>[,<scope>...] <token>
+
+Scopes are ``infer``, ``status`` and ``admin``. Tokens are at least 16 characters. The file must not be
+readable by group or others (like key files). Under systemd, ``LoadCredential=api-tokens:/etc/edgeguard/...``
+puts it in ``$CREDENTIALS_DIRECTORY/api-tokens``; ``tokens_credential = "api-tokens"`` reads it from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from edgeguard.errors import ConfigError
+
+__all__ = ["Scope", "SCOPES", "Token", "TokenStore", "credential_path"]
+
+Scope = Literal["infer", "status", "admin"]
+SCOPES: tuple[Scope, ...] = ("infer", "status", "admin")
+MIN_TOKEN_CHARS = 16
+MAX_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class Token:
+    name: str
+    scopes: frozenset[str]
+    digest: bytes  # SHA-256 of the token: equal-length values for compare_digest, no plaintext kept
+
+
+def credential_path(name: str, *, environ: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    directory = env.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        raise ConfigError(f"credential {name!r} requested but $CREDENTIALS_DIRECTORY is not set (not under systemd?)")
+    if "/" in name or name in ("", ".", ".."):
+        raise ConfigError(f"credential name {name!r} is not a plain name")
+    return Path(directory) / name
+
+
+class TokenStore:
+    def __init__(self, tokens: list[Token]) -> None:
+        self._tokens = tuple(tokens)
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    @classmethod
+    def from_file(cls, path: Path, *, check_mode: bool = True) -> TokenStore:
+        try:
+            st = path.stat()
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"api tokens file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"api tokens file {path}: not UTF-8 text") from None
+        if check_mode and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(f"api tokens file {path} is accessible by group/others (chmod 600 it)")
+        tokens: list[Token] = []
+        names: set[str] = set()
+        for lineno, raw in enumerate(text.splitlines(), 1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.split()
+            if len(parts) != 3:
+                raise ConfigError(f"api tokens file {path}:{lineno}: expected '<name> <scopes> <token>'")
+            name, scopes_raw, secret = parts
+            scopes = frozenset(scopes_raw.split(","))
+            bad = sorted(scopes - set(SCOPES))
+            if bad:
+                raise ConfigError(f"api tokens file {path}:{lineno}: unknown scope {bad[0]!r} "
+                                  f"(use {', '.join(SCOPES)})")
+            if len(secret) < MIN_TOKEN_CHARS:
+                raise ConfigError(f"api tokens file {path}:{lineno}: token {name!r} is shorter than "
+                                  f"{MIN_TOKEN_CHARS} characters")
+            if name in names:
+                raise ConfigError(f"api tokens file {path}:{lineno}: duplicate token name {name!r}")
+            names.add(name)
+            tokens.append(Token(name, scopes, hashlib.sha256(secret.encode()).digest()))
+        if len(tokens) > MAX_TOKENS:
+            raise ConfigError(f"api tokens file {path}: more than {MAX_TOKENS} tokens")
+        return cls(tokens)
+
+    def authenticate(self, presented: str) -> Token | None:
+        """The token matching ``presented``, comparing against every entry so timing reveals nothing."""
+        digest = hashlib.sha256(presented.encode("utf-8", "replace")).digest()
+        found: Token | None = None
+        for token in self._tokens:
+            if hmac.compare_digest(token.digest, digest):
+                found = token
+        return found
