@@ -49,7 +49,7 @@ _RAW = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 def public_key_id(key: Ed25519PublicKey | X25519PublicKey) -> str:
-    """First 8 bytes (16 hex digits) of SHA-256 over the raw public key; the bundle header carries them raw."""
+    """First 8 bytes (16 hex digits) of SHA-256 over the raw public key (the header holds the raw bytes)."""
     return hashlib.sha256(key.public_bytes(*_RAW)).digest()[:8].hex()
 
 

@@ -96,8 +96,8 @@ def manifest_binding(manifest_bytes: bytes) -> bytes:
 
 
 def chunk_nonce(stream: int, index: int, final: bool) -> bytes:
-    """96-bit GCM nonce: stream id, final flag, chunk index. Unique per (content key, chunk) by construction,
-    and a chunk moved to another position, stream or to the end decrypts under a different nonce (tag fails)."""
+    """96-bit GCM nonce: stream id, final flag, chunk index. Unique per (content key, chunk) by construction;
+    a chunk moved to another position, stream or to the end decrypts under another nonce (tag fails)."""
     return struct.pack(">BBHQ", stream, 1 if final else 0, 0, index)
 
 

@@ -22,22 +22,27 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
+import json
+import math
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, NoReturn
 
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from edgeguard import __version__
 from edgeguard.bundle import _format as fmt
 from edgeguard.bundle._golden import decode_golden
-from edgeguard.bundle._manifest_schema import parse_unverified_manifest_json, parse_utc
-from edgeguard.bundle._rollback import RollbackFloor
-from edgeguard.bundle.manifest import GoldenSample, Manifest
+from edgeguard.bundle._opened import OpenedBundle, VerifiedBundle
+from edgeguard.bundle._rollback import MODEL_NAME_RE, RollbackFloor
+from edgeguard.bundle.manifest import TENSOR_DTYPES, Manifest, TensorSpec, Tolerance
 from edgeguard.errors import BundleRejected
 from edgeguard.keys import DeviceKey, TrustStore
 
@@ -56,21 +61,23 @@ class _Header:
 
 
 class _Source:
-    """Bundle bytes in memory (zero-copy views) or in a file (read into a reusable scratch buffer, so opening a
-    file never holds the whole ciphertext in memory)."""
+    """Bundle bytes in memory (zero-copy views) or in a file (read through a reusable scratch buffer, so
+    opening a file never holds the whole ciphertext in memory)."""
 
     def __init__(self, source: Path | bytes | bytearray | memoryview) -> None:
-        self._file: BinaryIO | None = None
+        self._file: io.FileIO | None = None
         self._mem: memoryview | None = None
+        self.in_memory = False
         if isinstance(source, (bytes, bytearray, memoryview)):
             self._mem = memoryview(source).cast("B")
             self.size = self._mem.nbytes
+            self.in_memory = True
         else:
-            try:
-                self._file = open(source, "rb")  # noqa: SIM115 - closed in close()
-                self.size = os.fstat(self._file.fileno()).st_size
-            except OSError as exc:
-                raise BundleRejected("malformed", f"cannot read {source}: {exc.strerror or exc}") from None
+            # A file that cannot be read is an I/O problem (OSError), not a verdict on the bundle.
+            # Unbuffered: every read goes to the file (no stale buffer between passes) and lands directly
+            # in the caller's buffer without an extra copy.
+            self._file = open(source, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+            self.size = os.fstat(self._file.fileno()).st_size
 
     def view(self, offset: int, n: int, scratch: bytearray | None = None) -> memoryview:
         if self._mem is not None:
@@ -78,17 +85,24 @@ class _Source:
         assert self._file is not None
         buf = memoryview(scratch if scratch is not None else bytearray(n))[:n]
         self._file.seek(offset)
-        got = self._file.readinto(buf)
-        if got != n:  # the file shrank under us: treat like truncation
-            raise BundleRejected("integrity", "bundle file changed while it was being read")
+        got = 0
+        while got < n:
+            step = self._file.readinto(buf[got:])
+            if not step:  # the file shrank under us: treat like truncation
+                raise BundleRejected("integrity", "bundle file changed while it was being read")
+            got += step
         return buf
 
-    def blocks(self, offset: int, n: int, scratch: bytearray) -> Iterator[memoryview]:
+    def sha256(self, offset: int, n: int) -> bytes:
+        if self._mem is not None:
+            return hashlib.sha256(self._mem[offset : offset + n]).digest()
+        h, block = hashlib.sha256(), bytearray(min(n, _HASH_BLOCK))
         while n > 0:
-            step = min(n, len(scratch))
-            yield self.view(offset, step, scratch)
+            step = min(n, len(block))
+            h.update(self.view(offset, step, block))
             offset += step
             n -= step
+        return h.digest()
 
     def close(self) -> None:
         if self._file is not None:
@@ -114,10 +128,190 @@ def _parse_unverified_header(raw: bytes | memoryview, total_size: int, limits: f
     if manifest_len == 0:
         raise BundleRejected("malformed", "empty manifest")
     if body_len > limits.max_body_bytes():
-        raise BundleRejected("too large", f"body of {body_len} bytes exceeds the {limits.max_body_bytes()} limit")
+        raise BundleRejected(
+            "too large", f"body of {body_len} bytes exceeds the {limits.max_body_bytes()} limit"
+        )
     if total_size < fmt.HEADER_SIZE + manifest_len + fmt.SIGNATURE_SIZE:
         raise BundleRejected("malformed", "bundle is shorter than its header, manifest and signature")
     return _Header(manifest_len, body_len, bytes(kid).hex(), bytes(body_sha))
+
+
+def _bad(detail: str) -> NoReturn:
+    raise BundleRejected("malformed", f"manifest: {detail}")
+
+
+def _reject_constant(name: str) -> NoReturn:
+    _bad(f"non-finite number {name}")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Duplicate keys would let two JSON parsers read two different manifests from the same signed bytes.
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            _bad(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _parse_unverified_json(raw: bytes) -> Any:
+    try:
+        return json.loads(
+            raw.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_reject_constant
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise BundleRejected("malformed", f"manifest is not valid JSON ({type(exc).__name__})") from None
+
+
+def _int(d: Mapping[str, Any], key: str, lo: int, hi: int = 2**53) -> int:
+    v = d.get(key)
+    if type(v) is not int or not lo <= v <= hi:  # type() excludes bool
+        _bad(f"{key} must be an integer in [{lo}, {hi}]")
+    return v
+
+
+def _str(d: Mapping[str, Any], key: str, max_len: int, pattern: str | None = None) -> str:
+    v = d.get(key)
+    if not isinstance(v, str) or len(v) > max_len or (pattern is not None and not re.fullmatch(pattern, v)):
+        _bad(f"{key} must be a string" + (f" matching {pattern}" if pattern else f" of <= {max_len} chars"))
+    return v
+
+
+def _number(v: Any, what: str) -> float:
+    if type(v) not in (int, float) or not math.isfinite(v):
+        _bad(f"{what} must be a finite number")
+    return float(v)
+
+
+def _parse_unverified_time(text: str) -> datetime:
+    try:
+        t = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+    except ValueError:
+        _bad(f"{text!r} is not an ISO 8601 time")
+    if t.tzinfo is None:
+        _bad(f"time {text!r} has no timezone")
+    return t
+
+
+def _parse_unverified_tensors(d: Mapping[str, Any], key: str) -> tuple[TensorSpec, ...]:
+    items = d.get(key, [])
+    if not isinstance(items, list) or len(items) > 64:
+        _bad(f"{key} must be a list of at most 64 tensors")
+    specs = []
+    for t in items:
+        if not isinstance(t, dict) or not set(t) <= {"name", "dtype", "shape", "range"}:
+            _bad(f"{key}: each tensor is an object with name, dtype, shape and optional range")
+        name = _str(t, "name", 256)
+        dtype = _str(t, "dtype", 16)
+        if dtype not in TENSOR_DTYPES:
+            _bad(f"{key}: dtype {dtype!r} is not supported")
+        shape = t.get("shape")
+        if not isinstance(shape, list) or len(shape) > 8:
+            _bad(f"{key}: shape must be a list of at most 8 axes")
+        for axis in shape:
+            if axis is not None and (type(axis) is not int or not 1 <= axis <= 2**31):
+                _bad(f"{key}: each axis is a positive integer or null")
+        rng = t.get("range")
+        value_range = None
+        if rng is not None:
+            if not isinstance(rng, list) or len(rng) != 2:
+                _bad(f"{key}: range must be [low, high]")
+            lo, hi = _number(rng[0], "range"), _number(rng[1], "range")
+            if lo > hi:
+                _bad(f"{key}: range low > high")
+            value_range = (lo, hi)
+        specs.append(TensorSpec(name=name, dtype=dtype, shape=tuple(shape), value_range=value_range))
+    return tuple(specs)
+
+
+_MANIFEST_KEYS = frozenset(
+    {
+        "format",
+        "name",
+        "version",
+        "created",
+        "not_after",
+        "payload_sha256",
+        "payload_size",
+        "chunk_size",
+        "publisher_key_id",
+        "recipient_key_ids",
+        "inputs",
+        "outputs",
+        "min_runtime",
+        "golden_count",
+        "golden_size",
+        "golden_sha256",
+        "golden_tolerance",
+        "description",
+        "bundle_id",
+        "preprocess",
+        "postprocess",
+        "input_stats",
+        "quantization",
+    }
+)
+_HEX16, _HEX32, _HEX64 = r"[0-9a-f]{16}", r"[0-9a-f]{32}", r"[0-9a-f]{64}"
+
+
+def _parse_unverified_manifest(raw: bytes, limits: fmt.BundleLimits) -> Manifest:
+    d = _parse_unverified_json(raw)
+    if not isinstance(d, dict):
+        _bad("top level must be an object")
+    unknown = set(d) - _MANIFEST_KEYS
+    if unknown:
+        _bad(f"unknown field {sorted(unknown)[0]!r}")
+    fmt_name = d.get("format")
+    if fmt_name not in ("onnx", "tflite"):
+        _bad("format must be 'onnx' or 'tflite'")
+    name = _str(d, "name", 64)
+    if not MODEL_NAME_RE.match(name):
+        _bad(f"name {name!r} must match {MODEL_NAME_RE.pattern}")
+    not_after = d.get("not_after")
+    if not_after is not None:
+        _parse_unverified_time(_str(d, "not_after", 64))
+    recipients = d.get("recipient_key_ids")
+    if not isinstance(recipients, list) or not 1 <= len(recipients) <= limits.max_recipients:
+        _bad(f"recipient_key_ids must list 1..{limits.max_recipients} key ids")
+    for r in recipients:
+        if not isinstance(r, str) or not re.fullmatch(_HEX16, r):
+            _bad("recipient key ids are 16 lowercase hex digits")
+    if len(set(recipients)) != len(recipients):
+        _bad("duplicate recipient key id")
+    tol = d.get("golden_tolerance", {})
+    if not isinstance(tol, dict) or not set(tol) <= {"rtol", "atol"}:
+        _bad("golden_tolerance must be an object with rtol and atol")
+    tolerance = Tolerance(**{k: _number(v, f"golden_tolerance.{k}") for k, v in tol.items()})
+    if tolerance.rtol < 0 or tolerance.atol < 0:
+        _bad("golden_tolerance must not be negative")
+    extras: dict[str, Mapping[str, Any] | None] = {}
+    for key in ("preprocess", "postprocess", "input_stats", "quantization"):
+        v = d.get(key)
+        if v is not None and not isinstance(v, dict):
+            _bad(f"{key} must be an object")
+        extras[key] = v
+    return Manifest(
+        format=fmt_name,
+        name=name,
+        version=_int(d, "version", 0),
+        created=_str(d, "created", 64),
+        payload_sha256=_str(d, "payload_sha256", 64, _HEX64),
+        payload_size=_int(d, "payload_size", 1, 2**62),
+        chunk_size=_int(d, "chunk_size", 1, 2**31),
+        publisher_key_id=_str(d, "publisher_key_id", 16, _HEX16),
+        recipient_key_ids=tuple(recipients),
+        inputs=_parse_unverified_tensors(d, "inputs"),
+        outputs=_parse_unverified_tensors(d, "outputs"),
+        not_after=not_after,
+        min_runtime=_str(d, "min_runtime", 32, r"\d+(\.\d+){0,2}"),
+        golden_count=_int(d, "golden_count", 0, 10_000),
+        golden_size=_int(d, "golden_size", 0, 2**62),
+        golden_sha256=_str(d, "golden_sha256", 64, _HEX64) if d.get("golden_size") else "",
+        golden_tolerance=tolerance,
+        description=_str(d, "description", 4096) if "description" in d else "",
+        bundle_id=_str(d, "bundle_id", 32, _HEX32),
+        **extras,
+    )
 
 
 def _check_layout(header: _Header, m: Manifest, total_size: int, limits: fmt.BundleLimits) -> None:
@@ -127,11 +321,15 @@ def _check_layout(header: _Header, m: Manifest, total_size: int, limits: fmt.Bun
     if m.golden_size > limits.max_golden_bytes:
         raise BundleRejected("too large", f"golden vectors of {m.golden_size} bytes exceed the limit")
     if len(m.recipient_key_ids) > limits.max_recipients:
-        raise BundleRejected("too large", f"{len(m.recipient_key_ids)} recipients exceed {limits.max_recipients}")
+        raise BundleRejected(
+            "too large", f"{len(m.recipient_key_ids)} recipients exceed {limits.max_recipients}"
+        )
     if m.chunk_size > limits.max_chunk_size:
         raise BundleRejected("too large", f"chunk size {m.chunk_size} exceeds {limits.max_chunk_size}")
     if m.chunk_size < limits.min_chunk_size:
         raise BundleRejected("malformed", f"chunk size {m.chunk_size} is below {limits.min_chunk_size}")
+    if (m.golden_count == 0) != (m.golden_size == 0):
+        raise BundleRejected("malformed", "golden_count and golden_size disagree")
     if m.publisher_key_id != header.signer_key_id:
         raise BundleRejected("malformed", "manifest names a different publisher key than the header")
     expected = (
@@ -140,24 +338,15 @@ def _check_layout(header: _Header, m: Manifest, total_size: int, limits: fmt.Bun
         + fmt.stream_size(m.payload_size, m.chunk_size)
     )
     if header.body_len != expected:
-        raise BundleRejected("malformed", f"body length {header.body_len} does not match the manifest ({expected})")
+        raise BundleRejected(
+            "malformed", f"body length {header.body_len} does not match the manifest ({expected})"
+        )
     if total_size != fmt.HEADER_SIZE + header.manifest_len + fmt.SIGNATURE_SIZE + header.body_len:
         raise BundleRejected("integrity", "bundle is truncated or has trailing bytes")
 
 
-def _runtime_version() -> tuple[int, ...]:
-    from edgeguard import __version__
-
-    return tuple(int(p) for p in __version__.split(".")[:3] if p.isdigit())
-
-
-@dataclass(frozen=True)
-class VerifiedBundle:
-    """Header, manifest and signature checked; body digest checked when ``body_checked``. Nothing decrypted."""
-
-    manifest: Manifest
-    manifest_bytes: bytes
-    signed_by: str
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
 
 
 def _verify(
@@ -168,7 +357,6 @@ def _verify(
     now: datetime | None,
     limits: fmt.BundleLimits,
     device_key_id: str | None,
-    scratch: bytearray,
 ) -> tuple[_Header, VerifiedBundle]:
     head = src.view(0, min(src.size, fmt.HEADER_SIZE))  # 64 bytes at most
     header = _parse_unverified_header(bytes(head), src.size, limits)
@@ -180,16 +368,26 @@ def _verify(
         key.verify(signature, signed)
     except InvalidSignature:
         raise BundleRejected("signature", f"signature by {header.signer_key_id} does not verify") from None
+    # Files are read more than once: use only what the signature covered, and make sure the header it
+    # covered is the one parsed above (a file rewritten between the reads is refused here).
+    if _parse_unverified_header(signed[: fmt.HEADER_SIZE], src.size, limits) != header:
+        raise BundleRejected("integrity", "bundle file changed while it was being read")
     manifest_bytes = signed[fmt.HEADER_SIZE :]
     # Step 4: from here on the manifest is the publisher's statement; still validated strictly.
-    manifest = parse_unverified_manifest_json(manifest_bytes, limits)
+    manifest = _parse_unverified_manifest(manifest_bytes, limits)
     _check_layout(header, manifest, src.size, limits)
-    if manifest.min_runtime_tuple() > _runtime_version():
+    runtime = _version_tuple(__version__)
+    # (0, 0, 0) is an uninstalled source tree (version unknown): it is the newest code, not the oldest.
+    if runtime != (0, 0, 0) and _version_tuple(manifest.min_runtime) > runtime:
         raise BundleRejected("unsupported", f"bundle needs EdgeGuard >= {manifest.min_runtime}")
     # Step 5: expiry, then rollback.
     now = now or datetime.now(timezone.utc)
-    if manifest.not_after is not None and now > parse_utc(manifest.not_after):
-        raise BundleRejected("expired", f"{manifest.name} v{manifest.version} expired at {manifest.not_after}")
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware (datetime.now(timezone.utc))")
+    if manifest.not_after is not None and now > _parse_unverified_time(manifest.not_after):
+        raise BundleRejected(
+            "expired", f"{manifest.name} v{manifest.version} expired at {manifest.not_after}"
+        )
     if state_dir is not None:
         floor = RollbackFloor(state_dir).get(manifest.name)
         if manifest.version < floor:
@@ -200,10 +398,8 @@ def _verify(
     if device_key_id is not None and device_key_id not in manifest.recipient_key_ids:
         raise BundleRejected("not a recipient", f"bundle is not sealed for device key {device_key_id}")
     # Step 7: SHA-256 of the body against the signed header, before any decryption.
-    h = hashlib.sha256()
-    for block in src.blocks(fmt.HEADER_SIZE + header.manifest_len + fmt.SIGNATURE_SIZE, header.body_len, scratch):
-        h.update(block)
-    if not hmac.compare_digest(h.digest(), header.body_sha256):
+    body = src.sha256(fmt.HEADER_SIZE + header.manifest_len + fmt.SIGNATURE_SIZE, header.body_len)
+    if not hmac.compare_digest(body, header.body_sha256):
         raise BundleRejected("integrity", "bundle body does not match its signed digest")
     return header, VerifiedBundle(manifest, manifest_bytes, header.signer_key_id)
 
@@ -218,9 +414,9 @@ def _decrypt_stream(
     binding: bytes,
     stream: int,
     out: memoryview,
-    scratch: bytearray,
+    scratch: bytearray | None,
 ) -> int:
-    """Decrypt one chunked stream into ``out``; return the offset after it. The caller wipes ``out`` on error."""
+    """Decrypt one chunked stream into ``out``; return the offset after it (caller wipes ``out`` on error)."""
     count = fmt.chunk_count(plain_size, chunk_size)
     for index in range(count):
         final = index == count - 1
@@ -237,42 +433,11 @@ def _decrypt_stream(
         try:
             decryptor.finalize()
         except InvalidTag:
-            raise BundleRejected("integrity", f"chunk {index} of stream {stream} failed authentication") from None
+            raise BundleRejected(
+                "integrity", f"chunk {index} of stream {stream} failed authentication"
+            ) from None
         offset += n + fmt.TAG_SIZE
     return offset
-
-
-class OpenedBundle:
-    """A fully verified bundle: the manifest, the plaintext model (memory only) and the golden vectors.
-
-    Hand ``model`` to a backend (``InferenceSession(bytes(model))`` / ``Interpreter(model_content=...)``), then
-    call ``wipe()``. Wiping zeroes this buffer only: copies a backend or Python made cannot be reached, so it
-    is best effort (docs/bundle.md, "Caveats").
-    """
-
-    def __init__(
-        self, manifest: Manifest, model: bytearray, golden: tuple[GoldenSample, ...], state_dir: Path | None
-    ) -> None:
-        self.manifest = manifest
-        self.model = model
-        self.golden = golden
-        self._state_dir = state_dir
-
-    def wipe(self) -> None:
-        """Overwrite the plaintext with zeros (best effort; see the class docstring)."""
-        if self.model:
-            memoryview(self.model)[:] = bytes(len(self.model))
-
-    def commit_rollback_floor(self) -> bool:
-        """Raise this model name's rollback floor to this version; True when it moved. Idempotent."""
-        if self._state_dir is None:
-            return False
-        return RollbackFloor(self._state_dir).raise_to(self.manifest.name, self.manifest.version)
-
-
-def _scratch_for(src: _Source, chunk_size: int) -> bytearray:
-    # Files are read through one reusable buffer; in-memory sources need none (zero-copy views).
-    return bytearray(max(chunk_size + fmt.TAG_SIZE, _HASH_BLOCK) if src.size else 0)
 
 
 def verify_bundle(
@@ -288,10 +453,13 @@ def verify_bundle(
     limits = limits or fmt.BundleLimits()
     src = _Source(source)
     try:
-        scratch = bytearray(_HASH_BLOCK) if isinstance(source, Path) else bytearray(_HASH_BLOCK)
         _, verified = _verify(
-            src, trust=trust, state_dir=state_dir, now=now, limits=limits,
-            device_key_id=device_key.key_id if device_key else None, scratch=scratch,
+            src,
+            trust=trust,
+            state_dir=state_dir,
+            now=now,
+            limits=limits,
+            device_key_id=device_key.key_id if device_key else None,
         )
         return verified
     finally:
@@ -313,15 +481,13 @@ def open_bundle(
     limits = limits or fmt.BundleLimits()
     src = _Source(source)
     try:
-        in_memory = not isinstance(source, Path)
-        scratch = bytearray(_HASH_BLOCK if not in_memory else 0) or bytearray(_HASH_BLOCK)
         header, v = _verify(
-            src, trust=trust, state_dir=state_dir, now=now, limits=limits,
-            device_key_id=device_key.key_id, scratch=scratch,
+            src, trust=trust, state_dir=state_dir, now=now, limits=limits, device_key_id=device_key.key_id
         )
         m = v.manifest
-        if not in_memory and len(scratch) < m.chunk_size + fmt.TAG_SIZE:
-            scratch = bytearray(m.chunk_size + fmt.TAG_SIZE)  # bounded by limits.max_chunk_size
+        # Files are read through one reusable chunk buffer (bounded by limits.max_chunk_size); in-memory
+        # sources need none (zero-copy views).
+        scratch = None if src.in_memory else bytearray(m.chunk_size + fmt.TAG_SIZE)
         offset = fmt.HEADER_SIZE + header.manifest_len + fmt.SIGNATURE_SIZE
         slot = m.recipient_key_ids.index(device_key.key_id)
         wrapped = bytes(src.view(offset + slot * fmt.WRAPPED_KEY_SIZE, fmt.WRAPPED_KEY_SIZE))
@@ -336,22 +502,41 @@ def open_bundle(
         golden_buf = bytearray(m.golden_size)
         model = bytearray(m.payload_size)  # the one plaintext buffer, sized by the signed, bounded manifest
         try:
-            common = {"chunk_size": m.chunk_size, "key": content_key, "binding": binding, "scratch": scratch}
-            offset = _decrypt_stream(
-                src, offset, m.golden_size, stream=fmt.STREAM_GOLDEN, out=memoryview(golden_buf), **common
-            )
-            _decrypt_stream(src, offset, m.payload_size, stream=fmt.STREAM_MODEL, out=memoryview(model), **common)
+            for stream, out in ((fmt.STREAM_GOLDEN, golden_buf), (fmt.STREAM_MODEL, model)):
+                offset = _decrypt_stream(
+                    src,
+                    offset,
+                    len(out),
+                    chunk_size=m.chunk_size,
+                    key=content_key,
+                    binding=binding,
+                    stream=stream,
+                    out=memoryview(out),
+                    scratch=scratch,
+                )
             if not hmac.compare_digest(hashlib.sha256(model).hexdigest(), m.payload_sha256):
                 raise BundleRejected("integrity", "decrypted model does not match the manifest's SHA-256")
+            # Both plaintext digests are signed: they make the second read of a file safe even against
+            # someone who rewrites it between the passes with a freshly wrapped key of their own.
+            if m.golden_size and not hmac.compare_digest(
+                hashlib.sha256(golden_buf).hexdigest(), m.golden_sha256
+            ):
+                raise BundleRejected(
+                    "integrity", "decrypted golden vectors do not match the manifest's SHA-256"
+                )
             golden = decode_golden(golden_buf, m, limits) if m.golden_size else ()
         except BaseException:
+            # Unauthenticated or unwanted plaintext never leaves: zero both buffers before propagating.
             memoryview(model)[:] = bytes(len(model))
+            memoryview(golden_buf)[:] = bytes(len(golden_buf))
             raise
-        finally:
-            memoryview(scratch)[:] = bytes(len(scratch))
         opened = OpenedBundle(m, model, golden, state_dir)
         if commit_floor:
-            opened.commit_rollback_floor()
+            try:
+                opened.commit_rollback_floor()
+            except BaseException:
+                opened.wipe()
+                raise
         return opened
     finally:
         src.close()
@@ -362,10 +547,10 @@ def inspect_bundle(source: Path | bytes, *, limits: fmt.BundleLimits | None = No
     limits = limits or fmt.BundleLimits()
     src = _Source(source)
     try:
-        header = _parse_unverified_header(bytes(src.view(0, min(src.size, fmt.HEADER_SIZE))), src.size, limits)
-        manifest = parse_unverified_manifest_json(
-            bytes(src.view(fmt.HEADER_SIZE, header.manifest_len)), limits
+        header = _parse_unverified_header(
+            bytes(src.view(0, min(src.size, fmt.HEADER_SIZE))), src.size, limits
         )
+        manifest = _parse_unverified_manifest(bytes(src.view(fmt.HEADER_SIZE, header.manifest_len)), limits)
         return {
             "signature_checked": False,
             "signer_key_id": header.signer_key_id,

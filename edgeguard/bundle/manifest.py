@@ -82,12 +82,13 @@ class Manifest:
     golden_count: int = 0
     golden_tolerance: Tolerance = field(default_factory=Tolerance)
     # Free-form but size-limited JSON objects whose schemas belong to the engine (validated there):
-    preprocess: Mapping[str, Any] | None = None  # image preprocessing (resize/letterbox, normalise, layout...)
+    preprocess: Mapping[str, Any] | None = None  # image preprocessing (resize, normalise, layout...)
     postprocess: Mapping[str, Any] | None = None  # top-k, YOLO box decoding + NMS...
     input_stats: Mapping[str, Any] | None = None  # per-channel statistics for out-of-distribution flags
     quantization: Mapping[str, Any] | None = None  # how the model was quantized, for reporting
     description: str = ""
     golden_size: int = 0  # bytes of the golden-vector .npz carried encrypted after the wrapped keys
+    golden_sha256: str = ""  # hex digest of that .npz ("" when there are no golden vectors)
     bundle_id: str = ""  # 32 random hex digits: makes every manifest (hashed into HPKE info and AAD) unique
 
     def to_json(self) -> dict[str, Any]:
@@ -108,6 +109,7 @@ class Manifest:
             "min_runtime": self.min_runtime,
             "golden_count": self.golden_count,
             "golden_size": self.golden_size,
+            "golden_sha256": self.golden_sha256,
             "golden_tolerance": self.golden_tolerance.to_json(),
             "description": self.description,
             "bundle_id": self.bundle_id,

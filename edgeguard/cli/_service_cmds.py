@@ -1,10 +1,44 @@
-"""Subcommands (not written yet)."""
+"""``edgeguard run -c CONFIG.toml``: the service (supervisor + worker; see docs/service.md)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add this module's subcommands to ``sub``; each sets ``handler`` returning an exit code."""
+    p = sub.add_parser(
+        "run",
+        help="run the service (supervisor, worker, input sources, MQTT link, watchdogs)",
+        description="Run EdgeGuard as a service. Under systemd use Type=notify "
+        "(firmware_hooks/edgeguard.service). "
+        "SIGTERM stops gracefully; SIGHUP reloads the config and the model bundle.",
+    )
+    p.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        required=True,
+        metavar="CONFIG.toml",
+        help="service configuration (see examples/edgeguard.toml)",
+    )
+    p.add_argument("--check", action="store_true", help="only validate the configuration and exit")
+    p.add_argument(
+        "--no-supervisor",
+        action="store_true",
+        help="run the worker in the foreground without the supervisor (debugging)",
+    )
+    p.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Imported here so `edgeguard --help` and other commands do not load the service stack.
+    from edgeguard.service import load_config, run_service  # noqa: PLC0415
+
+    if args.check:
+        cfg = load_config(args.config)
+        print(f"{cfg.path}: ok (device {cfg.device.id}, fleet {cfg.device.fleet})")
+        return 0
+    return run_service(args.config, supervise=not args.no_supervisor)

@@ -48,7 +48,7 @@ def scrub_bytes(buf: bytes) -> bool:
 
 
 class TensorInfo:
-    """Name, numpy dtype and shape (``None`` for dynamic axes) of a model input or output as the library sees it."""
+    """Name, numpy dtype and shape (``None``: dynamic axis) of a model input or output (library view)."""
 
     __slots__ = ("dtype", "name", "shape")
 

@@ -114,7 +114,7 @@ class Engine:
                 manifest=manifest,
                 samples=samples_from_golden(opened.golden),
                 tuning=tuning if tuning is not None else prof.engine,
-                threads=prof.threads,
+                threads=prof.effective_threads,
                 opener=opener,
                 clock=clock,
             )
@@ -122,20 +122,21 @@ class Engine:
             opened.wipe()
         return cls(manifest=manifest, fastpath=fast, profile=prof, guard_limits=guard_limits)
 
-    # --- inference --------------------------------------------------------------------------------------------
+    # --- inference ------------------------------------------------------------------------------------------
 
     def infer(self, inputs: Mapping[str, np.ndarray]) -> InferenceResult:
         """Guard, run on the fast path (falling back without losing the request), post-process."""
         return self._infer(inputs, None)
 
     def infer_image(self, image: np.ndarray | bytes) -> InferenceResult:
-        """Preprocess a camera frame (HxWx3 uint8 RGB) or PNG/JPEG bytes as the manifest declares, then infer."""
+        """Preprocess a camera frame (HxWx3 uint8 RGB) or PNG/JPEG bytes as declared, then infer."""
         if self._pre is None:
             raise InputRejected(f"model {self.manifest.name!r} declares no image preprocessing; send tensors")
         prepared = self._pre(image)
         return self._infer(prepared.tensors, prepared.transform)
 
-    def _infer(self, inputs: Mapping[str, np.ndarray], transform: LetterboxTransform | None) -> InferenceResult:
+    def _infer(self, inputs: Mapping[str, np.ndarray],
+               transform: LetterboxTransform | None) -> InferenceResult:
         if self._closed:
             raise BackendError("engine is closed")
         started = time.perf_counter()
@@ -158,7 +159,7 @@ class Engine:
         return InferenceResult(outputs=outputs, post=post, latency_ms=latency, backend=backend.runtime,
                                accelerator=backend.label, ood=ood_reason)
 
-    # --- health -----------------------------------------------------------------------------------------------
+    # --- health ---------------------------------------------------------------------------------------------
 
     def try_promote(self) -> None:
         """Give demoted accelerators their self-test once the cool-down has passed (the service may call this
@@ -188,8 +189,8 @@ class Engine:
             "demotions": self._fast.demotions,
             "promotions": self._fast.promotions,
             "latency_ms": self._latency.percentiles(),
-            "rejected": self._guard.rejected,
-            "rejections": self._guard.rejections(),
+            "rejected": self._guard.rejected + self._fast.request_failures,
+            "rejections": {**self._guard.rejections(), "model": self._fast.request_failures},
             "ood": self._ood.counts() if self._ood is not None else {"checked": 0, "flagged": 0},
             "load_ms": round(self._fast.load_ms, 3),
             "selftest_ms": round(self._fast.selftest_ms, 3),

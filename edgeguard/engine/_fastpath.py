@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgeguard.bundle.manifest import Manifest
-from edgeguard.errors import BackendError
+from edgeguard.errors import BackendError, InputRejected
 from edgeguard.profiles import Accelerator, EngineTuning
 
 from ._backend import Backend
@@ -83,6 +83,7 @@ class FastPath:
         self._lock = threading.RLock()
         self._slots = [_Slot(accelerator=a, rank=i) for i, a in enumerate(candidates)]
         self.demotions = 0
+        self.request_failures = 0  # requests refused because the model, not the accelerator, failed on them
         self.promotions = 0
         self.selftest_ms = 0.0
         started = time.perf_counter()
@@ -93,7 +94,7 @@ class FastPath:
         self._select(model, threads, opener)
         self.load_ms = (time.perf_counter() - started) * 1000.0
 
-    # --- load -------------------------------------------------------------------------------------------------
+    # --- load -----------------------------------------------------------------------------------------------
 
     def _reference_samples(self, model: bytes | bytearray, manifest: Manifest, threads: int,
                            opener: BackendOpener) -> tuple[Sample, ...]:
@@ -150,20 +151,25 @@ class FastPath:
             raise BackendError(f"no accelerator loaded and passed the self-test ({detail})")
         self._best_rank = next(s.rank for s in self._slots if s.status == "active")
 
-    # --- run --------------------------------------------------------------------------------------------------
+    # --- run ------------------------------------------------------------------------------------------------
 
     def _active(self) -> _Slot | None:
         return next((s for s in self._slots if s.status == "active"), None)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Backend]:
-        """Run on the active accelerator; on failure demote it and rerun the same inputs on the next one."""
+        """Run on the active accelerator; on failure demote it and rerun the same inputs on the next one.
+
+        A failure is blamed on the accelerator only when it also fails its self-test (or hangs); otherwise the
+        request is refused with ``InputRejected`` and nothing is demoted.
+        """
         with self._lock:
             self._maybe_promote()
             errors: list[str] = []
             while True:
                 slot = self._active()
                 if slot is None:
-                    raise BackendError("no working accelerator left: " + ("; ".join(errors) or self._why_none()))
+                    why = "; ".join(errors) or self._why_none()
+                    raise BackendError(f"no working accelerator left: {why}")
                 backend = slot.backend
                 assert backend is not None
                 try:
@@ -173,8 +179,16 @@ class FastPath:
                         raise BackendError(f"{slot.accelerator.label}: {bad}")
                     return outputs, backend
                 except BackendError as exc:
+                    hung = isinstance(exc.__cause__, FutureTimeout)
+                    if not hung and self._self_test(backend) is None:
+                        # The accelerator still reproduces the golden outputs: this request is what fails
+                        # (e.g. a dynamic shape the graph cannot take). Demoting would let one bad request
+                        # knock out every accelerator in turn.
+                        self.request_failures += 1
+                        raise InputRejected(f"the model cannot run this input ({slot.accelerator.label} "
+                                            f"passes its self-test): {exc}") from None
                     errors.append(str(exc))
-                    self._demote(slot, str(exc), hung=isinstance(exc.__cause__, FutureTimeout))
+                    self._demote(slot, str(exc), hung=hung)
 
     def _run_on(self, slot: _Slot, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         backend = slot.backend
@@ -185,7 +199,8 @@ class FastPath:
         # A native call cannot be interrupted: it runs on the slot's own thread and, when it overruns, the
         # request moves on and the whole backend (thread included) is abandoned.
         if slot.executor is None:
-            slot.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"eg-{slot.accelerator.label}")
+            slot.executor = ThreadPoolExecutor(max_workers=1,
+                                               thread_name_prefix=f"eg-{slot.accelerator.label}")
         future = slot.executor.submit(backend.run, inputs)
         try:
             return future.result(timeout=timeout_ms / 1000.0)
@@ -247,7 +262,7 @@ class FastPath:
     def _why_none(self) -> str:
         return "; ".join(f"{s.accelerator.label}: {s.status} ({s.reason})" for s in self._slots)
 
-    # --- reporting --------------------------------------------------------------------------------------------
+    # --- reporting ------------------------------------------------------------------------------------------
 
     @property
     def active_backend(self) -> Backend | None:

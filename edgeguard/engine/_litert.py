@@ -1,12 +1,13 @@
 """LiteRT (TFLite) backend: one ``Interpreter`` with one delegate choice, created from memory.
 
 ``ai_edge_litert`` is preferred; ``tflite_runtime`` is used where a board only has that. tflite-runtime
-2.14 (its last release) was built against numpy 1.x: it imports under numpy 2 but creating an interpreter fails
-with ``_ARRAY_API not found``, which is reported as such rather than as an obscure import error.
+2.14 (its last release) was built against numpy 1.x: it imports under numpy 2 but creating an interpreter
+fails with ``_ARRAY_API not found``, which is reported as such rather than as an obscure import error.
 """
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,21 +18,22 @@ from edgeguard.profiles import Accelerator
 
 from ._backend import Backend, TensorInfo, one_line, scrub_bytes
 
-__all__ = ["LiteRTBackend", "litert_module", "litert_unavailable"]
+__all__ = ["DEFAULT_DELEGATE_LIBRARIES", "LiteRTBackend", "litert_module", "litert_unavailable"]
 
-_DEFAULT_LIBRARIES = {"edgetpu": "libedgetpu.so.1", "gpu": "libtensorflowlite_gpu_delegate.so"}
+DEFAULT_DELEGATE_LIBRARIES = {"edgetpu": "libedgetpu.so.1", "gpu": "libtensorflowlite_gpu_delegate.so"}
 
 
 def litert_module() -> tuple[Any, str]:
     """The interpreter module and its package name."""
     try:
-        from ai_edge_litert import interpreter as mod
+        # Imported on first use: LiteRT is an optional extra, and only tflite bundles need it.
+        from ai_edge_litert import interpreter as mod  # noqa: PLC0415
 
         return mod, "ai-edge-litert"
     except ImportError:
         pass
     try:
-        from tflite_runtime import interpreter as mod
+        from tflite_runtime import interpreter as mod  # noqa: PLC0415
 
         return mod, "tflite-runtime"
     except ImportError:
@@ -69,11 +71,15 @@ class LiteRTBackend(Backend):
         if kind == "builtin":
             kwargs["experimental_op_resolver_type"] = mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         elif kind in ("edgetpu", "gpu", "external"):
-            library = str(opts.get("library", _DEFAULT_LIBRARIES.get(kind, "")))
-            delegate_opts: dict[str, str] = {k: str(v) for k, v in dict(opts.get("delegate_options", {})).items()}
+            library = str(opts.get("library", DEFAULT_DELEGATE_LIBRARIES.get(kind, "")))
+            raw_opts = dict(opts.get("delegate_options", {}))
+            delegate_opts: dict[str, str] = {k: str(v) for k, v in raw_opts.items()}
             if kind == "edgetpu" and "device" in opts:
                 delegate_opts["device"] = str(opts["device"])
             try:
+                # Open the library first: a missing one is then a clean OSError here, rather than a
+                # half-built Delegate object whose destructor raises inside LiteRT.
+                ctypes.CDLL(library)
                 delegate = mod.load_delegate(library, delegate_opts)
             except Exception as exc:
                 raise BackendError(f"litert/{self.label}: cannot load delegate {library}: {one_line(exc)}") \
@@ -95,7 +101,9 @@ class LiteRTBackend(Backend):
         self._interp = interp
         self._in = {d["name"]: d for d in interp.get_input_details()}
         self._out = list(interp.get_output_details())
-        self._inputs = tuple(TensorInfo(d["name"], np.dtype(d["dtype"]), self._sig(d)) for d in self._in.values())
+        self._shapes = {n: tuple(int(v) for v in d["shape"]) for n, d in self._in.items()}
+        self._inputs = tuple(TensorInfo(d["name"], np.dtype(d["dtype"]), self._sig(d))
+                             for d in self._in.values())
         self._outputs = tuple(TensorInfo(d["name"], np.dtype(d["dtype"]), self._sig(d)) for d in self._out)
 
     @staticmethod
@@ -118,13 +126,14 @@ class LiteRTBackend(Backend):
             detail = self._in.get(name)
             if detail is None:
                 raise BackendError(f"litert/{self.label}: model has no input {name!r}")
-            if tuple(detail["shape"]) != value.shape:
+            if self._shapes.get(name) != value.shape:
                 interp.resize_tensor_input(detail["index"], list(value.shape))
                 resized = True
         if resized:
             interp.allocate_tensors()
             self._in = {d["name"]: d for d in interp.get_input_details()}
             self._out = list(interp.get_output_details())
+            self._shapes = {n: tuple(int(v) for v in d["shape"]) for n, d in self._in.items()}
         for name, value in inputs.items():
             interp.set_tensor(self._in[name]["index"], value)
         interp.invoke()

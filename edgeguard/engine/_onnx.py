@@ -34,7 +34,7 @@ _ORT_TYPES: Final[dict[str, str]] = {
 
 def _ort() -> Any:
     try:
-        import onnxruntime
+        import onnxruntime  # noqa: PLC0415 - loaded on first use: `edgeguard --help` should not pay for it
     except ImportError as exc:  # pragma: no cover - onnxruntime is a hard dependency
         raise BackendError(f"onnxruntime is not installed: {exc}") from None
     return onnxruntime
@@ -121,7 +121,8 @@ class OnnxBackend(Backend):
                 warnings.simplefilter("ignore")
                 sess = ort.InferenceSession(model_bytes, sess_options=opts, providers=providers)
         except Exception as exc:
-            raise BackendError(f"onnxruntime/{self.label}: session creation failed: {one_line(exc)}") from None
+            why = one_line(exc)
+            raise BackendError(f"onnxruntime/{self.label}: session creation failed: {why}") from None
         # onnxruntime keeps the bytes for its own silent CPU fallback; EdgeGuard does fallback itself, with a
         # self-test, so drop that reference and the retry that would use it, then wipe the copy.
         if hasattr(sess, "disable_fallback"):

@@ -23,7 +23,8 @@ def unavailable_reason(model_format: str, accelerator: Accelerator) -> str | Non
     return litert_unavailable(accelerator)
 
 
-def open_backend(model_format: str, accelerator: Accelerator, model: bytes | bytearray, threads: int) -> Backend:
+def open_backend(model_format: str, accelerator: Accelerator, model: bytes | bytearray,
+                 threads: int) -> Backend:
     """Create the session/interpreter for ``model`` on ``accelerator`` (``BackendError`` when it fails)."""
     if model_format == "onnx":
         return OnnxBackend(model, accelerator=accelerator, threads=threads)

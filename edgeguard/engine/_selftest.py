@@ -42,7 +42,8 @@ def reference_inputs(manifest: Manifest, backend: Backend) -> dict[str, np.ndarr
         dtype = np.dtype(spec.dtype) if spec is not None else info.dtype
         declared: tuple[int | None, ...] = spec.shape if spec is not None else info.shape
         shape = tuple(_axis(i, d, info) for i, d in enumerate(declared))
-        lo, hi = spec.value_range if spec is not None and spec.value_range is not None else _default_range(dtype)
+        declared_range = spec.value_range if spec is not None else None
+        lo, hi = declared_range if declared_range is not None else _default_range(dtype)
         if np.issubdtype(dtype, np.floating):
             out[info.name] = rng.uniform(lo, hi, size=shape).astype(dtype)
         elif dtype == np.bool_:
@@ -68,8 +69,9 @@ def _default_range(dtype: np.dtype[Any]) -> tuple[float, float]:
     return 0.0, 1.0
 
 
-def compare_outputs(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray], tol: Tolerance) -> str | None:
-    """None when ``got`` matches ``want`` (``|a-b| <= atol + rtol*|b|``, same NaN/Inf pattern), else why not."""
+def compare_outputs(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray],
+                    tol: Tolerance) -> str | None:
+    """None when ``got`` matches ``want`` (``|a-b| <= atol + rtol*|b|``, same NaN/Inf pattern), else why."""
     for name, expected in want.items():
         if name not in got:
             return f"output {name!r} missing"
@@ -80,7 +82,8 @@ def compare_outputs(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray
         b = np.asarray(expected).astype(np.float64, copy=False)
         fin_a, fin_b = np.isfinite(a), np.isfinite(b)
         if not np.array_equal(fin_a, fin_b):
-            return f"output {name!r} has {int((~fin_a).sum())} non-finite values, reference {int((~fin_b).sum())}"
+            bad_a, bad_b = int((~fin_a).sum()), int((~fin_b).sum())
+            return f"output {name!r} has {bad_a} non-finite values, reference {bad_b}"
         if not fin_b.any():
             continue
         err = np.abs(a[fin_b] - b[fin_b])

@@ -29,7 +29,10 @@ from .preprocess import parse_preprocess
 __all__ = ["GuardLimits", "InputGuard", "REJECTION_CHECKS", "format_shape", "validate_declarations"]
 
 # The names under which rejections are counted (stable: they appear in the heartbeat).
-REJECTION_CHECKS: Final[tuple[str, ...]] = ("name", "type", "dtype", "shape", "size", "finite", "range")
+# "image" counts requests refused before the guard, while decoding or preprocessing an image.
+REJECTION_CHECKS: Final[tuple[str, ...]] = (
+    "name", "type", "dtype", "shape", "size", "finite", "range", "image", "ood",
+)
 
 _MAX_RANK: Final = 8
 
@@ -97,6 +100,14 @@ class InputGuard:
         """Rejected requests by failed check (keys are ``REJECTION_CHECKS``): JSON-able for the heartbeat."""
         with self._lock:
             return dict(self._counts)
+
+    def note_rejected(self, check: str) -> None:
+        """Count a rejection made elsewhere on the input path (``image`` decoding, ``ood`` with action
+        ``reject``), so one counter covers every refused request."""
+        if check not in self._counts:
+            raise ValueError(f"unknown rejection check {check!r}; known: {', '.join(REJECTION_CHECKS)}")
+        with self._lock:
+            self._counts[check] += 1
 
     def _reject(self, check: str, message: str) -> InputRejected:
         with self._lock:

@@ -30,7 +30,14 @@ from edgeguard.errors import InputRejected
 
 from ._declarations import DeclReader
 
-__all__ = ["InputStats", "OodMonitor", "OodVerdict", "compute_input_stats", "parse_input_stats"]
+__all__ = [
+    "InputStats",
+    "OodMonitor",
+    "OodVerdict",
+    "compute_input_stats",
+    "input_stats_for",
+    "parse_input_stats",
+]
 
 STATS_VERSION: Final = 1
 _ROW_STRIDE: Final = 4  # texture is measured on every 4th row: a quarter of the cost, same answer on images
@@ -127,6 +134,32 @@ def compute_input_stats(
         "z_threshold": z_threshold,
         "action": action,
     }
+
+
+def input_stats_for(
+    manifest: Manifest, samples: Iterable[Mapping[str, np.ndarray]], *, z_threshold: float = 3.0,
+    action: Literal["flag", "reject"] = "flag",
+) -> dict[str, Any]:
+    """``compute_input_stats`` for a manifest's image input (the one ``preprocess`` targets, else the only
+    input), taking the channel axis from the declared layout (NCHW: 1, NHWC: 3) or, without a declaration,
+    the axis of size 3 of a rank-4 input. ``samples`` are golden or calibration inputs keyed by name.
+    """
+    names = [spec.name for spec in manifest.inputs]
+    decl = manifest.preprocess or {}
+    declared = decl.get("input")
+    name = declared if isinstance(declared, str) else (names[0] if len(names) == 1 else None)
+    spec = next((s for s in manifest.inputs if s.name == name), None)
+    if spec is None:
+        raise ValueError(f"cannot tell which input to describe among {names}; name it in preprocess.input")
+    axis: int | None = None
+    if decl.get("layout") == "NHWC":
+        axis = 3
+    elif manifest.preprocess is not None:
+        axis = 1
+    elif len(spec.shape) == 4:
+        axis = next((a for a in (1, 3) if spec.shape[a] == 3), None)
+    return compute_input_stats((sample[spec.name] for sample in samples), input_name=spec.name,
+                               channel_axis=axis, z_threshold=z_threshold, action=action)
 
 
 def parse_input_stats(manifest: Manifest) -> InputStats | None:

@@ -135,8 +135,8 @@ def parse_preprocess(manifest: Manifest) -> PreprocessSpec | None:
     batch = target.shape[0]
     decl_h, decl_w, channels = _spatial(target, layout)
     if batch not in (None, 1) or channels not in (None, 3):
-        raise r.fail("layout", f"{layout} expects [1, 3, H, W] or [1, H, W, 3]; {name!r} is "
-                     f"{list(target.shape)}")
+        want = "[1, 3, H, W]" if layout == "NCHW" else "[1, H, W, 3]"
+        raise r.fail("layout", f"{layout} expects {want}; {name!r} is {list(target.shape)}")
     size = r.numbers("size", [], length=None, low=1, high=16384)
     if size and (len(size) != 2 or any(v != int(v) for v in size)):
         raise r.fail("size", "expected [height, width] as two integers")
@@ -204,7 +204,11 @@ def decode_image(data: bytes, *, limits: ImageLimits) -> np.ndarray:
             return pixels
     except InputRejected:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError):
+    except Image.DecompressionBombError:
+        # Pillow's own guard fires in open() for sizes far beyond ours, before we can read the size.
+        limit = limits.max_pixels
+        raise InputRejected(f"image: over the limit of {limit} pixels (decompression bomb)") from None
+    except UnidentifiedImageError:
         raise InputRejected("image: not a PNG or JPEG image (or an unsupported variant)") from None
     except (OSError, ValueError, SyntaxError) as exc:
         raise InputRejected(f"image: cannot decode: {exc}") from None

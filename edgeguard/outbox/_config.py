@@ -23,7 +23,8 @@ class OutboxConfig:
     max_count / max_bytes: hard bounds of the stored backlog (results, and encrypted bytes). When a new result
         would exceed one, the oldest routine results are dropped first; priority results only when nothing
         routine is left. Every drop is counted.
-    ttl_routine_s / ttl_priority_s: age after which a result of that class is dropped undelivered (None = never).
+    ttl_routine_s / ttl_priority_s: age after which a result of that class is dropped undelivered
+        (None = never).
     commit_window_s: how long the committer waits for more results before one fsync'ed commit (group commit).
     max_batch: the most results in one commit.
     memory_max_count / memory_max_bytes: bound of the in-memory queue used while the disk is full.

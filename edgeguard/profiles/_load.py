@@ -72,10 +72,12 @@ def load_profiles(dirs: list[Path] | None = None) -> dict[str, Profile]:
         for path in sorted(d.glob("*.toml")):
             prof = load_profile_file(path)
             if path.stem != prof.name:
-                raise ConfigError(f"{path}: profile.name {prof.name!r} must match the file name {path.stem!r}")
+                raise ConfigError(f"{path}: profile.name {prof.name!r} must match the file name "
+                                  f"{path.stem!r}")
             found.setdefault(prof.name, prof)
     if not found:
-        raise ConfigError(f"no device profiles found in {', '.join(str(d) for d in (dirs or profile_dirs()))}")
+        searched = ", ".join(str(d) for d in (dirs or profile_dirs()))
+        raise ConfigError(f"no device profiles found in {searched}")
     return found
 
 
@@ -156,9 +158,7 @@ def _matches(profile: Profile, facts: BoardFacts) -> bool:
         return False
     if d.usb_ids and not any(u.lower() in facts.usb_ids for u in d.usb_ids):
         return False
-    if d.paths and not any((facts.root / p.lstrip("/")).exists() for p in d.paths):
-        return False
-    return True
+    return not (d.paths and not any((facts.root / p.lstrip("/")).exists() for p in d.paths))
 
 
 def match_profile(profiles: dict[str, Profile], facts: BoardFacts) -> Profile:

@@ -6,6 +6,7 @@ table, key and option name is checked against the schema below, and the error na
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -58,7 +59,8 @@ GRAPH_OPTIMIZATIONS: Final[frozenset[str]] = frozenset({"disable", "basic", "ext
 
 
 def _type_name(t: type) -> str:
-    return {str: "a string", int: "an integer", float: "a number", bool: "true/false", dict: "a table"}.get(
+    return {str: "a string", int: "an integer", float: "a number", bool: "true/false", dict: "a table",
+            list: "a list"}.get(
         t, t.__name__
     )
 
@@ -82,13 +84,16 @@ class Accelerator:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        # Frozen all the way down: a caller's dict must not change a validated candidate afterwards.
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
         if not self.label:
             raise ValueError("accelerator label must not be empty")
         if self.threads is not None and not 1 <= self.threads <= 256:
             raise ValueError(f"accelerator threads must be 1..256, got {self.threads}")
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "label": self.label, "options": dict(self.options), "threads": self.threads}
+        return {"kind": self.kind, "label": self.label, "options": dict(self.options),
+                "threads": self.threads}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,12 +146,22 @@ class Profile:
     source: str = "<memory>"
 
     def __post_init__(self) -> None:
-        if not 1 <= self.threads <= 256:
-            raise ValueError(f"threads must be 1..256, got {self.threads}")
+        if not 0 <= self.threads <= 256:
+            raise ValueError(f"threads must be 0..256 (0: one per CPU core), got {self.threads}")
         if not 1 <= self.watchdog_timeout_s <= 3600:
             raise ValueError(f"watchdog_timeout_s must be 1..3600, got {self.watchdog_timeout_s}")
         if not 50 <= self.serial_baudrate <= 4_000_000:
             raise ValueError(f"serial_baudrate must be 50..4000000, got {self.serial_baudrate}")
+
+    @property
+    def effective_threads(self) -> int:
+        """``threads``, with 0 meaning one per CPU core this process may use."""
+        if self.threads:
+            return self.threads
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # pragma: no cover - non-Linux
+            return os.cpu_count() or 1
 
     def candidates(self, model_format: str) -> tuple[Accelerator, ...]:
         """The ordered fast-path candidates for a model format (``onnx`` or ``tflite``)."""
@@ -157,7 +172,7 @@ class Profile:
         raise ValueError(f"unknown model format {model_format!r}")
 
 
-# --- strict reader -------------------------------------------------------------------------------------------
+# --- strict reader ------------------------------------------------------------------------------------------
 
 _TOP: Final = {"profile", "detect", "engine", "accelerators", "thermal", "watchdog", "serial"}
 _PROFILE: Final[dict[str, type]] = {"name": str, "description": str, "priority": int, "threads": int}
@@ -250,7 +265,8 @@ def profile_from_table(raw: Mapping[str, Any], *, source: str) -> Profile:
     for fmt in ("onnx", "tflite"):
         entries = accels.get(fmt, [])
         if not isinstance(entries, list):
-            raise ConfigError(f"{where}: 'accelerators.{fmt}' must be an array of tables ([[accelerators.{fmt}]])")
+            raise ConfigError(f"{where}: 'accelerators.{fmt}' must be an array of tables "
+                              f"([[accelerators.{fmt}]])")
         chain = tuple(_accelerator(where, fmt, i, e) for i, e in enumerate(entries))
         labels = [a.label for a in chain]
         if len(set(labels)) != len(labels):

@@ -58,7 +58,9 @@ class ApiConfig:
         if not 1 <= self.infer_threads <= 64:
             raise ValueError("infer_threads must be 1..64")
         if self.host is not None and not self.allow_non_loopback and not _is_loopback(self.host):
-            raise ValueError(f"host {self.host!r} is not a loopback address (set allow_non_loopback to expose it)")
+            raise ValueError(
+                f"host {self.host!r} is not a loopback address (set allow_non_loopback to expose it)"
+            )
 
 
 def _is_loopback(host: str) -> bool:
@@ -98,15 +100,24 @@ class ApiSource:
         self._executor = ThreadPoolExecutor(max_workers=config.infer_threads, thread_name_prefix="eg-api")
         self._runner: web.AppRunner | None = None
         self._in_flight = 0
-        self.counts: dict[str, int] = {"ok": 0, "400": 0, "401": 0, "403": 0, "413": 0, "415": 0,
-                                       "500": 0, "503": 0}
+        self.counts: dict[str, int] = {
+            "ok": 0,
+            "400": 0,
+            "401": 0,
+            "403": 0,
+            "413": 0,
+            "415": 0,
+            "500": 0,
+            "503": 0,
+        }
         self.bound: list[str] = []
         self.accepting = False
 
     # -- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
-        app = web.Application(client_max_size=self.config.limits.max_body_bytes,
-                              middlewares=[self._auth_middleware])
+        app = web.Application(
+            client_max_size=self.config.limits.max_body_bytes, middlewares=[self._auth_middleware]
+        )
         app.router.add_post("/v1/infer", self._infer)
         app.router.add_get("/v1/health", self._get_health)
         app.router.add_post("/v1/admin/{action}", self._post_admin)
@@ -146,6 +157,10 @@ class ApiSource:
         if self.config.unix_socket is not None:
             self.config.unix_socket.unlink(missing_ok=True)
 
+    def replace_tokens(self, tokens: TokenStore) -> None:
+        """Token rotation on reload: requests from now on are checked against ``tokens``."""
+        self._tokens = tokens
+
     def snapshot(self) -> dict[str, Any]:
         return {"bound": list(self.bound), "in_flight": self._in_flight, "responses": dict(self.counts)}
 
@@ -159,8 +174,9 @@ class ApiSource:
                 return self._count(_error(401, "missing bearer token", **{"WWW-Authenticate": "Bearer"}))
             token = self._tokens.authenticate(header[7:].strip())
             if token is None:
-                return self._count(_error(401, "invalid token",
-                                          **{"WWW-Authenticate": 'Bearer error="invalid_token"'}))
+                return self._count(
+                    _error(401, "invalid token", **{"WWW-Authenticate": 'Bearer error="invalid_token"'})
+                )
             if scope not in token.scopes:
                 return self._count(_error(403, f"token {token.name!r} lacks the {scope!r} scope"))
         response: web.StreamResponse = await handler(request)
@@ -175,7 +191,9 @@ class ApiSource:
     async def _infer(self, request: web.Request) -> web.Response:
         limit = self.config.limits.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
-            return self._count(_error(413, f"body of {request.content_length} bytes exceeds the limit of {limit}"))
+            return self._count(
+                _error(413, f"body of {request.content_length} bytes exceeds the limit of {limit}")
+            )
         if not self.accepting:
             return self._count(_error(503, "stopping"))
         if self._in_flight >= self.config.max_in_flight:
@@ -187,10 +205,15 @@ class ApiSource:
             except web.HTTPRequestEntityTooLarge:
                 return self._count(_error(413, f"body exceeds the limit of {limit} bytes"))
             try:
-                parsed = parse_body(body=body, content_type=request.headers.get("Content-Type", ""),
-                                    specs=self._specs(), source="api", limits=self.config.limits,
-                                    input_name=request.query.get("input"),
-                                    correlation_id=request.query.get("id"))
+                parsed = parse_body(
+                    body=body,
+                    content_type=request.headers.get("Content-Type", ""),
+                    specs=self._specs(),
+                    source="api",
+                    limits=self.config.limits,
+                    input_name=request.query.get("input"),
+                    correlation_id=request.query.get("id"),
+                )
             except UnsupportedMediaType as exc:
                 return self._count(_error(415, str(exc)))
             except InputRejected as exc:
@@ -236,6 +259,9 @@ class ApiSource:
             return self._count(_error(404, f"unknown admin action {action!r}"))
         except InputRejected as exc:
             return self._count(_error(400, str(exc)))
+        except Exception as exc:
+            _log.exception("admin action %s failed", action)
+            return self._count(_error(500, f"admin action {action!r} failed: {exc}"))
         return self._count(web.json_response(result))
 
     async def _openapi(self, request: web.Request) -> web.Response:

@@ -1,9 +1,9 @@
 """What every input source produces, what it hands it to, and the one parser of request bodies.
 
-The local API and the MQTT input topic carry the same body formats, so both call :func:`parse_body`; the tensor
-checks proper (dtype, shape, range, finiteness) belong to the engine's input guard, which sees every request
-after this. This module only turns bytes into arrays or image bytes, refusing anything oversized or malformed
-with one line that says why.
+The local API and the MQTT input topic carry the same body formats, so both call :func:`parse_body`; the
+tensor checks proper (dtype, shape, range, finiteness) belong to the engine's input guard, which sees every
+request after this. This module only turns bytes into arrays or image bytes, refusing anything oversized or
+malformed with one line that says why.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class BodyLimits:
 
 @dataclass(frozen=True, kw_only=True)
 class InferenceRequest:
-    """One parsed request: either named tensors or one encoded image (decoded by the engine's preprocessor)."""
+    """One parsed request: named tensors, or one encoded image (decoded by the engine's preprocessor)."""
 
     source: SourceName
     tensors: Mapping[str, np.ndarray] | None = None
@@ -103,12 +103,14 @@ def parse_body(
     if ctype in ("application/x-npy", "application/npy"):
         name = _single_input(specs, input_name)
         array = _parse_npy(body, limits)
-        return InferenceRequest(source=source, tensors={name: array},
-                                correlation_id=_check_id(correlation_id, limits))
+        return InferenceRequest(
+            source=source, tensors={name: array}, correlation_id=_check_id(correlation_id, limits)
+        )
     if ctype.startswith("image/"):
         return InferenceRequest(source=source, image=body, correlation_id=_check_id(correlation_id, limits))
-    raise UnsupportedMediaType(f"unsupported content type {ctype!r} (use application/json, "
-                               "application/x-npy or image/*)")
+    raise UnsupportedMediaType(
+        f"unsupported content type {ctype!r} (use application/json, application/x-npy or image/*)"
+    )
 
 
 def _sniff(body: bytes) -> str:
@@ -128,7 +130,9 @@ def _single_input(specs: Sequence[TensorSpec], input_name: str | None) -> str:
             raise InputRejected(f"unknown input {input_name!r}; the model takes {', '.join(names)}")
         return input_name
     if len(names) != 1:
-        raise InputRejected(f"the model takes {len(names)} inputs ({', '.join(names)}): name one with ?input=")
+        raise InputRejected(
+            f"the model takes {len(names)} inputs ({', '.join(names)}): name one with ?input="
+        )
     return names[0]
 
 
@@ -153,8 +157,9 @@ def _parse_npy(body: bytes, limits: BodyLimits) -> np.ndarray:
     return array
 
 
-def _parse_json(body: bytes, *, specs: Sequence[TensorSpec], source: SourceName, limits: BodyLimits
-                ) -> InferenceRequest:
+def _parse_json(
+    body: bytes, *, specs: Sequence[TensorSpec], source: SourceName, limits: BodyLimits
+) -> InferenceRequest:
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:

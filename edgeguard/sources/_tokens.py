@@ -41,7 +41,9 @@ def credential_path(name: str, *, environ: Mapping[str, str] | None = None) -> P
     env = os.environ if environ is None else environ
     directory = env.get("CREDENTIALS_DIRECTORY")
     if not directory:
-        raise ConfigError(f"credential {name!r} requested but $CREDENTIALS_DIRECTORY is not set (not under systemd?)")
+        raise ConfigError(
+            f"credential {name!r} requested but $CREDENTIALS_DIRECTORY is not set (not under systemd?)"
+        )
     if "/" in name or name in ("", ".", ".."):
         raise ConfigError(f"credential name {name!r} is not a plain name")
     return Path(directory) / name
@@ -78,11 +80,14 @@ class TokenStore:
             scopes = frozenset(scopes_raw.split(","))
             bad = sorted(scopes - set(SCOPES))
             if bad:
-                raise ConfigError(f"api tokens file {path}:{lineno}: unknown scope {bad[0]!r} "
-                                  f"(use {', '.join(SCOPES)})")
+                raise ConfigError(
+                    f"api tokens file {path}:{lineno}: unknown scope {bad[0]!r} (use {', '.join(SCOPES)})"
+                )
             if len(secret) < MIN_TOKEN_CHARS:
-                raise ConfigError(f"api tokens file {path}:{lineno}: token {name!r} is shorter than "
-                                  f"{MIN_TOKEN_CHARS} characters")
+                raise ConfigError(
+                    f"api tokens file {path}:{lineno}: token {name!r} is shorter than "
+                    f"{MIN_TOKEN_CHARS} characters"
+                )
             if name in names:
                 raise ConfigError(f"api tokens file {path}:{lineno}: duplicate token name {name!r}")
             names.add(name)

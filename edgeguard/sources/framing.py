@@ -5,10 +5,10 @@ On the wire one frame is::
     0x00  COBS( payload || crc16_be(payload) )  0x00
 
 COBS (Cheshire & Baker, 1999) removes every 0x00 from the body, so 0x00 only ever delimits frames. A receiver
-that starts mid-frame, meets garbage or a frame cut short by a reset resynchronises at the next 0x00: the leading
-delimiter makes the first whole frame after a cut decode cleanly instead of being glued to the cut tail. The CRC
-(poly 0x1021, init 0xFFFF, no reflection, no final xor; check value 0x29B1 for b"123456789") catches line noise;
-it is cheap on an 8-bit microcontroller, which is why it was chosen over CRC-32.
+that starts mid-frame, meets garbage or a frame cut short by a reset resynchronises at the next 0x00: the
+leading delimiter makes the first whole frame after a cut decode cleanly instead of being glued to the cut
+tail. The CRC (poly 0x1021, init 0xFFFF, no reflection, no final xor; check value 0x29B1 for b"123456789")
+catches line noise; it is cheap on an 8-bit microcontroller, which is why it was chosen over CRC-32.
 
 The byte-exact format and shared test vectors are in ``firmware_hooks/mcu_watchdog/PROTOCOL.md``.
 """
@@ -35,7 +35,9 @@ def cobs_encode(data: bytes) -> bytes:
     """Consistent Overhead Byte Stuffing: the output holds no 0x00 and is at most len/254 + 1 bytes longer."""
     out = bytearray()
     block = bytearray()
+    after_full_block = False  # a 0xFF block implies no zero, so data ending right after one needs no tail
     for byte in data:
+        after_full_block = False
         if byte == 0:
             out.append(len(block) + 1)
             out += block
@@ -46,8 +48,10 @@ def cobs_encode(data: bytes) -> bytes:
                 out.append(255)
                 out += block
                 block.clear()
-    out.append(len(block) + 1)
-    out += block
+                after_full_block = True
+    if not after_full_block:
+        out.append(len(block) + 1)
+        out += block
     return bytes(out)
 
 

@@ -1,8 +1,8 @@
 """The watchdog chain: every configured watchdog, kicked together and only while health checks pass.
 
 A watchdog that is kicked unconditionally (from a timer thread, say) proves only that the timer runs. Here the
-caller passes the verdict of the health checks to :meth:`WatchdogChain.tick`; a failing check stops every kick, so
-systemd restarts the service and the hardware watchdogs reset the board if that does not help either.
+caller passes the verdict of the health checks to :meth:`WatchdogChain.tick`; a failing check stops every
+kick, so systemd restarts the service and the hardware watchdogs reset the board if that does not help either.
 """
 
 from __future__ import annotations

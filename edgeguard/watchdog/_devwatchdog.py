@@ -1,10 +1,10 @@
 """Linux watchdog device (``/dev/watchdog``), per Documentation/watchdog/watchdog-api.rst.
 
 Opening the device arms it; every write (or WDIOC_KEEPALIVE) postpones the reset; writing the magic character
-``V`` just before close disarms it ("magic close"), unless the driver was built or loaded with ``nowayout``, in
-which case nothing can disarm it and the board resets ``timeout`` seconds after the last kick. We therefore only
-open the device once the service is ready, and on a clean stop with nowayout we say in the log that a reset
-follows unless something (systemd restarting us) opens it again in time.
+``V`` just before close disarms it ("magic close"), unless the driver was built or loaded with ``nowayout``,
+in which case nothing can disarm it and the board resets ``timeout`` seconds after the last kick. We therefore
+only open the device once the service is ready, and on a clean stop with nowayout we say in the log that a
+reset follows unless something (systemd restarting us) opens it again in time.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ class DevWatchdog:
             raise WatchdogError(f"cannot open watchdog {self.path}: {exc.strerror}") from None
         self._fd = fd
         is_device = stat.S_ISCHR(os.fstat(fd).st_mode)
-        self.nowayout = self._nowayout_setting if self._nowayout_setting is not None else _sysfs_nowayout(
-            self.path
+        self.nowayout = (
+            self._nowayout_setting if self._nowayout_setting is not None else _sysfs_nowayout(self.path)
         )
         if is_device:
             try:
@@ -85,7 +85,7 @@ class DevWatchdog:
         return True
 
     def close(self, *, clean: bool = True) -> None:
-        """Clean stop writes the magic 'V' so the device disarms; an unclean one leaves it armed on purpose."""
+        """A clean stop writes the magic 'V' so the device disarms; an unclean one leaves it armed."""
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
@@ -95,8 +95,7 @@ class DevWatchdog:
                 if self.nowayout:
                     _log.warning(
                         "watchdog %s has nowayout: the board resets in %s s unless the service restarts",
-                        self.path,
-                        self.timeout_s,
+                        self.path, self.timeout_s,
                     )
         except OSError as exc:
             _log.warning("watchdog %s: magic close failed: %s", self.path, exc)

@@ -1,9 +1,10 @@
 """External microcontroller watchdog over a serial line (protocol: firmware_hooks/mcu_watchdog/PROTOCOL.md).
 
 The board cannot reset itself when the kernel hangs; an independent microcontroller can. The host says HELLO
-(arming the MCU with a timeout), then KICKs with a strictly increasing sequence number; when kicks stop for the
-timeout the MCU pulls the board's reset line or power-cycles it. DISARM (with the magic ``STOP``) on a clean
-stop. Every message is one frame of :mod:`edgeguard.sources.framing`; replies are parsed here and only here.
+(arming the MCU with a timeout), then KICKs with a strictly increasing sequence number; when kicks stop for
+the timeout the MCU pulls the board's reset line or power-cycles it. DISARM (with the magic ``STOP``) on a
+clean stop. Every message is one frame of :mod:`edgeguard.sources.framing`; replies are parsed here and only
+here.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class McuStatus:
 
 
 def _open_serial(port: str, baudrate: int) -> SerialPort:
-    import serial  # imported lazily: only boards with an external watchdog need pyserial at run time
+    import serial  # noqa: PLC0415 - lazily: only boards with an external watchdog need pyserial
 
     try:
         sp: Any = serial.Serial(port, baudrate=baudrate, timeout=0.05, write_timeout=1.0)
@@ -113,8 +114,11 @@ class McuWatchdog:
 
     def open(self) -> None:
         self._port = self._opener(self.port_name, self._baud)
-        reply = self._request(struct.pack(">BBI", MSG_HELLO, PROTOCOL_VERSION, int(self.timeout_s * 1000)),
-                              MSG_HELLO_ACK, attempts=3)
+        reply = self._request(
+            struct.pack(">BBI", MSG_HELLO, PROTOCOL_VERSION, int(self.timeout_s * 1000)),
+            MSG_HELLO_ACK,
+            attempts=3,
+        )
         if reply is None or len(reply) != 9:
             self.close(clean=False)
             raise WatchdogError(f"MCU watchdog on {self.port_name} did not answer HELLO")

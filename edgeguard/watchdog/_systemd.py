@@ -2,8 +2,8 @@
 
 The protocol is one AF_UNIX datagram per message, newline-separated ``KEY=VALUE`` lines, sent to the socket
 named by ``$NOTIFY_SOCKET``; a name starting with ``@`` is in the Linux abstract namespace (leading NUL byte).
-``WATCHDOG_USEC`` (and ``WATCHDOG_PID``, when set, must be our pid) asks for ``WATCHDOG=1`` at least that often;
-sd_watchdog_enabled(3) recommends kicking at half the interval, which :attr:`kick_interval_s` returns.
+``WATCHDOG_USEC`` (and ``WATCHDOG_PID``, when set, must be our pid) asks for ``WATCHDOG=1`` at least that
+often; sd_watchdog_enabled(3) recommends kicking at half the interval, which :attr:`kick_interval_s` returns.
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ class SystemdNotifier:
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # Non-blocking: a receiver that stops reading must never stall the supervisor's loop.
+                self._sock.setblocking(False)
             self._sock.sendto(message.encode("utf-8"), self._address)
         except OSError:
             # systemd may be restarting; a lost notification is retried by the next kick, never fatal.

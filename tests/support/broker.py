@@ -73,11 +73,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-# --------------------------------------------------------------------------------------------------------- PKI
+# ----------------------------------------------------------------------------------------------------- PKI
 @dataclass(frozen=True)
 class Pki:
-    """PEM files: a CA, a server cert for 127.0.0.1/localhost, a client cert, and a second ("rogue") CA with its
-    own client and server certs that the first CA does not vouch for."""
+    """PEM files: a CA, a server cert for 127.0.0.1/localhost, a client cert, and a second ("rogue") CA with
+    its own client and server certs that the first CA does not vouch for."""
 
     dir: Path
     ca_cert: Path
@@ -129,9 +129,15 @@ def _cert(
     if ca:
         builder = builder.add_extension(
             x509.KeyUsage(
-                digital_signature=True, content_commitment=False, key_encipherment=False,
-                data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         ).add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -178,10 +184,15 @@ def make_pki(directory: Path) -> Pki:
             keyfile(f"{prefix}{role}_key", k)
     return Pki(
         dir=directory,
-        ca_cert=out["ca_cert"], server_cert=out["server_cert"], server_key=out["server_key"],
-        client_cert=out["client_cert"], client_key=out["client_key"],
-        rogue_ca_cert=out["rogue_ca_cert"], rogue_client_cert=out["rogue_client_cert"],
-        rogue_client_key=out["rogue_client_key"], rogue_server_cert=out["rogue_server_cert"],
+        ca_cert=out["ca_cert"],
+        server_cert=out["server_cert"],
+        server_key=out["server_key"],
+        client_cert=out["client_cert"],
+        client_key=out["client_key"],
+        rogue_ca_cert=out["rogue_ca_cert"],
+        rogue_client_cert=out["rogue_client_cert"],
+        rogue_client_key=out["rogue_client_key"],
+        rogue_server_cert=out["rogue_server_cert"],
         rogue_server_key=out["rogue_server_key"],
     )
 
@@ -201,7 +212,8 @@ def write_password_file(path: Path, users: Mapping[str, str]) -> None:
         for user, password in users.items():
             subprocess.run(
                 [MOSQUITTO_PASSWD, "-H", "sha512", "-b", str(tmp), user, password],
-                check=True, capture_output=True,
+                check=True,
+                capture_output=True,
             )
     else:
         tmp.write_text("".join(_hash_line(u, p) + "\n" for u, p in users.items()))
@@ -354,14 +366,20 @@ class MosquittoBroker:
 # ------------------------------------------------------------------------------------------------- recorder
 class Recorder:
     """An independent paho subscriber recording (topic, payload) in arrival order; resubscribes on every
-    (re)connect, reconnects fast, and counts SUBACKs so a test can wait until it is listening again."""
+    (re)connect, reconnects fast, and counts SUBACKs so a test can wait until it is listening again.
+
+    It subscribes at QoS 0 by default, on purpose: mosquitto then writes each message to our socket before it
+    sends the publisher its PUBACK, so a broker killed with -9 has nothing it acknowledged stranded in its
+    memory (at QoS 1 it holds messages beyond its in-flight window for us in RAM, and our unread PUBACKs make
+    the dying broker's socket send RST, which discards data already on its way). Messages then reach us unless
+    the broker itself loses them, which is what the outage tests need to tell EdgeGuard's losses apart."""
 
     def __init__(
         self,
         broker: MosquittoBroker,
         topic: str = "#",
         *,
-        qos: int = 1,
+        qos: int = 0,
         username: str | None = None,
         password: str | None = None,
         client_id: str | None = None,
@@ -430,9 +448,9 @@ class Recorder:
         return [p for t, p in self.snapshot() if t.endswith(suffix)]
 
     def close(self) -> None:
-        self.client.loop_stop()
         with contextlib.suppress(Exception):
-            self.client.disconnect()
+            self.client.disconnect()  # first: wakes paho's loop thread, so loop_stop() returns at once
+        self.client.loop_stop()
 
     def __enter__(self) -> Recorder:
         return self

@@ -81,8 +81,17 @@ class McuSimulator(threading.Thread):
             self._send(struct.pack(">BI", MSG_KICK_ACK, seq))
         elif kind == MSG_STATUS and len(msg) == 1:
             since = int((time.monotonic() - self.last_kick) * 1000)
-            self._send(struct.pack(">BBIIHI", MSG_STATUS_REPLY, int(self.armed), self.timeout_ms, since,
-                                   self.board_resets, self.last_seq))
+            self._send(
+                struct.pack(
+                    ">BBIIHI",
+                    MSG_STATUS_REPLY,
+                    int(self.armed),
+                    self.timeout_ms,
+                    since,
+                    self.board_resets,
+                    self.last_seq,
+                )
+            )
         elif kind == MSG_DISARM and msg[1:] == DISARM_MAGIC:
             self.armed, self.disarmed = False, True
             self._send(bytes([MSG_DISARM_ACK]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import tty
@@ -13,7 +14,6 @@ import serial
 from edgeguard.errors import WatchdogError
 from edgeguard.watchdog import McuWatchdog, SystemdNotifier, WatchdogChain
 from tests.watchdog.mcu_sim import McuSimulator
-
 
 _SIMS: list[McuSimulator] = []
 
@@ -28,10 +28,8 @@ def pty_pair() -> Iterator[tuple[int, str]]:
     while _SIMS:
         _SIMS.pop().stop()
     for fd in (master, slave):
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
 
 
 def _wait(cond: object, timeout: float = 3.0) -> bool:

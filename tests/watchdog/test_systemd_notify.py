@@ -59,8 +59,9 @@ def test_abstract_namespace_socket() -> None:
 
 def test_watchdog_pid_mismatch_disables_kicks(notify_socket: tuple[socket.socket, str]) -> None:
     _, path = notify_socket
-    n = SystemdNotifier(environ={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"},
-                        pid=4242)
+    n = SystemdNotifier(
+        environ={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}, pid=4242
+    )
     assert not n.watchdog_enabled and not n.kick()
 
 

@@ -1,0 +1,450 @@
+"""Durable store-and-forward queue: group commit, bounds and drops, TTL, encryption at rest, degraded mode."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from edgeguard.errors import OutboxError
+from edgeguard.outbox._config import OutboxConfig, OutboxItem, OutboxStats
+from edgeguard.outbox._store import NO_EXPIRY, Row, Store, StoreCorrupt, classify, move_aside
+
+__all__ = ["Outbox"]
+
+log = logging.getLogger("edgeguard.outbox")
+
+# Sequence numbers are reserved in blocks in a side file, so that ids stay unique even when the database is
+# lost (corrupt, or results only held in memory while the disk was full): a restart continues above the
+# reservation.
+_SEQ_BLOCK = 65_536
+_NONCE = 12
+
+
+class Outbox:
+    """put() returns a result id only once the result is committed to disk (or, while the disk is full, held
+    in the bounded memory queue with ``stats().alarm`` set). The link reads with peek(); ack() removes."""
+
+    def __init__(
+        self,
+        *,
+        path: Path,
+        storage_key: bytes,
+        device_id: str,
+        config: OutboxConfig | None = None,
+        now: Callable[[], float] = time.time,
+    ) -> None:
+        if len(storage_key) != 32:
+            raise ValueError("storage_key must be 32 bytes (AES-256-GCM)")
+        if not device_id or any(c in device_id for c in "/+#\x00") or len(device_id) > 128:
+            raise ValueError(f"device_id {device_id!r} must be 1..128 characters without / + # NUL")
+        self.path = Path(path)
+        self.config = config or OutboxConfig()
+        self.device_id = device_id
+        self._aead = AESGCM(storage_key)
+        self._now = now
+        self._seq_path = self.path.with_name(self.path.name + ".seq")
+        self._lock = threading.Lock()  # pending queue, sequence, memory queue, events
+        self._cond = threading.Condition(self._lock)
+        self._rlock = threading.Lock()  # reader connection
+        self._pending: deque[Row] = deque()
+        self._acks: list[int] = []
+        self._done_seq = -1  # every seq <= this is committed (or held in memory while degraded)
+        self._memory: dict[int, Row] = {}
+        self._memory_bytes = 0
+        self._memory_drops = 0
+        self._alarm: str | None = None
+        self._retry_at = 0.0
+        self._last_expire = 0.0
+        self._corrupt_files = 0
+        self._corrupt_pending = False
+        self._tampered = 0
+        self._waiters: deque[tuple[int, threading.Lock]] = deque()
+        self._events: deque[dict[str, Any]] = deque(maxlen=256)
+        self._closing = False
+        self._closed = False
+        self._store = self._open_store()
+        self._next_seq = max(self._store.meta["next_seq"], self._read_reserved())
+        self._reserved = self._next_seq
+        self._reserve(self._next_seq + _SEQ_BLOCK)
+        self._done_seq = self._next_seq - 1
+        self._thread = threading.Thread(target=self._committer, name="edgeguard-outbox", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------------------ opening
+    def _open_store(self) -> Store:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return Store(self.path, synchronous_full=self.config.synchronous_full)
+        except StoreCorrupt as exc:
+            return self._replace_corrupt(str(exc), lost=None)
+
+    def _replace_corrupt(self, reason: str, lost: int | None) -> Store:
+        # Never crash-loop on a bad file: keep it for inspection, start a fresh database, say so.
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self._now())) + f"-{os.getpid()}"
+        kept = move_aside(self.path, stamp)
+        self._corrupt_files += 1
+        log.error(
+            "outbox database %s is corrupt (%s); kept as %s, started a new one", self.path, reason, kept
+        )
+        store = Store(self.path, synchronous_full=self.config.synchronous_full)
+        if lost:
+            store.bump_meta("dropped_corrupt", lost)
+        self._event("outbox_corrupt", reason=reason, kept=str(kept), lost=lost)
+        return store
+
+    def _read_reserved(self) -> int:
+        try:
+            return int(self._seq_path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def _reserve(self, upto: int) -> None:
+        tmp = self._seq_path.with_name(self._seq_path.name + ".tmp")
+        try:
+            with open(tmp, "w") as f:
+                f.write(str(upto))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._seq_path)
+            self._reserved = upto
+        except OSError as exc:  # disk full: keep going, ids stay unique unless we also crash before recovery
+            log.warning("cannot reserve outbox sequence numbers: %s", exc)
+            self._reserved = max(self._reserved, self._next_seq + 1)
+
+    # -------------------------------------------------------------------------------------------- producing
+    def put(self, payload: bytes, *, priority: bool = False, kind: str = "result") -> str:
+        """Store one result (a JSON text); returns its id once it is durable."""
+        return self.put_many([payload], priority=priority, kind=kind)[0]
+
+    def put_many(
+        self, payloads: Sequence[bytes], *, priority: bool = False, kind: str = "result"
+    ) -> list[str]:
+        """Store several results in order; returns their ids once all are durable."""
+        if not kind.isidentifier() or len(kind) > 32:
+            raise ValueError(f"kind {kind!r} must be an identifier of at most 32 characters")
+        limit = self.config.max_payload_bytes
+        for p in payloads:
+            if len(p) > limit:
+                raise OutboxError(f"result of {len(p)} bytes exceeds outbox max_payload_bytes={limit}")
+        now = self._now()
+        ttl = self.config.ttl_priority_s if priority else self.config.ttl_routine_s
+        expires = NO_EXPIRY if ttl is None else now + ttl
+        prio = int(priority)
+        nonces = os.urandom(_NONCE * len(payloads))
+        ids: list[str] = []
+        with self._cond:
+            if self._closing:
+                raise OutboxError("outbox is closed")
+            for i, payload in enumerate(payloads):
+                seq = self._next_seq
+                self._next_seq += 1
+                rid = f"{self.device_id}:{seq}"
+                nonce = nonces[i * _NONCE : (i + 1) * _NONCE]
+                blob = nonce + self._aead.encrypt(nonce, payload, _aad(rid, kind, prio))
+                self._pending.append((seq, prio, kind, now, expires, len(blob), blob))
+                ids.append(rid)
+            last = self._next_seq - 1
+            # One private lock per waiting producer, released by the committer when its results are stored:
+            # a commit wakes exactly the producers it served instead of every waiting thread.
+            waiter = threading.Lock()
+            waiter.acquire()
+            self._waiters.append((last, waiter))
+            self._cond.notify_all()
+        while not waiter.acquire(timeout=5.0):
+            if not self._thread.is_alive():
+                raise OutboxError("outbox committer stopped; result not stored")
+        return ids
+
+    # ------------------------------------------------------------------------------------------- consuming
+    def peek(self, *, after: int, limit: int) -> list[OutboxItem]:
+        """Up to ``limit`` results with seq > ``after``, oldest first, decrypted; tampered rows dropped."""
+        now = self._now()
+        try:
+            with self._rlock:
+                rows = self._store.peek(after, limit, now)
+        except Exception as exc:
+            kind = classify(exc)
+            if kind is None:
+                raise
+            if kind is StoreCorrupt:
+                with self._cond:
+                    self._corrupt_pending = True
+                    self._cond.notify_all()
+            rows = []
+        items: list[OutboxItem] = []
+        bad: list[int] = []
+        for seq, prio, kind_, created, blob in rows:
+            item = self._decrypt(seq, prio, kind_, created, blob)
+            if item is None:
+                bad.append(seq)
+            else:
+                items.append(item)
+        if len(rows) < limit:
+            with self._lock:
+                mem = [r for s, r in self._memory.items() if s > after and r[4] > now]
+            for seq, prio, kind_, created, _exp, _size, blob in mem[: limit - len(items)]:
+                item = self._decrypt(seq, prio, kind_, created, blob)
+                if item is not None:
+                    items.append(item)
+        if bad:
+            self._drop_tampered(bad)
+        return items
+
+    def _decrypt(self, seq: int, prio: int, kind: str, created: float, blob: bytes) -> OutboxItem | None:
+        rid = f"{self.device_id}:{seq}"
+        try:
+            payload = self._aead.decrypt(blob[:_NONCE], blob[_NONCE:], _aad(rid, kind, prio))
+        except InvalidTag:
+            return None
+        return OutboxItem(seq=seq, id=rid, kind=kind, priority=bool(prio), created=created, payload=payload)
+
+    def _drop_tampered(self, seqs: list[int]) -> None:
+        log.error(
+            "outbox: %d stored results failed authentication (wrong key or tampered); dropped", len(seqs)
+        )
+        with self._cond:
+            self._tampered += len(seqs)
+            self._event("outbox_dropped", reason="tampered", count=len(seqs))
+        self.ack(seqs)
+
+    def ack(self, seqs: Iterable[int]) -> None:
+        """The broker has the results: remove them (applied with the next commit; never blocks)."""
+        with self._cond:
+            for s in seqs:
+                row = self._memory.pop(s, None)
+                if row is not None:
+                    self._memory_bytes -= row[5]
+                else:
+                    self._acks.append(s)
+            self._cond.notify_all()
+
+    def wait_idle(self, timeout: float = 5.0) -> bool:
+        """Wait until pending results and acks are written (tests, orderly shutdown)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while (self._pending or self._acks) and not self._alarm:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    @property
+    def last_seq(self) -> int:
+        """The newest stored seq (cheap: lets a reader skip a query when nothing new arrived)."""
+        return self._done_seq
+
+    # ----------------------------------------------------------------------------------------------- status
+    def stats(self) -> OutboxStats:
+        try:
+            with self._rlock:
+                oldest = self._store.oldest_created()
+        except Exception as exc:
+            if classify(exc) is None:
+                raise
+            oldest = None
+        with self._lock:
+            meta = dict(self._store.meta)
+            if self._memory:
+                first = next(iter(self._memory.values()))[3]
+                oldest = first if oldest is None else min(oldest, first)
+            dropped = {
+                "capacity_routine": meta["dropped_capacity_routine"],
+                "capacity_priority": meta["dropped_capacity_priority"],
+                "expired": meta["dropped_expired"],
+                "tampered": meta["dropped_tampered"] + self._tampered,
+                "corrupt": meta["dropped_corrupt"],
+                "memory_full": self._memory_drops,
+            }
+            return OutboxStats(
+                depth=meta["count"] + len(self._memory),
+                bytes=meta["bytes"] + self._memory_bytes,
+                memory_depth=len(self._memory),
+                oldest_age_s=None if oldest is None else max(0.0, self._now() - oldest),
+                next_seq=self._next_seq,
+                dropped=dropped,
+                alarm=self._alarm,
+                corrupt_files=self._corrupt_files,
+            )
+
+    def drain_events(self) -> list[dict[str, Any]]:
+        """Events since the last call (drops, corrupt file, disk full/recovered), oldest first."""
+        with self._lock:
+            out = list(self._events)
+            self._events.clear()
+        return out
+
+    def _event(self, event: str, **data: Any) -> None:
+        self._events.append({"event": event, "time": self._now(), **data})
+
+    # ---------------------------------------------------------------------------------------------- closing
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        with self._cond:
+            self._closed = True
+            if self._memory:
+                log.error(
+                    "outbox closed with %d results only in memory (disk unavailable)", len(self._memory)
+                )
+            with self._rlock:
+                self._store.close()
+        if not self._memory:
+            self._reserve(self._next_seq)  # clean stop: the next start continues without a gap
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --------------------------------------------------------------------------------------------- committer
+    def _committer(self) -> None:
+        cfg = self.config
+        while True:
+            with self._cond:
+                while not (self._pending or self._acks or self._closing or self._corrupt_pending):
+                    self._cond.wait(timeout=1.0)
+                    if self._alarm or self._now() - self._last_expire >= 1.0:
+                        break
+                final = self._closing and not self._pending and not self._acks
+            if final:
+                if self._memory:
+                    self._retry_at = 0.0
+                    self._commit([], [])  # last attempt to get memory-held results onto the disk
+                return
+            if cfg.commit_window_s and len(self._pending) < cfg.max_batch and not self._closing:
+                time.sleep(cfg.commit_window_s)  # let concurrent producers join this commit
+            with self._cond:
+                n = min(len(self._pending), cfg.max_batch)
+                batch = [self._pending.popleft() for _ in range(n)]
+                acks, self._acks = self._acks, []
+                if self._corrupt_pending:
+                    self._corrupt_pending = False
+                    self._recover_corrupt("read failed")
+            self._commit(batch, acks)
+
+    def _commit(self, batch: list[Row], acks: list[int]) -> None:
+        now = self._now()
+        with self._cond:
+            degraded = self._alarm is not None
+            if degraded and now < self._retry_at:
+                self._to_memory(batch)
+                self._acks[:0] = acks  # keep for the retry
+                self._finish(batch)
+                return
+            if batch and batch[-1][0] >= self._reserved:
+                self._reserve(batch[-1][0] + _SEQ_BLOCK)
+            flush = list(self._memory.values()) if degraded else []
+        if self._try_disk(flush + batch, acks, now=now):
+            with self._cond:
+                for r in flush:
+                    if self._memory.pop(r[0], None) is not None:
+                        self._memory_bytes -= r[5]
+                    else:  # acknowledged while we were writing it: remove it from the disk too
+                        self._acks.append(r[0])
+                if degraded:
+                    log.warning("outbox: disk writable again; %d results flushed from memory", len(flush))
+                    self._event("outbox_recovered", flushed=len(flush))
+                self._alarm = None
+                self._finish(batch)
+        else:
+            with self._cond:
+                self._to_memory(batch)
+                self._acks[:0] = acks
+                self._finish(batch)
+
+    def _try_disk(self, rows: list[Row], acks: list[int], *, now: float | None = None) -> bool:
+        now = self._now() if now is None else now
+        expire = now - self._last_expire >= 1.0
+        for _attempt in range(2):
+            try:
+                drops = self._store.write(
+                    rows,
+                    acks,
+                    now=now,
+                    max_count=self.config.max_count,
+                    max_bytes=self.config.max_bytes,
+                    expire=expire,
+                    next_seq=self._next_seq_snapshot(),
+                )
+            except Exception as exc:
+                kind = classify(exc)
+                if kind is None:
+                    raise
+                if kind is StoreCorrupt:
+                    with self._cond:
+                        self._recover_corrupt(str(exc))
+                    continue
+                with self._cond:
+                    if self._alarm is None:
+                        log.error("outbox: cannot write to disk (%s); holding results in memory", exc)
+                        self._event("outbox_disk_full", reason=str(exc))
+                    self._alarm = f"disk unavailable: {exc}"
+                    self._retry_at = now + self.config.disk_retry_s
+                    self._cond.notify_all()
+                return False
+            if expire:
+                self._last_expire = now
+            if drops:
+                with self._cond:
+                    for reason, n in drops.items():
+                        self._event("outbox_dropped", reason=reason, count=n)
+                log.warning("outbox dropped results: %s", drops)
+            return True
+        return False
+
+    def _next_seq_snapshot(self) -> int:
+        with self._lock:
+            return self._next_seq
+
+    def _recover_corrupt(self, reason: str) -> None:
+        # Caller holds the lock. Results in the corrupt file are counted as lost; new ones go to a fresh file.
+        lost = self._store.meta.get("count", 0)
+        with self._rlock:
+            self._store.close()
+            self._store = self._replace_corrupt(reason, lost=lost or None)
+
+    def _to_memory(self, batch: list[Row]) -> None:
+        # Caller holds the lock. Bounded: drop the oldest routine result (then the oldest of any class).
+        cfg = self.config
+        for row in batch:
+            self._memory[row[0]] = row
+            self._memory_bytes += row[5]
+        dropped = 0
+        while len(self._memory) > cfg.memory_max_count or self._memory_bytes > cfg.memory_max_bytes:
+            victim = next((s for s, r in self._memory.items() if r[1] == 0), None)
+            if victim is None:
+                victim = next(iter(self._memory))
+            self._memory_bytes -= self._memory.pop(victim)[5]
+            dropped += 1
+        if dropped:
+            self._memory_drops += dropped
+            self._event("outbox_dropped", reason="memory_full", count=dropped)
+
+    def _finish(self, batch: list[Row]) -> None:
+        # Caller holds the lock: wake the producers whose results are now stored.
+        if batch:
+            self._done_seq = max(self._done_seq, batch[-1][0])
+        while self._waiters and self._waiters[0][0] <= self._done_seq:
+            self._waiters.popleft()[1].release()
+        self._cond.notify_all()
+
+
+def _aad(rid: str, kind: str, prio: int) -> bytes:
+    # Binds the ciphertext to its id and class: a row copied to another seq or class fails authentication.
+    return json.dumps([rid, kind, prio]).encode()

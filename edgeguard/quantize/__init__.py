@@ -1,0 +1,33 @@
+"""Publisher-side int8 quantization with an accuracy guard (``edgeguard quantize``).
+
+``quantize_onnx`` turns an fp32 ONNX model into a static QDQ int8 model with onnxruntime's quantizer, handling
+the preparation users usually trip over (static shapes, opset upgrade, shape inference), and keeps whichever
+nodes must stay fp32 for the quantized model to agree with the original on held-out data; among the candidates
+that agree it picks the fastest on this machine. ``check_tflite`` accepts pre-quantized TFLite models as they
+are. Needs the ``quantize`` extra (onnx, sympy).
+"""
+
+from __future__ import annotations
+
+from ._calibration import CalibrationSet, load_calibration
+from ._candidates import Candidate, find_candidates
+from ._errors import QuantizeError
+from ._metrics import Agreement, output_kind
+from ._quantizer import CandidateResult, QuantizeOptions, QuantizeReport, quantize_onnx
+from ._tflite import TfliteCheck, check_tflite
+
+__all__ = [
+    "Agreement",
+    "CalibrationSet",
+    "Candidate",
+    "CandidateResult",
+    "QuantizeError",
+    "QuantizeOptions",
+    "QuantizeReport",
+    "TfliteCheck",
+    "check_tflite",
+    "find_candidates",
+    "load_calibration",
+    "output_kind",
+    "quantize_onnx",
+]

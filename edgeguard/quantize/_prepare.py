@@ -1,0 +1,131 @@
+"""Getting an fp32 ONNX model ready for static QDQ quantization.
+
+onnxruntime's quantizer wants three things the models users bring often lack: static input shapes (dynamic
+batch or image size makes calibration ranges and shape inference unreliable), opset >= 13 (per-channel QDQ
+needs the ``axis`` attribute of QuantizeLinear) and inferred intermediate shapes (``quant_pre_process``, which
+also folds constants and fuses what it can). This module does all three and says clearly when it cannot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+from onnx import version_converter
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.tools.onnx_model_utils import fix_output_shapes, make_input_shape_fixed
+
+from edgeguard.errors import ConfigError
+
+from ._errors import QuantizeError
+
+__all__ = ["PreparedModel", "prepare_model", "input_shapes"]
+
+MIN_OPSET = 13
+_MAX_MODEL_BYTES = 2 * 1024**3 - 1  # protobuf's limit without external data
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    path: Path  # the fp32 model, static shapes, opset >= 13, shape-inferred
+    inputs: dict[str, tuple[int, ...]]  # static input shapes
+    input_dtypes: dict[str, str]
+    outputs: tuple[str, ...]
+    opset_from: int
+    opset: int
+
+
+_ONNX_TO_NUMPY = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool",
+                  10: "float16", 11: "float64"}
+
+
+def input_shapes(model: Any) -> dict[str, tuple[int | None, ...]]:
+    """Declared input shapes of an ``onnx.ModelProto`` (``None``: dynamic axis), initializers excluded."""
+    inits = {init.name for init in model.graph.initializer}
+    shapes: dict[str, tuple[int | None, ...]] = {}
+    for value in model.graph.input:
+        if value.name in inits:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        shapes[value.name] = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                                   for d in dims)
+    return shapes
+
+
+def _show(shape: Sequence[int | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def resolve_shapes(
+    declared: Mapping[str, tuple[int | None, ...]], overrides: Mapping[str, Sequence[int]]
+) -> dict[str, tuple[int, ...]]:
+    """Static shapes: the declared ones, ``overrides`` where given, a dynamic batch axis set to 1."""
+    for name in overrides:
+        if name not in declared:
+            raise ConfigError(f"--input-shape names {name!r}, the model's inputs are {', '.join(declared)}")
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in declared.items():
+        if name in overrides:
+            fixed = tuple(int(v) for v in overrides[name])
+            if len(fixed) != len(shape) or any(v < 1 for v in fixed) or any(
+                d is not None and d != v for d, v in zip(shape, fixed, strict=True)
+            ):
+                raise ConfigError(f"--input-shape {list(fixed)} does not fit input {name!r} {_show(shape)}")
+            out[name] = fixed
+            continue
+        dims = [1 if (axis == 0 and d is None) else d for axis, d in enumerate(shape)]
+        if any(d is None for d in dims):
+            raise ConfigError(f"input {name!r} has dynamic axes {_show(shape)}: give a static shape with "
+                              f"--input-shape {name}=1,3,H,W (or the calibration .npz shape)")
+        out[name] = tuple(int(d) for d in dims if d is not None)
+    return out
+
+
+def prepare_model(
+    source: Path, work_dir: Path, *, shapes: Mapping[str, Sequence[int]] | None = None
+) -> PreparedModel:
+    """Write ``work_dir/prepared.onnx``: static shapes, opset >= 13, shapes inferred."""
+    if source.stat().st_size > _MAX_MODEL_BYTES:
+        raise ConfigError(f"{source}: models over 2 GiB (external data) are not supported")
+    try:
+        model = onnx.load(str(source))
+    except Exception as exc:
+        raise ConfigError(f"{source}: not a readable ONNX model: {exc}") from None
+    static = resolve_shapes(input_shapes(model), shapes or {})
+    opset_from = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    try:
+        if opset_from < MIN_OPSET:
+            # Per-channel QDQ needs QuantizeLinear's axis attribute (opset 13).
+            model = version_converter.convert_version(model, MIN_OPSET)
+        for name, shape in static.items():
+            make_input_shape_fixed(model.graph, name, list(shape))
+        fix_output_shapes(model)
+        fixed = work_dir / "fixed.onnx"
+        onnx.save(model, str(fixed))
+        prepared = work_dir / "prepared.onnx"
+        quant_pre_process(str(fixed), str(prepared), skip_symbolic_shape=False)
+        final = onnx.load(str(prepared))
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise QuantizeError(f"preparing {source.name} for quantization failed: {exc}") from None
+    dtypes = {}
+    for value in final.graph.input:
+        if value.name in static:
+            dtypes[value.name] = _ONNX_TO_NUMPY.get(value.type.tensor_type.elem_type, "unsupported")
+    for name, dtype in dtypes.items():
+        if dtype != "float32":
+            raise ConfigError(f"input {name!r} is {dtype}: only float32-input models are quantized "
+                              "(the model may already be quantized)")
+    opset = next((o.version for o in final.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return PreparedModel(
+        path=prepared,
+        inputs=static,
+        input_dtypes=dtypes,
+        outputs=tuple(o.name for o in final.graph.output),
+        opset_from=opset_from,
+        opset=opset,
+    )

@@ -1,0 +1,69 @@
+"""Builds the configured input sources around a worker's pipeline (one place that knows every source)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from edgeguard.bundle.manifest import TensorSpec
+from edgeguard.sources import ApiSource, DirectorySource, MqttInputSource, SerialSource
+
+from ._loader import load_tokens
+
+if TYPE_CHECKING:
+    from ._worker import Worker
+
+__all__ = ["build_sources"]
+
+
+def build_sources(worker: Worker) -> tuple[ApiSource | None, list[Any]]:
+    cfg = worker.cfg
+    pipeline = worker.pipeline
+
+    def specs() -> Sequence[TensorSpec]:
+        m = pipeline.manifest()
+        return m.inputs if m is not None else ()
+
+    sources: list[Any] = []
+    api: ApiSource | None = None
+    if cfg.api.enabled:
+
+        def admin(action: str, args: dict[str, Any]) -> dict[str, Any]:
+            if action == "reload":
+                loop = worker.faults.loop
+                if loop is None:
+                    raise KeyError(action)
+                loop.call_soon_threadsafe(lambda: loop.create_task(worker._reload()))
+                return {"reload": "started"}
+            if action == "fault":
+                return worker.faults.inject(args)
+            raise KeyError(action)
+
+        api = ApiSource(
+            config=cfg.api.to_api_config(),
+            tokens=load_tokens(cfg),
+            sink=pipeline,
+            specs=specs,
+            health=lambda: {"ok": worker.verdict()["healthy"], **worker.health()},
+            admin=admin,
+        )
+        sources.append(api)
+    if cfg.mqtt_input.enabled:
+        mq = MqttInputSource(
+            sink=pipeline,
+            specs=specs,
+            limits=cfg.mqtt_input.limits(),
+            queue_size=cfg.mqtt_input.queue_size,
+            on_reject=lambda src, reason: worker.link.publish_event(
+                "input-rejected", {"source": src, "reason": reason}
+            ),
+        )
+        worker.link.on_inbound("input", mq.handle, max_bytes=cfg.mqtt_input.max_body_bytes)
+        sources.append(mq)
+    if cfg.serial.enabled:
+        sources.append(SerialSource(config=cfg.serial.to_serial_config(), sink=pipeline, specs=specs))
+    if cfg.directory.enabled:
+        sources.append(
+            DirectorySource(config=cfg.directory.to_directory_config(), sink=pipeline, specs=specs)
+        )
+    return api, sources

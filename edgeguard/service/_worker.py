@@ -1,0 +1,304 @@
+"""The worker process: sources -> pipeline (engine + outbox) -> MQTT link, reporting liveness to the
+supervisor.
+
+Run by the supervisor as ``python -m edgeguard.service._worker -c CONFIG --mode serve|safe --liveness-fd N``.
+Liveness lines are written from the event loop, so a blocked loop stops them; a stalled inference is reported
+explicitly. SIGTERM: stop accepting, finish in-flight work, flush the outbox, publish the offline status.
+SIGHUP: re-read the config, reload API tokens and the bundle (verified like any bundle) without dropping
+requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from edgeguard.errors import BundleRejected, ConfigError, EdgeGuardError
+from edgeguard.link import MqttLink
+from edgeguard.outbox import Outbox
+
+from ._faults import FaultInjector
+from ._hooks import HookRunner
+from ._loader import load_engine, load_keys, load_tokens
+from ._pipeline import Pipeline
+from ._state import read_state
+from ._sysinfo import system_facts
+from ._wiring import build_sources
+from .config import ServiceConfig, load_config
+
+__all__ = ["main", "Worker"]
+
+_log = logging.getLogger("edgeguard.worker")
+
+
+class Worker:
+    def __init__(self, *, config: ServiceConfig, mode: str, liveness_fd: int) -> None:
+        self.cfg = config
+        self.mode = mode
+        self._fd = liveness_fd
+        self._started = time.monotonic()
+        self.hooks = HookRunner(
+            directory=config.service.hooks_dir,
+            timeout_s=config.service.hook_timeout_s,
+            device_id=config.device.id,
+        )
+        config.device.state_dir.mkdir(parents=True, exist_ok=True)
+        self.trust, self.device_key, storage_key = load_keys(config)
+        self.outbox = Outbox(
+            path=config.outbox_path, storage_key=storage_key, device_id=config.device.id, config=config.outbox
+        )
+        self.pipeline = Pipeline(engine=None, store=self.outbox)
+        self.link = MqttLink(
+            config=config.link,
+            fleet=config.device.fleet,
+            device_id=config.device.id,
+            outbox=self.outbox,
+            health=self.health,
+        )
+        self.faults = FaultInjector(enabled=config.service.fault_injection, pipeline=self.pipeline)
+        self.sources: list[Any] = []
+        self.api: Any = None
+        self.model_error: str | None = None
+        self._degraded: bool | None = None
+        self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.reloads = 0
+
+    # -- health
+    # ------------------------------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        engine = self.pipeline.engine
+        doc: dict[str, Any] = (
+            dict(engine.health())
+            if engine is not None
+            else {
+                "model": None,
+                "backend": None,
+                "accelerator": None,
+                "degraded": True,
+                "degraded_reason": self.model_error or "safe state: not serving",
+            }
+        )
+        doc["pid"] = os.getpid()
+        doc["state"] = "safe" if self.mode == "safe" else ("serving" if engine is not None else "no-model")
+        doc["supervisor"] = read_state(self.cfg.supervisor_state_path).heartbeat_view()
+        doc["sources"] = {getattr(s, "name", "?"): s.snapshot() for s in self.sources}
+        doc["pipeline"] = {
+            "completed": self.pipeline.completed,
+            "failed": self.pipeline.failed,
+            "in_flight": self.pipeline.in_flight(),
+            "reloads": self.reloads,
+        }
+        doc["system"] = system_facts(self.cfg.device.state_dir)
+        api = doc["sources"].get("api", {}).get("responses", {})
+        doc["security"] = {
+            "api_unauthorized": api.get("401", 0),
+            "api_forbidden": api.get("403", 0),
+            "rejected_inputs": doc.get("rejected", 0),
+        }
+        return doc
+
+    def verdict(self) -> dict[str, Any]:
+        """The checks behind every watchdog kick: inference progressing, outbox writable, link loop alive."""
+        stalled_s = self.pipeline.oldest_in_flight_s()
+        if stalled_s > self.cfg.service.hang_timeout_s:
+            return {"healthy": False, "stalled": True, "reason": f"inference stalled for {stalled_s:.1f} s"}
+        alarm = self.outbox.stats().alarm
+        if alarm:
+            return {"healthy": False, "stalled": False, "reason": f"outbox: {alarm}"}
+        if not any(t.name == "edgeguard-mqtt" and t.is_alive() for t in threading.enumerate()):
+            return {"healthy": False, "stalled": False, "reason": "MQTT link loop not running"}
+        return {"healthy": True, "stalled": False, "reason": ""}
+
+    def status_line(self) -> str:
+        engine = self.pipeline.engine
+        if self.mode == "safe":
+            return "SAFE STATE: reporting only, not serving"
+        if engine is None:
+            return f"not serving: {self.model_error or 'no model'}"
+        h = engine.health()
+        m = engine.manifest
+        return (
+            f"serving {m.name} v{m.version} on {h.get('accelerator')}; {h.get('inferences', 0)} inferences, "
+            f"outbox {self.outbox.stats().depth}, link {'up' if self.link.state.connected else 'down'}"
+        )
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        if self._fd < 0:
+            return
+        try:
+            os.write(self._fd, json.dumps(msg).encode() + b"\n")
+        except BlockingIOError:
+            pass  # the supervisor is slow to read: skip one beat rather than block the loop
+        except OSError:
+            _log.error("supervisor gone (liveness pipe closed); stopping")
+            self._stop.set()
+
+    # -- lifecycle
+    # ---------------------------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        if self._fd >= 0:
+            os.set_blocking(self._fd, False)
+        self.faults.check_start(self.mode)
+        if self.mode == "serve":
+            await loop.run_in_executor(None, self._load_model, False)
+        if self.mode == "serve" and self.pipeline.engine is not None:
+            self._build_sources()  # before the link starts: inbound topics are subscribed on connect
+        err = await loop.run_in_executor(None, self.link.start)
+        if err is not None:
+            _log.warning("MQTT link: %s (retrying in the background)", err)
+        await self._start_sources()
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload()))
+        threading.Thread(target=self._control_reader, name="eg-control", daemon=True).start()
+        self._send({"t": "ready", "status": self.status_line()})
+        self._check_degraded()
+        beat = asyncio.create_task(self._liveness())
+        await self._stop.wait()
+        beat.cancel()
+        await self._shutdown()
+        return 0
+
+    async def _liveness(self) -> None:
+        while True:
+            self._send({"t": "alive", **self.verdict(), "status": self.status_line()})
+            self._check_degraded()
+            await asyncio.sleep(self.cfg.service.liveness_s)
+
+    def _check_degraded(self) -> None:
+        engine = self.pipeline.engine
+        degraded = engine is None or bool(engine.health().get("degraded"))
+        if degraded != self._degraded and (self._degraded is not None or degraded):
+            kind = "degraded" if degraded else "recovered"
+            reason = (
+                engine.health().get("degraded_reason") if engine is not None else self.model_error
+            ) or ""
+            self.hooks.fire(kind, {"reason": reason})
+            self.link.publish_event(kind, {"reason": reason})
+        self._degraded = degraded
+
+    def _load_model(self, reload: bool) -> bool:
+        try:
+            engine = load_engine(self.cfg, trust=self.trust, device_key=self.device_key)
+        except BundleRejected as exc:
+            self._model_failed("bundle-rejected", str(exc), check=exc.check, reload=reload)
+            return False
+        except EdgeGuardError as exc:  # backend failed its self-test, unreadable bundle file, ...
+            self._model_failed("degraded", str(exc), check=None, reload=reload)
+            return False
+        self.pipeline.swap(self.faults.wrap(engine))
+        self.model_error = None
+        _log.info("model %s v%d ready", engine.manifest.name, engine.manifest.version)
+        return True
+
+    def _model_failed(self, kind: str, reason: str, *, check: str | None, reload: bool) -> None:
+        _log.error("%s%s", "reload: " if reload else "", reason)
+        data = {"reason": reason, "check": check, "bundle": str(self.cfg.model.bundle), "reload": reload}
+        self.hooks.fire(kind, data)
+        self.link.publish_event(kind, data)
+        if self.pipeline.engine is None:
+            self.model_error = reason
+            self.pipeline.stop_accepting(f"not serving: {reason}")
+
+    def _build_sources(self) -> None:
+        self.api, self.sources = build_sources(self)
+
+    async def _start_sources(self) -> None:
+        if self.api is not None:
+            await self.api.start()
+        for s in self.sources:
+            if s is not self.api:
+                s.start()
+
+    async def _reload(self) -> None:
+        loop = asyncio.get_running_loop()
+        _log.info("SIGHUP: reloading the config and the bundle")
+        try:
+            new = await loop.run_in_executor(None, load_config, self.cfg.path)
+        except ConfigError as exc:
+            _log.error("reload refused, keeping the running config: %s", exc)
+            self.link.publish_event("reload-failed", {"reason": str(exc)})
+            return
+        old_model = self.cfg.model
+        self.cfg = new
+        if self.api is not None and new.api.enabled:
+            try:
+                self.api.replace_tokens(load_tokens(new))
+            except ConfigError as exc:
+                _log.error("reload: keeping the old API tokens: %s", exc)
+        if new.model != old_model:
+            self.trust, self.device_key, _ = load_keys(new)
+        ok = await loop.run_in_executor(None, self._load_model, True)
+        if ok:
+            self.reloads += 1
+            manifest = self.pipeline.manifest()
+            self.hooks.fire("reloaded", {"model": manifest.name if manifest is not None else None})
+            self.link.publish_event("reloaded", {"reloads": self.reloads})
+            if not self.sources and self.mode == "serve":
+                # The first valid model after a rejected one: serve now (the MQTT input topic, registered
+                # after the link connected, is subscribed on the link's next connect).
+                self._build_sources()
+                await self._start_sources()
+
+    def _control_reader(self) -> None:
+        """Lines from the supervisor on stdin: events to publish (restart, crash-loop)."""
+        for line in sys.stdin:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(msg, dict) and msg.get("t") == "event" and isinstance(msg.get("data"), dict):
+                self.link.publish_event(str(msg.get("kind")), msg["data"])
+
+    async def _shutdown(self) -> None:
+        loop = asyncio.get_running_loop()
+        _log.info("stopping: no new requests, finishing in-flight work")
+        if self.api is not None:
+            await self.api.stop()  # closes the listeners, then waits for in-flight requests
+        for s in self.sources:
+            if s is not self.api:
+                await loop.run_in_executor(None, s.stop)
+        self.pipeline.stop_accepting("stopping")
+        await loop.run_in_executor(None, self.pipeline.wait_idle, self.cfg.service.stop_timeout_s)
+        await loop.run_in_executor(None, self.link.stop)  # publishes the offline status
+        await loop.run_in_executor(None, self.outbox.close)
+        engine = self.pipeline.engine
+        if engine is not None:
+            engine.close()
+        _log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="edgeguard-worker")
+    ap.add_argument("-c", "--config", type=Path, required=True)
+    ap.add_argument("--mode", choices=("serve", "safe"), default="serve")
+    ap.add_argument("--liveness-fd", type=int, default=-1)
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("EDGEGUARD_LOG", "INFO"),
+        stream=sys.stderr,
+        format="edgeguard[worker %(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        cfg = load_config(args.config)
+        worker = Worker(config=cfg, mode=args.mode, liveness_fd=args.liveness_fd)
+        return asyncio.run(worker.run())
+    except EdgeGuardError as exc:
+        print(f"edgeguard worker: {exc}", file=sys.stderr)
+        return 3 if isinstance(exc, BundleRejected) else 2 if isinstance(exc, ConfigError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""The service's typed configuration: ``edgeguard.toml`` -> frozen dataclasses (docs/service.md lists every
+key).
+
+Only the service reads TOML; everything below it takes these typed objects. Unknown keys and wrong types are a
+``ConfigError`` naming the key (``sources.api.port: must be an integer, got '80'``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from edgeguard.errors import ConfigError
+from edgeguard.link._config import LinkConfig
+from edgeguard.outbox import OutboxConfig
+from edgeguard.sources import ApiConfig, BodyLimits, DirectoryConfig, SerialConfig
+
+from ._toml import build, load_toml
+
+__all__ = [
+    "ServiceConfig",
+    "DeviceSection",
+    "ModelSection",
+    "SupervisorSection",
+    "WatchdogSection",
+    "ApiSection",
+    "MqttInputSection",
+    "SerialSection",
+    "DirectorySection",
+    "load_config",
+    "parse_config",
+]
+
+_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+def _check(ok: bool, key: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {why}")
+
+
+def _seconds(v: float, key: str, lo: float, hi: float) -> None:
+    _check(math.isfinite(v) and lo <= v <= hi, key, f"must be {lo}..{hi} s")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceSection:
+    id: str
+    fleet: str = "default"
+    state_dir: Path = Path("/var/lib/edgeguard")
+
+    def __post_init__(self) -> None:
+        _check(bool(_ID.match(self.id)), "device.id", "1..64 of A-Z a-z 0-9 _ . -")
+        _check(bool(_ID.match(self.fleet)), "device.fleet", "1..64 of A-Z a-z 0-9 _ . -")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    bundle: Path
+    trust: tuple[Path, ...]
+    revocations: Path | None = None
+    device_key: Path | None = None
+    device_key_credential: str | None = None  # name under $CREDENTIALS_DIRECTORY (systemd LoadCredential=)
+    profile: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(len(self.trust) >= 1, "model.trust", "needs at least one publisher key")
+        _check(
+            (self.device_key is None) != (self.device_key_credential is None),
+            "model.device_key",
+            "give exactly one of device_key or device_key_credential",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SupervisorSection:
+    liveness_s: float = 1.0  # worker -> supervisor liveness period
+    hang_timeout_s: float = 10.0  # no liveness for this long => the worker is hung and is killed
+    start_timeout_s: float = 120.0  # verifying + self-testing a model may take a while on a small board
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    crash_loop_restarts: int = 5  # this many restarts ...
+    crash_loop_window_s: float = 300.0  # ... within this window => safe state
+    stop_timeout_s: float = 20.0
+    hooks_dir: Path | None = None
+    hook_timeout_s: float = 10.0
+    fault_injection: bool = False  # enables POST /v1/admin/fault (tests and bench only)
+
+    def __post_init__(self) -> None:
+        _seconds(self.liveness_s, "service.liveness_s", 0.05, 60)
+        _seconds(self.hang_timeout_s, "service.hang_timeout_s", 0.2, 3600)
+        _check(
+            self.hang_timeout_s >= 2 * self.liveness_s, "service.hang_timeout_s", "must be >= 2 x liveness_s"
+        )
+        _seconds(self.start_timeout_s, "service.start_timeout_s", 1, 3600)
+        _seconds(self.backoff_initial_s, "service.backoff_initial_s", 0.01, 600)
+        _seconds(self.backoff_max_s, "service.backoff_max_s", self.backoff_initial_s, 3600)
+        _check(1 <= self.crash_loop_restarts <= 1000, "service.crash_loop_restarts", "must be 1..1000")
+        _seconds(self.crash_loop_window_s, "service.crash_loop_window_s", 1, 86400)
+        _seconds(self.stop_timeout_s, "service.stop_timeout_s", 0.5, 600)
+        _seconds(self.hook_timeout_s, "service.hook_timeout_s", 0.1, 600)
+
+
+@dataclass(frozen=True, kw_only=True)
+class WatchdogSection:
+    systemd: bool = True  # use $NOTIFY_SOCKET / $WATCHDOG_USEC when systemd sets them
+    device: Path | None = None  # e.g. /dev/watchdog
+    device_timeout_s: int = 30
+    device_nowayout: Literal["auto", "on", "off"] = "auto"
+    mcu_port: str | None = None  # e.g. /dev/ttyACM0
+    mcu_baudrate: int = 115200
+    mcu_timeout_s: float = 30.0
+    recovery_grace_s: float = (
+        60.0  # keep kicking this long while the worker restarts; then let the board reset
+    )
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.device_timeout_s <= 3600, "watchdog.device_timeout_s", "must be 1..3600")
+        _seconds(self.mcu_timeout_s, "watchdog.mcu_timeout_s", 1, 3600)
+        _seconds(self.recovery_grace_s, "watchdog.recovery_grace_s", 0, 86400)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiSection:
+    enabled: bool = True
+    unix_socket: Path | None = None
+    host: str | None = "127.0.0.1"
+    port: int = 8780
+    allow_non_loopback: bool = False
+    tokens_file: Path | None = None
+    tokens_credential: str | None = None
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_elements: int = 4 * 1024 * 1024
+    max_in_flight: int = 32
+    infer_threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.enabled:
+            _check(
+                (self.tokens_file is None) != (self.tokens_credential is None),
+                "sources.api.tokens_file",
+                "give exactly one of tokens_file or tokens_credential",
+            )
+        try:
+            self.to_api_config()
+        except ValueError as exc:
+            raise ConfigError(f"sources.api: {exc}") from None
+
+    def to_api_config(self) -> ApiConfig:
+        return ApiConfig(
+            unix_socket=self.unix_socket,
+            host=self.host,
+            port=self.port,
+            allow_non_loopback=self.allow_non_loopback,
+            limits=BodyLimits(max_body_bytes=self.max_body_bytes, max_elements=self.max_elements),
+            max_in_flight=self.max_in_flight,
+            infer_threads=self.infer_threads,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class MqttInputSection:
+    enabled: bool = False
+    queue_size: int = 64
+    max_body_bytes: int = 256 * 1024  # at most link.inbound_max_bytes (the link drops larger messages first)
+    max_elements: int = 4 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.queue_size <= 10000, "sources.mqtt.queue_size", "must be 1..10000")
+        try:
+            self.limits()
+        except ValueError as exc:
+            raise ConfigError(f"sources.mqtt: {exc}") from None
+
+    def limits(self) -> BodyLimits:
+        return BodyLimits(max_body_bytes=self.max_body_bytes, max_elements=self.max_elements)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SerialSection:
+    enabled: bool = False
+    port: str = ""
+    baudrate: int = 115200
+    input: str | None = None
+    max_payload: int = 65536
+    reopen_min_s: float = 0.2
+    reopen_max_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.enabled:
+            try:
+                self.to_serial_config()
+            except ValueError as exc:
+                raise ConfigError(f"sources.serial: {exc}") from None
+
+    def to_serial_config(self) -> SerialConfig:
+        return SerialConfig(
+            port=self.port,
+            baudrate=self.baudrate,
+            input=self.input,
+            max_payload=self.max_payload,
+            reopen_min_s=self.reopen_min_s,
+            reopen_max_s=self.reopen_max_s,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DirectorySection:
+    enabled: bool = False
+    path: Path = Path("/var/lib/edgeguard/incoming")
+    poll_s: float = 0.5
+    settle_s: float = 1.0
+    max_file_bytes: int = 16 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        try:
+            self.to_directory_config()
+        except ValueError as exc:
+            raise ConfigError(f"sources.directory: {exc}") from None
+
+    def to_directory_config(self) -> DirectoryConfig:
+        return DirectoryConfig(
+            path=self.path, poll_s=self.poll_s, settle_s=self.settle_s, max_file_bytes=self.max_file_bytes
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceConfig:
+    path: Path  # the file it came from (SIGHUP re-reads it)
+    device: DeviceSection
+    model: ModelSection
+    service: SupervisorSection = field(default_factory=SupervisorSection)
+    watchdog: WatchdogSection = field(default_factory=WatchdogSection)
+    api: ApiSection = field(default_factory=lambda: ApiSection(enabled=False))
+    mqtt_input: MqttInputSection = field(default_factory=MqttInputSection)
+    serial: SerialSection = field(default_factory=SerialSection)
+    directory: DirectorySection = field(default_factory=DirectorySection)
+    outbox: OutboxConfig = field(default_factory=OutboxConfig)
+    link: LinkConfig = field(default_factory=LinkConfig)
+
+    @property
+    def outbox_path(self) -> Path:
+        return self.device.state_dir / "outbox"
+
+    @property
+    def supervisor_state_path(self) -> Path:
+        return self.device.state_dir / "supervisor.json"
+
+
+_TOP = ("device", "model", "service", "watchdog", "sources", "outbox", "link")
+_SOURCES = ("api", "mqtt", "serial", "directory")
+
+
+def parse_config(doc: dict[str, Any], *, path: Path) -> ServiceConfig:
+    for key in doc:
+        if key not in _TOP:
+            raise ConfigError(f"{key}: unknown section (known: {', '.join(_TOP)})")
+    for key in ("device", "model"):
+        if key not in doc:
+            raise ConfigError(f"{key}: section missing")
+    base = path.parent
+    device = build(DeviceSection, _paths(doc["device"], ("state_dir",), base), "device")
+    model = build(
+        ModelSection, _paths(doc["model"], ("bundle", "trust", "revocations", "device_key"), base), "model"
+    )
+    sources = doc.get("sources", {})
+    if not isinstance(sources, dict):
+        raise ConfigError("sources: must be a table")
+    for key in sources:
+        if key not in _SOURCES:
+            raise ConfigError(f"sources.{key}: unknown source (known: {', '.join(_SOURCES)})")
+    cfg = ServiceConfig(
+        path=path,
+        device=device,
+        model=model,
+        service=build(SupervisorSection, _paths(doc.get("service", {}), ("hooks_dir",), base), "service"),
+        watchdog=build(WatchdogSection, doc.get("watchdog", {}), "watchdog"),
+        api=build(
+            ApiSection,
+            _paths(sources.get("api", {"enabled": False}), ("unix_socket", "tokens_file"), base),
+            "sources.api",
+        ),
+        mqtt_input=build(MqttInputSection, sources.get("mqtt", {}), "sources.mqtt"),
+        serial=build(SerialSection, sources.get("serial", {}), "sources.serial"),
+        directory=build(
+            DirectorySection, _paths(sources.get("directory", {}), ("path",), base), "sources.directory"
+        ),
+        outbox=build(OutboxConfig, doc.get("outbox", {}), "outbox"),
+        link=build(
+            LinkConfig, _paths(doc.get("link", {}), ("ca_file", "client_cert", "client_key"), base), "link"
+        ),
+    )
+    if cfg.mqtt_input.enabled and cfg.mqtt_input.max_body_bytes > cfg.link.inbound_max_bytes:
+        raise ConfigError(
+            f"sources.mqtt.max_body_bytes: {cfg.mqtt_input.max_body_bytes} exceeds "
+            f"link.inbound_max_bytes ({cfg.link.inbound_max_bytes}); raise that too"
+        )
+    return cfg
+
+
+def _paths(table: Any, keys: tuple[str, ...], base: Path) -> Any:
+    """Relative paths in the config are relative to the config file, not to the working directory."""
+    if not isinstance(table, dict):
+        return table
+    out = dict(table)
+    for key in keys:
+        v = out.get(key)
+        if isinstance(v, str) and v and not v.startswith("/"):
+            out[key] = str(base / v)
+        elif isinstance(v, list):
+            out[key] = [str(base / x) if isinstance(x, str) and x and not x.startswith("/") else x for x in v]
+    return out
+
+
+def load_config(path: Path) -> ServiceConfig:
+    return parse_config(load_toml(path), path=path.resolve())
