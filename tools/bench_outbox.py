@@ -2,11 +2,12 @@
 
     python tools/bench_outbox.py [--results 20000] [--producers 64] [--backlog 1000000] [--payload 200]
 
-1. Durable enqueue. EdgeGuard: ``--producers`` threads each calling ``Outbox.put()`` (each call returns only
-   once its result is committed with an fsync: group commit batches concurrent callers), and one thread calling
-   ``put_many()`` with batches of 64. Raw: the same number of rows of the same size inserted with plain
-   ``sqlite3`` (WAL, ``synchronous=FULL``, one commit per batch of 64 rows, no encryption, no counters). Both
-   write to the same directory; runs are interleaved and the median of ``--reps`` is reported as a ratio.
+1. Durable enqueue. EdgeGuard: ``--producers`` threads each calling ``Outbox.put()`` (each call returns
+   only once its result is committed with an fsync: group commit batches concurrent callers), and one thread
+   calling ``put_many()`` with batches of 64. Raw: the same number of rows of the same size inserted with
+   plain ``sqlite3`` (WAL, ``synchronous=FULL``, one commit per batch of 64 rows, no encryption, no counters,
+   no index). Both write to the same directory; runs are interleaved, the median of ``--reps`` is reported
+   as a ratio.
 2. Start-up: an outbox holding ``--backlog`` results is closed, then reopened; we time opening until the first
    ``put()`` returned and the first ``peek()`` (what the link publishes first) came back.
 """
@@ -147,15 +148,22 @@ def main() -> None:
             eg.append(bench_put_threads(d, rows, args.producers))
             egm.append(bench_put_many(d, rows, args.batch))
         r, e, m = statistics.median(raw), statistics.median(eg), statistics.median(egm)
-        print(f"durable enqueue, {args.results} results of {args.payload} B, fsync per commit, median of {args.reps}")
-        print(f"  raw sqlite3, batches of {args.batch}:            {r:10.0f} results/s")
-        print(f"  EdgeGuard put(), {args.producers} producer threads:   {e:10.0f} results/s   ratio {e / r:.2f}x")
-        print(f"  EdgeGuard put_many({args.batch}), 1 thread:        {m:10.0f} results/s   ratio {m / r:.2f}x")
+        n, size = args.results, args.payload
+        print(f"durable enqueue, {n} results of {size} B, fsync per commit, median of {args.reps}")
+        label = f"sqlite3, batches of {args.batch}:"
+        print(f"  raw       {label:32s}{r:10.0f} results/s")
+        label = f"put(), {args.producers} threads:"
+        print(f"  EdgeGuard {label:32s}{e:10.0f} results/s   ratio {e / r:.2f}x")
+        label = f"put_many({args.batch}), 1 thread:"
+        print(f"  EdgeGuard {label:32s}{m:10.0f} results/s   ratio {m / r:.2f}x")
         if args.backlog:
             s = bench_startup(d, args.backlog, args.payload)
-            print(f"start-up with {args.backlog} queued results ({s['db_mb']:.0f} MB, filled in {s['fill_s']:.1f} s)")
-            print(f"  open {s['open_s'] * 1e3:.1f} ms, first put() durable {s['first_put_s'] * 1e3:.1f} ms, "
-                  f"first results ready to publish {s['ready_s'] * 1e3:.1f} ms")
+            mb, fill = s["db_mb"], s["fill_s"]
+            print(f"start-up with {args.backlog} queued results ({mb:.0f} MB, filled in {fill:.0f} s)")
+            print(
+                f"  open {s['open_s'] * 1e3:.1f} ms, first put() durable {s['first_put_s'] * 1e3:.1f} ms, "
+                f"first results ready to publish {s['ready_s'] * 1e3:.1f} ms"
+            )
     print(f"(machine: {os.cpu_count()} CPUs; figures are noisy on a shared machine: compare the ratios)")
 
 

@@ -1,33 +1,38 @@
 """The byte layout of a sealed bundle (``.egm``), shared by the packer and the single parser (``_open``).
 
-Nothing here reads untrusted bytes: it only defines constants, the limits and how nonces/AAD are built.
-The full description, with the reasons behind each choice, is in ``docs/bundle.md``.
+Nothing here reads untrusted bytes: it only defines constants, the limits, the arithmetic of the layout and
+how nonces/AAD are built. The full description, with the reasons behind each choice, is in ``docs/bundle.md``.
 
 Layout (all integers big-endian)::
 
     header     64 bytes   magic(8) version(u16) flags(u16) manifest_len(u32) body_len(u64)
-                          signer_key_id(8) body_sha256(32)
+                          signer_key_id(8) index_sha256(32)
     manifest   manifest_len bytes of UTF-8 JSON
-    signature  64 bytes   Ed25519 over header || manifest (the header carries the SHA-256 of the body,
-                          so the signature covers every byte of the file except itself)
+    signature  64 bytes   Ed25519 over header || manifest
     body       body_len bytes:
-                 wrapped keys   recipients x 80 bytes, HPKE(enc 32 || AES-256-GCM(content key) 48), in the
-                                manifest's recipient order
+                 index          wrapped keys: recipients x 80 bytes, HPKE(enc 32 || AES-256-GCM(key) 48)
+                                chunk table: 32 bytes per chunk, SHA-256(chunk ciphertext || tag), golden
+                                chunks then model chunks, in stream order
+                                (the header's index_sha256 is SHA-256 of these two parts together)
                  golden stream  chunks of the golden-vector .npz (may be empty)
                  model stream   chunks of the model
+
+The signature covers the header, so it covers SHA-256 of the index, which covers every wrapped key and the
+digest of every chunk at its position: every byte of the file except the signature itself.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 __all__ = ["BundleLimits"]
 
 MAGIC: Final = b"\x89EGM\r\n\x1a\n"  # PNG-style: a non-ASCII byte and CR/LF/EOF catch text-mode mangling
-FORMAT_VERSION: Final = 1
+FORMAT_VERSION: Final = 2  # 2: per-chunk digest table (one streaming pass); 1 hashed the whole body
 HEADER = struct.Struct(">8sHHIQ8s32s")
 HEADER_SIZE: Final = HEADER.size  # 64
 SIGNATURE_SIZE: Final = 64
@@ -35,19 +40,24 @@ KEY_ID_BYTES: Final = 8  # key ids are the first 8 bytes (16 hex) of SHA-256(raw
 CONTENT_KEY_SIZE: Final = 32
 WRAPPED_KEY_SIZE: Final = 80  # X25519 enc (32) + AES-256-GCM of a 32-byte key (32 + 16 tag)
 TAG_SIZE: Final = 16
-DEFAULT_CHUNK_SIZE: Final = 1 << 20
+DIGEST_SIZE: Final = 32  # one SHA-256 per chunk in the chunk table
+# 256 KiB measured as fast as 1 MiB (tools/bench_bundle.py) and keeps the per-thread scratch buffers of a
+# file open small: extra memory = model + threads x (chunk + tag).
+DEFAULT_CHUNK_SIZE: Final = 256 * 1024
 
 STREAM_GOLDEN: Final = 1
 STREAM_MODEL: Final = 2
 
 # Domain-separation labels: a value computed for one purpose can never be accepted for another.
-HPKE_INFO_LABEL: Final = b"edgeguard/egm/v1 content key\x00"
-AAD_LABEL: Final = b"edgeguard/egm/v1 chunk\x00"
+HPKE_INFO_LABEL: Final = b"edgeguard/egm/v2 content key\x00"
+AAD_LABEL: Final = b"edgeguard/egm/v2 chunk\x00"
+KEY_COMMITMENT_LABEL: Final = b"edgeguard/egm/v2 key commitment\x00"
 
 
 @dataclass(frozen=True, kw_only=True)
 class BundleLimits:
-    """Hard bounds on what a bundle may claim, checked before anything proportional to a claim is allocated.
+    """Hard bounds on what a bundle may claim, checked before anything proportional to a claim is allocated,
+    and on what opening one may use (threads).
 
     The defaults suit edge boards (a 512 MiB model is already more than a Raspberry Pi can run).
     """
@@ -58,6 +68,9 @@ class BundleLimits:
     max_golden_bytes: int = 32 * 1024 * 1024
     min_chunk_size: int = 1024
     max_chunk_size: int = 16 * 1024 * 1024
+    # Threads that hash and decrypt chunks at once (hashlib and GCM release the GIL); the number used is
+    # also bounded by the CPUs this process may run on. 1 = everything in the calling thread.
+    max_open_threads: int = 4
 
     def __post_init__(self) -> None:
         for name in ("max_manifest_bytes", "max_recipients", "max_model_bytes", "max_golden_bytes"):
@@ -67,14 +80,24 @@ class BundleLimits:
             raise ValueError("BundleLimits needs 16 <= min_chunk_size <= max_chunk_size <= 1 GiB")
         if self.max_manifest_bytes > 16 * 1024 * 1024:
             raise ValueError("BundleLimits.max_manifest_bytes must be <= 16 MiB")
+        if not 1 <= self.max_open_threads <= 64:
+            raise ValueError("BundleLimits.max_open_threads must be within [1, 64]")
 
     def max_body_bytes(self) -> int:
         """The largest body any bundle within these limits can have (worst case: smallest chunks)."""
-        return (
-            self.max_recipients * WRAPPED_KEY_SIZE
-            + stream_size(self.max_golden_bytes, self.min_chunk_size)
-            + stream_size(self.max_model_bytes, self.min_chunk_size)
-        )
+        return Layout(
+            recipients=self.max_recipients,
+            chunk_size=self.min_chunk_size,
+            golden_size=self.max_golden_bytes,
+            model_size=self.max_model_bytes,
+        ).body_len
+
+    def open_threads(self) -> int:
+        try:
+            cpus = len(os.sched_getaffinity(0))  # the CPUs this process may use (containers, taskset)
+        except AttributeError:  # not on Linux
+            cpus = os.cpu_count() or 1
+        return max(1, min(self.max_open_threads, cpus))
 
 
 def chunk_count(plain_size: int, chunk_size: int) -> int:
@@ -86,6 +109,63 @@ def stream_size(plain_size: int, chunk_size: int) -> int:
     return plain_size + chunk_count(plain_size, chunk_size) * TAG_SIZE
 
 
+@dataclass(frozen=True)
+class ChunkRef:
+    """Where chunk ``k`` of a bundle lives: its stream, index in that stream, final flag, offset of its
+    ciphertext from the start of the body, and the offset and size of its plaintext in its stream."""
+
+    stream: int
+    index: int
+    final: bool
+    body_offset: int
+    plain_offset: int
+    plain_size: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Layout:
+    """The body layout a (signed) manifest implies: every offset is computed, never read from the file."""
+
+    recipients: int
+    chunk_size: int
+    golden_size: int
+    model_size: int
+    # Derived once (``chunk`` runs for every chunk of every open).
+    golden_chunks: int = field(init=False)
+    chunks: int = field(init=False)
+    table_offset: int = field(init=False)
+    index_len: int = field(init=False)  # wrapped keys + chunk table: what the header's index_sha256 covers
+    body_len: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        def derive(name: str, value: int) -> None:
+            object.__setattr__(self, name, value)  # frozen: derived fields are set once, here
+
+        golden_stream = stream_size(self.golden_size, self.chunk_size)
+        derive("golden_chunks", chunk_count(self.golden_size, self.chunk_size))
+        derive("chunks", self.golden_chunks + chunk_count(self.model_size, self.chunk_size))
+        derive("table_offset", self.recipients * WRAPPED_KEY_SIZE)
+        derive("index_len", self.table_offset + self.chunks * DIGEST_SIZE)
+        derive("body_len", self.index_len + golden_stream + stream_size(self.model_size, self.chunk_size))
+
+    def chunk(self, k: int) -> ChunkRef:
+        """Chunk ``k`` of the body, counting golden chunks first (the order of the chunk table)."""
+        if k < self.golden_chunks:
+            stream, index, size, stream_start = STREAM_GOLDEN, k, self.golden_size, self.index_len
+        else:
+            stream, index, size = STREAM_MODEL, k - self.golden_chunks, self.model_size
+            stream_start = self.index_len + self.golden_size + self.golden_chunks * TAG_SIZE
+        plain_offset = index * self.chunk_size
+        return ChunkRef(
+            stream=stream,
+            index=index,
+            final=plain_offset + self.chunk_size >= size,
+            body_offset=stream_start + index * (self.chunk_size + TAG_SIZE),
+            plain_offset=plain_offset,
+            plain_size=min(self.chunk_size, size - plain_offset),
+        )
+
+
 def hpke_info(manifest_bytes: bytes) -> bytes:
     """HPKE ``info`` (RFC 9180 section 5.1): binds a wrapped key to exactly this bundle's signed manifest."""
     return HPKE_INFO_LABEL + hashlib.sha256(manifest_bytes).digest()
@@ -93,6 +173,14 @@ def hpke_info(manifest_bytes: bytes) -> bytes:
 
 def manifest_binding(manifest_bytes: bytes) -> bytes:
     return hashlib.sha256(manifest_bytes).digest()
+
+
+def key_commitment(content_key: bytes) -> str:
+    """Signed in the manifest so that every recipient provably unwraps the same content key: GCM is not
+    key-committing, so without it a publisher could wrap different keys for different devices and craft
+    chunks that authenticate under each, making one signed bundle decrypt to different models. A 256-bit
+    random key behind SHA-256 reveals nothing usable."""
+    return hashlib.sha256(KEY_COMMITMENT_LABEL + content_key).hexdigest()
 
 
 def chunk_nonce(stream: int, index: int, final: bool) -> bytes:

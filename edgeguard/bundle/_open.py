@@ -5,17 +5,22 @@ Checks run in a fixed order, each one before anything that depends on it (docs/b
 1. header: magic, version, and every claimed length against ``BundleLimits`` (nothing proportional to a claim
    is allocated before this);
 2. signer: the header's key id is not revoked and is in the trust store;
-3. signature: Ed25519 over header || manifest; the header carries SHA-256(body), so this covers every byte;
+3. signature: Ed25519 over header || manifest; the header carries SHA-256 of the index (wrapped keys and the
+   table of per-chunk ciphertext digests), so this covers every byte;
 4. manifest: strict JSON schema, lengths consistent with the file, sizes within limits;
 5. expiry, then the rollback floor for the model name;
 6. recipient: this device's key id is listed;
-7. body digest: SHA-256 of everything after the signature equals the signed one (before any decryption);
-8. unwrap the content key (HPKE, info bound to this manifest), decrypt every chunk straight into one
-   preallocated buffer (GCM; nonce and AAD bind stream, index and final flag), then compare the plaintext's
-   SHA-256 with the manifest. Only then is the buffer handed out and the rollback floor raised.
+7. index: read once, its SHA-256 equals the signed one;
+8. unwrap the content key (HPKE, info bound to this manifest) and check it against the signed key commitment;
+   then ONE pass over the chunks: each is read once into a private buffer, its SHA-256 compared with the
+   table, and only then that same buffer is decrypted (GCM; nonce and AAD bind stream, index and final flag)
+   straight into one preallocated plaintext buffer. Only then is the buffer handed out and the rollback
+   floor raised.
 
-Every failure is ``BundleRejected(check, detail)``. Functions reading data that is not yet authenticated are
-named ``_parse_unverified_*``; they are written to be safe on arbitrary bytes.
+Every byte is read from the source exactly once, and what is checked is what is used: a file rewritten while
+it is being opened cannot slip in bytes that were not checked. Every failure is ``BundleRejected(check,
+detail)``. Functions reading data that is not yet authenticated are named ``_parse_unverified_*``; they are
+written to be safe on arbitrary bytes.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import json
 import math
 import os
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -38,6 +44,7 @@ from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from edgeguard import __version__
+from edgeguard._memory import wipe
 from edgeguard.bundle import _format as fmt
 from edgeguard.bundle._golden import decode_golden
 from edgeguard.bundle._opened import OpenedBundle, VerifiedBundle
@@ -49,7 +56,7 @@ from edgeguard.keys import DeviceKey, TrustStore
 __all__ = ["OpenedBundle", "VerifiedBundle", "open_bundle", "verify_bundle", "inspect_bundle"]
 
 _HPKE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
-_HASH_BLOCK = 1 << 20
+_CHANGED = "bundle file changed while it was being read"
 
 
 @dataclass(frozen=True)
@@ -57,52 +64,70 @@ class _Header:
     manifest_len: int
     body_len: int
     signer_key_id: str
-    body_sha256: bytes
+    index_sha256: bytes
 
 
 class _Source:
-    """Bundle bytes in memory (zero-copy views) or in a file (read through a reusable scratch buffer, so
-    opening a file never holds the whole ciphertext in memory)."""
+    """Bundle bytes in memory or in a file, read so that every byte is read once and what is checked is
+    what is used.
+
+    ``bytes`` are immutable: chunks are zero-copy views of them. A file, or a mutable buffer someone else
+    may change meanwhile, is copied into a private buffer (``scratch``) first; the caller hashes and
+    decrypts that copy. Files are read with ``pread`` at explicit offsets, so several threads share one
+    descriptor without a shared file position.
+    """
 
     def __init__(self, source: Path | bytes | bytearray | memoryview) -> None:
         self._file: io.FileIO | None = None
         self._mem: memoryview | None = None
-        self.in_memory = False
+        self._lock = threading.Lock()  # seek + readinto where pread is missing
         if isinstance(source, (bytes, bytearray, memoryview)):
             self._mem = memoryview(source).cast("B")
             self.size = self._mem.nbytes
-            self.in_memory = True
+            self.needs_scratch = not isinstance(source, bytes)
         else:
             # A file that cannot be read is an I/O problem (OSError), not a verdict on the bundle.
-            # Unbuffered: every read goes to the file (no stale buffer between passes) and lands directly
-            # in the caller's buffer without an extra copy.
+            # Unbuffered: reads land directly in the caller's buffer without an extra copy.
             self._file = open(source, "rb", buffering=0)  # noqa: SIM115 - closed in close()
             self.size = os.fstat(self._file.fileno()).st_size
+            self.needs_scratch = True
 
-    def view(self, offset: int, n: int, scratch: bytearray | None = None) -> memoryview:
+    def read(self, offset: int, n: int) -> bytes:
+        """A private copy of ``n`` bytes (header, manifest, signature, index: bounded by the limits)."""
         if self._mem is not None:
-            return self._mem[offset : offset + n]
-        assert self._file is not None
-        buf = memoryview(scratch if scratch is not None else bytearray(n))[:n]
-        self._file.seek(offset)
-        got = 0
-        while got < n:
-            step = self._file.readinto(buf[got:])
-            if not step:  # the file shrank under us: treat like truncation
-                raise BundleRejected("integrity", "bundle file changed while it was being read")
-            got += step
+            if offset + n > self.size:
+                raise BundleRejected("malformed", "bundle is shorter than its header claims")
+            return bytes(self._mem[offset : offset + n])
+        buf = bytearray(n)
+        self._read_into(memoryview(buf), offset)
+        return bytes(buf)
+
+    def chunk(self, offset: int, n: int, scratch: bytearray | None) -> memoryview:
+        """``n`` bytes at ``offset`` that nobody else can change until the caller is done with them."""
+        assert self._mem is not None or scratch is not None
+        if scratch is None:
+            assert self._mem is not None
+            return self._mem[offset : offset + n]  # immutable bytes: a view is as good as a copy
+        buf = memoryview(scratch)[:n]
+        if self._mem is not None:
+            buf[:] = self._mem[offset : offset + n]
+        else:
+            self._read_into(buf, offset)
         return buf
 
-    def sha256(self, offset: int, n: int) -> bytes:
-        if self._mem is not None:
-            return hashlib.sha256(self._mem[offset : offset + n]).digest()
-        h, block = hashlib.sha256(), bytearray(min(n, _HASH_BLOCK))
-        while n > 0:
-            step = min(n, len(block))
-            h.update(self.view(offset, step, block))
-            offset += step
-            n -= step
-        return h.digest()
+    def _read_into(self, buf: memoryview, offset: int) -> None:
+        assert self._file is not None
+        got = 0
+        while got < len(buf):
+            if hasattr(os, "preadv"):
+                step = os.preadv(self._file.fileno(), [buf[got:]], offset + got)
+            else:  # pragma: no cover - platforms without preadv
+                with self._lock:
+                    self._file.seek(offset + got)
+                    step = self._file.readinto(buf[got:]) or 0
+            if not step:  # the file shrank under us: treat like truncation
+                raise BundleRejected("integrity", _CHANGED)
+            got += step
 
     def close(self) -> None:
         if self._file is not None:
@@ -111,14 +136,16 @@ class _Source:
             self._mem.release()
 
 
-def _parse_unverified_header(raw: bytes | memoryview, total_size: int, limits: fmt.BundleLimits) -> _Header:
+def _parse_unverified_header(raw: bytes, total_size: int, limits: fmt.BundleLimits) -> _Header:
     if total_size < fmt.HEADER_SIZE:
         raise BundleRejected("malformed", f"{total_size} bytes is too short for a bundle")
-    magic, version, flags, manifest_len, body_len, kid, body_sha = fmt.HEADER.unpack(raw)
+    magic, version, flags, manifest_len, body_len, kid, index_sha = fmt.HEADER.unpack(raw)
     if magic != fmt.MAGIC:
         raise BundleRejected("malformed", "not an EdgeGuard bundle (bad magic)")
     if version != fmt.FORMAT_VERSION:
-        raise BundleRejected("unsupported", f"bundle format version {version} (this runtime reads 1)")
+        raise BundleRejected(
+            "unsupported", f"bundle format version {version} (this runtime reads {fmt.FORMAT_VERSION})"
+        )
     if flags != 0:
         raise BundleRejected("unsupported", f"unknown header flags {flags:#06x}")
     if manifest_len > limits.max_manifest_bytes:
@@ -133,7 +160,7 @@ def _parse_unverified_header(raw: bytes | memoryview, total_size: int, limits: f
         )
     if total_size < fmt.HEADER_SIZE + manifest_len + fmt.SIGNATURE_SIZE:
         raise BundleRejected("malformed", "bundle is shorter than its header, manifest and signature")
-    return _Header(manifest_len, body_len, bytes(kid).hex(), bytes(body_sha))
+    return _Header(manifest_len, body_len, bytes(kid).hex(), bytes(index_sha))
 
 
 def _bad(detail: str) -> NoReturn:
@@ -241,10 +268,10 @@ _MANIFEST_KEYS = frozenset(
         "min_runtime",
         "golden_count",
         "golden_size",
-        "golden_sha256",
         "golden_tolerance",
         "description",
         "bundle_id",
+        "key_commitment",
         "preprocess",
         "postprocess",
         "input_stats",
@@ -306,15 +333,15 @@ def _parse_unverified_manifest(raw: bytes, limits: fmt.BundleLimits) -> Manifest
         min_runtime=_str(d, "min_runtime", 32, r"\d+(\.\d+){0,2}"),
         golden_count=_int(d, "golden_count", 0, 10_000),
         golden_size=_int(d, "golden_size", 0, 2**62),
-        golden_sha256=_str(d, "golden_sha256", 64, _HEX64) if d.get("golden_size") else "",
         golden_tolerance=tolerance,
         description=_str(d, "description", 4096) if "description" in d else "",
         bundle_id=_str(d, "bundle_id", 32, _HEX32),
+        key_commitment=_str(d, "key_commitment", 64, _HEX64),
         **extras,
     )
 
 
-def _check_layout(header: _Header, m: Manifest, total_size: int, limits: fmt.BundleLimits) -> None:
+def _check_layout(header: _Header, m: Manifest, total_size: int, limits: fmt.BundleLimits) -> fmt.Layout:
     """The signed manifest's sizes must fit the limits and describe the signed body exactly."""
     if m.payload_size > limits.max_model_bytes:
         raise BundleRejected("too large", f"model of {m.payload_size} bytes exceeds {limits.max_model_bytes}")
@@ -332,21 +359,33 @@ def _check_layout(header: _Header, m: Manifest, total_size: int, limits: fmt.Bun
         raise BundleRejected("malformed", "golden_count and golden_size disagree")
     if m.publisher_key_id != header.signer_key_id:
         raise BundleRejected("malformed", "manifest names a different publisher key than the header")
-    expected = (
-        len(m.recipient_key_ids) * fmt.WRAPPED_KEY_SIZE
-        + fmt.stream_size(m.golden_size, m.chunk_size)
-        + fmt.stream_size(m.payload_size, m.chunk_size)
+    layout = fmt.Layout(
+        recipients=len(m.recipient_key_ids),
+        chunk_size=m.chunk_size,
+        golden_size=m.golden_size,
+        model_size=m.payload_size,
     )
-    if header.body_len != expected:
+    if header.body_len != layout.body_len:
         raise BundleRejected(
-            "malformed", f"body length {header.body_len} does not match the manifest ({expected})"
+            "malformed", f"body length {header.body_len} does not match the manifest ({layout.body_len})"
         )
     if total_size != fmt.HEADER_SIZE + header.manifest_len + fmt.SIGNATURE_SIZE + header.body_len:
         raise BundleRejected("integrity", "bundle is truncated or has trailing bytes")
+    return layout
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """Steps 1-7 passed: the signed manifest, the layout it implies and the authenticated index."""
+
+    verified: VerifiedBundle
+    layout: fmt.Layout
+    body_start: int
+    index: bytes  # wrapped keys || chunk table, read once and matched against the signed digest
 
 
 def _verify(
@@ -357,25 +396,21 @@ def _verify(
     now: datetime | None,
     limits: fmt.BundleLimits,
     device_key_id: str | None,
-) -> tuple[_Header, VerifiedBundle]:
-    head = src.view(0, min(src.size, fmt.HEADER_SIZE))  # 64 bytes at most
-    header = _parse_unverified_header(bytes(head), src.size, limits)
+) -> _Checked:
+    head = src.read(0, min(src.size, fmt.HEADER_SIZE))  # 64 bytes at most
+    header = _parse_unverified_header(head, src.size, limits)
     # Steps 2-3: trust, then the signature over header || manifest (bounded by the limit checked above).
+    # Each part is read once and only the copy that was verified is used afterwards.
     key = trust.signer(header.signer_key_id)
-    signed = bytes(src.view(0, fmt.HEADER_SIZE + header.manifest_len))
-    signature = bytes(src.view(fmt.HEADER_SIZE + header.manifest_len, fmt.SIGNATURE_SIZE))
+    manifest_bytes = src.read(fmt.HEADER_SIZE, header.manifest_len)
+    signature = src.read(fmt.HEADER_SIZE + header.manifest_len, fmt.SIGNATURE_SIZE)
     try:
-        key.verify(signature, signed)
+        key.verify(signature, head + manifest_bytes)
     except InvalidSignature:
         raise BundleRejected("signature", f"signature by {header.signer_key_id} does not verify") from None
-    # Files are read more than once: use only what the signature covered, and make sure the header it
-    # covered is the one parsed above (a file rewritten between the reads is refused here).
-    if _parse_unverified_header(signed[: fmt.HEADER_SIZE], src.size, limits) != header:
-        raise BundleRejected("integrity", "bundle file changed while it was being read")
-    manifest_bytes = signed[fmt.HEADER_SIZE :]
     # Step 4: from here on the manifest is the publisher's statement; still validated strictly.
     manifest = _parse_unverified_manifest(manifest_bytes, limits)
-    _check_layout(header, manifest, src.size, limits)
+    layout = _check_layout(header, manifest, src.size, limits)
     runtime = _version_tuple(__version__)
     # (0, 0, 0) is an uninstalled source tree (version unknown): it is the newest code, not the oldest.
     if runtime != (0, 0, 0) and _version_tuple(manifest.min_runtime) > runtime:
@@ -394,50 +429,92 @@ def _verify(
             raise BundleRejected(
                 "rollback", f"{manifest.name} v{manifest.version} is below this device's floor v{floor}"
             )
-    # Step 6: recipient (cheap) before the body digest (one pass over the file).
+    # Step 6: recipient (cheap) before reading anything proportional to the body.
     if device_key_id is not None and device_key_id not in manifest.recipient_key_ids:
         raise BundleRejected("not a recipient", f"bundle is not sealed for device key {device_key_id}")
-    # Step 7: SHA-256 of the body against the signed header, before any decryption.
-    body = src.sha256(fmt.HEADER_SIZE + header.manifest_len + fmt.SIGNATURE_SIZE, header.body_len)
-    if not hmac.compare_digest(body, header.body_sha256):
-        raise BundleRejected("integrity", "bundle body does not match its signed digest")
-    return header, VerifiedBundle(manifest, manifest_bytes, header.signer_key_id)
+    # Step 7: the index (wrapped keys + chunk table; its size follows from the signed, bounded manifest).
+    body_start = fmt.HEADER_SIZE + header.manifest_len + fmt.SIGNATURE_SIZE
+    index = src.read(body_start, layout.index_len)
+    if not hmac.compare_digest(hashlib.sha256(index).digest(), header.index_sha256):
+        raise BundleRejected("integrity", "wrapped keys or chunk table do not match the signed index digest")
+    return _Checked(VerifiedBundle(manifest, manifest_bytes, header.signer_key_id), layout, body_start, index)
 
 
-def _decrypt_stream(
-    src: _Source,
-    offset: int,
-    plain_size: int,
-    *,
-    chunk_size: int,
-    key: bytes,
-    binding: bytes,
-    stream: int,
-    out: memoryview,
-    scratch: bytearray | None,
-) -> int:
-    """Decrypt one chunked stream into ``out``; return the offset after it (caller wipes ``out`` on error)."""
-    count = fmt.chunk_count(plain_size, chunk_size)
-    for index in range(count):
-        final = index == count - 1
-        start = index * chunk_size
-        n = min(chunk_size, plain_size - start)
-        ct = src.view(offset, n + fmt.TAG_SIZE, scratch)
+class _ChunkPass:
+    """Step 8 (and the digest-only pass of ``verify_bundle``): every chunk is read once into a private
+    buffer, hashed, compared with the signed table and only then, from that same buffer, decrypted into its
+    place in the output. Several threads may take chunks in order from a shared counter; each owns one
+    scratch buffer, so extra memory is threads x (chunk + tag) whatever the model size."""
+
+    def __init__(
+        self,
+        src: _Source,
+        checked: _Checked,
+        *,
+        content_key: bytes | None,
+        outs: Mapping[int, memoryview],
+    ) -> None:
+        self._src, self._layout, self._start = src, checked.layout, checked.body_start
+        self._table = memoryview(checked.index)[checked.layout.table_offset :]
+        self._aes = None if content_key is None else algorithms.AES(content_key)
+        self._binding = fmt.manifest_binding(checked.verified.manifest_bytes)
+        self._outs = outs
+        self._lock = threading.Lock()
+        self._next = 0
+        self._failures: list[tuple[int, BaseException]] = []
+
+    def run(self, threads: int) -> None:
+        threads = max(1, min(threads, self._layout.chunks))
+        helpers = [threading.Thread(target=self._work, daemon=True) for _ in range(threads - 1)]
+        for t in helpers:
+            t.start()
+        self._work()  # the calling thread is one of the workers: 1 thread = no threads started at all
+        for t in helpers:
+            t.join()
+        if self._failures:
+            # Chunks are taken in order and every taken chunk is finished before the threads stop, so the
+            # smallest failing chunk is the first bad one, whatever the thread timing: a stable message.
+            raise min(self._failures, key=lambda f: f[0])[1]
+
+    def _work(self) -> None:
+        scratch = bytearray(self._layout.chunk_size + fmt.TAG_SIZE) if self._src.needs_scratch else None
+        while True:
+            with self._lock:
+                if self._failures or self._next >= self._layout.chunks:
+                    return
+                k, self._next = self._next, self._next + 1
+            try:
+                self._one(k, scratch)
+            except BaseException as exc:  # re-raised by run() in the calling thread
+                with self._lock:
+                    self._failures.append((k, exc))
+                return
+
+    def _one(self, k: int, scratch: bytearray | None) -> None:
+        c = self._layout.chunk(k)
+        n = c.plain_size
+        ct = self._src.chunk(self._start + c.body_offset, n + fmt.TAG_SIZE, scratch)
+        # hashlib releases the GIL on buffers this large, so threads hash in parallel.
+        expected = self._table[k * fmt.DIGEST_SIZE : (k + 1) * fmt.DIGEST_SIZE]
+        if not hmac.compare_digest(hashlib.sha256(ct).digest(), expected):
+            raise BundleRejected(
+                "integrity", f"chunk {c.index} of stream {c.stream} does not match its signed digest"
+            )
+        if self._aes is None:
+            return
         decryptor = Cipher(
-            algorithms.AES(key), modes.GCM(fmt.chunk_nonce(stream, index, final), bytes(ct[n:]))
+            self._aes, modes.GCM(fmt.chunk_nonce(c.stream, c.index, c.final), bytes(ct[n:]))
         ).decryptor()
-        decryptor.authenticate_additional_data(fmt.chunk_aad(binding, stream, index, final))
-        # update_into writes straight into the final buffer (no per-chunk copy); finalize() checks the tag
-        # before the caller may look at the buffer.
-        decryptor.update_into(ct[:n], out[start : start + n])
+        decryptor.authenticate_additional_data(fmt.chunk_aad(self._binding, c.stream, c.index, c.final))
+        # Decrypt the very bytes just hashed (``ct`` is private) straight into the final buffer: no second
+        # read, no copy. finalize() checks the tag before anyone may look at the buffer.
+        decryptor.update_into(ct[:n], self._outs[c.stream][c.plain_offset : c.plain_offset + n])
         try:
             decryptor.finalize()
         except InvalidTag:
             raise BundleRejected(
-                "integrity", f"chunk {index} of stream {stream} failed authentication"
+                "integrity", f"chunk {c.index} of stream {c.stream} failed authentication"
             ) from None
-        offset += n + fmt.TAG_SIZE
-    return offset
 
 
 def verify_bundle(
@@ -449,11 +526,12 @@ def verify_bundle(
     limits: fmt.BundleLimits | None = None,
     device_key: DeviceKey | None = None,
 ) -> VerifiedBundle:
-    """Steps 1-7 (everything but decryption). Never writes the rollback floor."""
+    """Steps 1-7 and every chunk's digest against the signed table (everything but decryption). Never
+    writes the rollback floor."""
     limits = limits or fmt.BundleLimits()
     src = _Source(source)
     try:
-        _, verified = _verify(
+        checked = _verify(
             src,
             trust=trust,
             state_dir=state_dir,
@@ -461,9 +539,26 @@ def verify_bundle(
             limits=limits,
             device_key_id=device_key.key_id if device_key else None,
         )
-        return verified
+        _ChunkPass(src, checked, content_key=None, outs={}).run(limits.open_threads())
+        return checked.verified
     finally:
         src.close()
+
+
+def _unwrap(checked: _Checked, device_key: DeviceKey) -> bytes:
+    m = checked.verified.manifest
+    slot = m.recipient_key_ids.index(device_key.key_id) * fmt.WRAPPED_KEY_SIZE
+    wrapped = checked.index[slot : slot + fmt.WRAPPED_KEY_SIZE]  # authenticated by step 7
+    try:
+        info = fmt.hpke_info(checked.verified.manifest_bytes)
+        key = _HPKE.decrypt(wrapped, device_key.private_key, info=info)
+    except (InvalidTag, ValueError):
+        raise BundleRejected("integrity", "content key does not unwrap with this device key") from None
+    if len(key) != fmt.CONTENT_KEY_SIZE:
+        raise BundleRejected("malformed", "content key has the wrong length")
+    if not hmac.compare_digest(fmt.key_commitment(key), m.key_commitment):
+        raise BundleRejected("integrity", "content key does not match the manifest's key commitment")
+    return key
 
 
 def open_bundle(
@@ -481,54 +576,21 @@ def open_bundle(
     limits = limits or fmt.BundleLimits()
     src = _Source(source)
     try:
-        header, v = _verify(
+        checked = _verify(
             src, trust=trust, state_dir=state_dir, now=now, limits=limits, device_key_id=device_key.key_id
         )
-        m = v.manifest
-        # Files are read through one reusable chunk buffer (bounded by limits.max_chunk_size); in-memory
-        # sources need none (zero-copy views).
-        scratch = None if src.in_memory else bytearray(m.chunk_size + fmt.TAG_SIZE)
-        offset = fmt.HEADER_SIZE + header.manifest_len + fmt.SIGNATURE_SIZE
-        slot = m.recipient_key_ids.index(device_key.key_id)
-        wrapped = bytes(src.view(offset + slot * fmt.WRAPPED_KEY_SIZE, fmt.WRAPPED_KEY_SIZE))
-        try:
-            content_key = _HPKE.decrypt(wrapped, device_key.private_key, info=fmt.hpke_info(v.manifest_bytes))
-        except (InvalidTag, ValueError):
-            raise BundleRejected("integrity", "content key does not unwrap with this device key") from None
-        if len(content_key) != fmt.CONTENT_KEY_SIZE:
-            raise BundleRejected("malformed", "content key has the wrong length")
-        offset += len(m.recipient_key_ids) * fmt.WRAPPED_KEY_SIZE
-        binding = fmt.manifest_binding(v.manifest_bytes)
+        m = checked.verified.manifest
+        content_key = _unwrap(checked, device_key)
         golden_buf = bytearray(m.golden_size)
         model = bytearray(m.payload_size)  # the one plaintext buffer, sized by the signed, bounded manifest
         try:
-            for stream, out in ((fmt.STREAM_GOLDEN, golden_buf), (fmt.STREAM_MODEL, model)):
-                offset = _decrypt_stream(
-                    src,
-                    offset,
-                    len(out),
-                    chunk_size=m.chunk_size,
-                    key=content_key,
-                    binding=binding,
-                    stream=stream,
-                    out=memoryview(out),
-                    scratch=scratch,
-                )
-            if not hmac.compare_digest(hashlib.sha256(model).hexdigest(), m.payload_sha256):
-                raise BundleRejected("integrity", "decrypted model does not match the manifest's SHA-256")
-            # Both plaintext digests are signed: they make the second read of a file safe even against
-            # someone who rewrites it between the passes with a freshly wrapped key of their own.
-            if m.golden_size and not hmac.compare_digest(
-                hashlib.sha256(golden_buf).hexdigest(), m.golden_sha256
-            ):
-                raise BundleRejected(
-                    "integrity", "decrypted golden vectors do not match the manifest's SHA-256"
-                )
+            outs = {fmt.STREAM_GOLDEN: memoryview(golden_buf), fmt.STREAM_MODEL: memoryview(model)}
+            _ChunkPass(src, checked, content_key=content_key, outs=outs).run(limits.open_threads())
             golden = decode_golden(golden_buf, m, limits) if m.golden_size else ()
         except BaseException:
             # Unauthenticated or unwanted plaintext never leaves: zero both buffers before propagating.
-            memoryview(model)[:] = bytes(len(model))
-            memoryview(golden_buf)[:] = bytes(len(golden_buf))
+            wipe(model)
+            wipe(golden_buf)
             raise
         opened = OpenedBundle(m, model, golden, state_dir)
         if commit_floor:
@@ -547,10 +609,8 @@ def inspect_bundle(source: Path | bytes, *, limits: fmt.BundleLimits | None = No
     limits = limits or fmt.BundleLimits()
     src = _Source(source)
     try:
-        header = _parse_unverified_header(
-            bytes(src.view(0, min(src.size, fmt.HEADER_SIZE))), src.size, limits
-        )
-        manifest = _parse_unverified_manifest(bytes(src.view(fmt.HEADER_SIZE, header.manifest_len)), limits)
+        header = _parse_unverified_header(src.read(0, min(src.size, fmt.HEADER_SIZE)), src.size, limits)
+        manifest = _parse_unverified_manifest(src.read(fmt.HEADER_SIZE, header.manifest_len), limits)
         return {
             "signature_checked": False,
             "signer_key_id": header.signer_key_id,

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeguard._memory import wipe
 from edgeguard.bundle._rollback import RollbackFloor
 from edgeguard.bundle.manifest import GoldenSample, Manifest
+from edgeguard.errors import BundleRejected
 
 __all__ = ["OpenedBundle", "VerifiedBundle"]
 
 
 @dataclass(frozen=True)
 class VerifiedBundle:
-    """Header, manifest, signature and body digest checked; nothing decrypted."""
+    """Header, manifest, signature, index digest and every chunk's digest checked; nothing decrypted."""
 
     manifest: Manifest
     manifest_bytes: bytes
@@ -39,7 +43,21 @@ class OpenedBundle:
     def wipe(self) -> None:
         """Overwrite the plaintext with zeros (best effort; see the class docstring)."""
         if self.model:
-            memoryview(self.model)[:] = bytes(len(self.model))
+            wipe(self.model)
+
+    def verify_payload_digest(self) -> None:
+        """Compare SHA-256 of the plaintext with the manifest's ``payload_sha256`` (one more pass over the
+        model, ~4x the cost of decrypting it on CPUs with AES instructions); on a mismatch wipe the model
+        and raise ``BundleRejected("integrity")``.
+
+        ``open_bundle`` does not need this for integrity: every plaintext byte was decrypted from a
+        ciphertext byte whose digest the publisher signed, under the key the publisher committed to. It
+        checks that the publisher's claimed identity of the model is true (docs/bundle.md, "Why opening
+        does not re-hash the plaintext"): audits, ``verify --deep``, or a background check after load.
+        """
+        if not hmac.compare_digest(hashlib.sha256(self.model).hexdigest(), self.manifest.payload_sha256):
+            self.wipe()
+            raise BundleRejected("integrity", "decrypted model does not match the manifest's SHA-256")
 
     def commit_rollback_floor(self) -> bool:
         """Raise this model name's rollback floor to this version; True when it moved. Idempotent."""

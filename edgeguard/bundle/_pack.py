@@ -8,7 +8,6 @@ bundle that a device would reject as malformed.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -115,18 +114,40 @@ def _iso(t: datetime) -> str:
     return t.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _seal_stream(
-    aead: AESGCM, data: bytes, *, chunk_size: int, binding: bytes, stream: int, out: io.BytesIO
-) -> None:
+def _seal_stream(aead: AESGCM, data: bytes, *, chunk_size: int, binding: bytes, stream: int) -> list[bytes]:
+    """The chunks of one stream, each ciphertext || 16-byte tag."""
     count = fmt.chunk_count(len(data), chunk_size)
     view = memoryview(data)
+    chunks = []
     for index in range(count):
         final = index == count - 1
         piece = view[index * chunk_size : (index + 1) * chunk_size]
-        sealed = aead.encrypt(
-            fmt.chunk_nonce(stream, index, final), piece, fmt.chunk_aad(binding, stream, index, final)
+        chunks.append(
+            aead.encrypt(
+                fmt.chunk_nonce(stream, index, final), piece, fmt.chunk_aad(binding, stream, index, final)
+            )
         )
-        out.write(sealed)  # ciphertext || 16-byte tag
+    return chunks
+
+
+def assemble(
+    manifest_bytes: bytes, wrapped_keys: Sequence[bytes], chunks: Sequence[bytes], sign_key: PublisherKey
+) -> bytes:
+    """Header, manifest, signature and body around already sealed parts (``chunks``: golden stream then
+    model stream, in order). The chunk table and the index digest are computed here, from the chunks."""
+    index = b"".join(wrapped_keys) + b"".join(hashlib.sha256(c).digest() for c in chunks)
+    body_len = len(index) + sum(len(c) for c in chunks)
+    header = fmt.HEADER.pack(
+        fmt.MAGIC,
+        fmt.FORMAT_VERSION,
+        0,
+        len(manifest_bytes),
+        body_len,
+        bytes.fromhex(sign_key.key_id),
+        hashlib.sha256(index).digest(),
+    )
+    signature = sign_key.private_key.sign(header + manifest_bytes)
+    return b"".join([header, manifest_bytes, signature, index, *chunks])
 
 
 def pack_bundle(
@@ -198,6 +219,7 @@ def pack_bundle(
             )
     golden_bytes = encode_golden(samples) if samples else b""
     tol = meta.get("tolerance", {})
+    content_key = AESGCM.generate_key(bit_length=256)  # fresh per bundle (os.urandom inside)
     manifest = Manifest(
         format=model_format,
         name=name,
@@ -211,10 +233,9 @@ def pack_bundle(
         inputs=inputs,
         outputs=outputs,
         not_after=_iso(not_after) if not_after else None,
-        min_runtime=str(meta.get("min_runtime", "0.1.0")),  # the first runtime that reads format 1
+        min_runtime=str(meta.get("min_runtime", "0.1.0")),  # older runtimes refuse format 2 by its header
         golden_count=len(samples),
         golden_size=len(golden_bytes),
-        golden_sha256=hashlib.sha256(golden_bytes).hexdigest() if golden_bytes else "",
         golden_tolerance=_tolerance_from_meta(tol),
         preprocess=meta.get("preprocess"),
         postprocess=meta.get("postprocess"),
@@ -222,6 +243,7 @@ def pack_bundle(
         quantization=meta.get("quantization"),
         description=str(meta.get("description", "")),
         bundle_id=os.urandom(16).hex(),
+        key_commitment=fmt.key_commitment(content_key),
     )
     manifest_bytes = json.dumps(manifest.to_json(), separators=(",", ":"), sort_keys=True).encode("utf-8")
     try:  # the device's parser is the judge of what a valid manifest is
@@ -237,28 +259,14 @@ def pack_bundle(
     if len(model) > limits.max_model_bytes or len(golden_bytes) > limits.max_golden_bytes:
         raise ConfigError("model or golden vectors exceed the bundle size limits")
 
-    content_key = AESGCM.generate_key(bit_length=256)  # fresh per bundle (os.urandom inside)
-    body = io.BytesIO()
     info = fmt.hpke_info(manifest_bytes)
-    for r in recipients:
-        body.write(_HPKE.encrypt(content_key, r.public_key, info=info))
+    wrapped = [_HPKE.encrypt(content_key, r.public_key, info=info) for r in recipients]
     aead, binding = AESGCM(content_key), fmt.manifest_binding(manifest_bytes)
-    _seal_stream(
-        aead, golden_bytes, chunk_size=chunk_size, binding=binding, stream=fmt.STREAM_GOLDEN, out=body
-    )
-    _seal_stream(aead, model, chunk_size=chunk_size, binding=binding, stream=fmt.STREAM_MODEL, out=body)
-    body_bytes = body.getvalue()
-    header = fmt.HEADER.pack(
-        fmt.MAGIC,
-        fmt.FORMAT_VERSION,
-        0,
-        len(manifest_bytes),
-        len(body_bytes),
-        bytes.fromhex(sign_key.key_id),
-        hashlib.sha256(body_bytes).digest(),
-    )
-    signature = sign_key.private_key.sign(header + manifest_bytes)
-    return header + manifest_bytes + signature + body_bytes
+    chunks = [
+        *_seal_stream(aead, golden_bytes, chunk_size=chunk_size, binding=binding, stream=fmt.STREAM_GOLDEN),
+        *_seal_stream(aead, model, chunk_size=chunk_size, binding=binding, stream=fmt.STREAM_MODEL),
+    ]
+    return assemble(manifest_bytes, wrapped, chunks, sign_key)
 
 
 def read_model(path: Path) -> tuple[bytes, ModelFormat]:

@@ -70,7 +70,7 @@ class Manifest:
     name: str
     version: int
     created: str  # ISO 8601, UTC
-    payload_sha256: str  # hex digest of the plaintext model
+    payload_sha256: str  # hex digest of the plaintext model: its identity (heartbeats); see docs/bundle.md
     payload_size: int  # bytes of the plaintext model
     chunk_size: int  # plaintext bytes per AEAD chunk
     publisher_key_id: str
@@ -88,7 +88,8 @@ class Manifest:
     quantization: Mapping[str, Any] | None = None  # how the model was quantized, for reporting
     description: str = ""
     golden_size: int = 0  # bytes of the golden-vector .npz carried encrypted after the wrapped keys
-    golden_sha256: str = ""  # hex digest of that .npz ("" when there are no golden vectors)
+    # hex SHA-256 of a label and the content key: every recipient checks it unwrapped this same key
+    key_commitment: str = ""
     bundle_id: str = ""  # 32 random hex digits: makes every manifest (hashed into HPKE info and AAD) unique
 
     def to_json(self) -> dict[str, Any]:
@@ -109,10 +110,10 @@ class Manifest:
             "min_runtime": self.min_runtime,
             "golden_count": self.golden_count,
             "golden_size": self.golden_size,
-            "golden_sha256": self.golden_sha256,
             "golden_tolerance": self.golden_tolerance.to_json(),
             "description": self.description,
             "bundle_id": self.bundle_id,
+            "key_commitment": self.key_commitment,
         }
         for key in ("preprocess", "postprocess", "input_stats", "quantization"):
             value = getattr(self, key)

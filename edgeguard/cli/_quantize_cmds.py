@@ -200,8 +200,8 @@ def _show(report: Any, args: argparse.Namespace) -> None:
     metrics = next((c.agreements for c in report.candidates if c.agreements), ())
     out.print(f"calibration: {report.calibration}; input shapes: {report.input_shapes}; "
               f"opset {report.opset[0]} -> {report.opset[1]}; agreement = "
-              + ", ".join(f"{a.metric} ({a.kind})" for a in metrics))
+              + ", ".join(f"{a.metric} ({a.kind})" for a in metrics), soft_wrap=True, markup=False)
     out.print(table)
-    out.print(f"choice: {report.reason}")
+    out.print(f"choice: {report.reason}", soft_wrap=True, markup=False)
     if report.output:
-        out.print(f"wrote {report.output}")
+        out.print(f"wrote {report.output}", soft_wrap=True, markup=False)

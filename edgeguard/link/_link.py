@@ -1,10 +1,10 @@
 """The MQTT session: birth/LWT status, heartbeat, results from the outbox, events, inbound topics.
 
-One thread owns the paho client (paho's ``loop()`` driven by our loop instead of ``loop_start()``):
-connecting with our own jittered backoff and injectable clock, publishing, reading the outbox and handling
-acks all happen there, so no lock guards the client or the table of in-flight message ids, and nothing ever
-waits on paho's ``wait_for_publish`` (which can hang on a dropped connection). Producers only ever touch the
-outbox.
+Two threads: paho's network thread (``loop_start()``, with paho's own reconnecting switched off) reads and
+writes the socket and only hands facts over (CONNACK, PUBACK mids, disconnects); the link thread connects
+with our jittered backoff and injectable clock, reads the outbox, publishes, maps PUBACKs to results and
+removes them. The table of in-flight message ids belongs to the link thread alone, and nothing ever waits on
+paho's ``wait_for_publish`` (which can hang on a dropped connection). Producers only ever touch the outbox.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edgeguard.errors import LinkError
 from edgeguard.link._config import TOPIC_SEGMENT, Backoff, LinkConfig, LinkState
 from edgeguard.link._discovery import discovery_messages
-from edgeguard.outbox import Outbox
+from edgeguard.outbox import Outbox, OutboxItem
 
 __all__ = ["MqttLink"]
 
@@ -75,14 +75,25 @@ class MqttLink:
         # Link-thread-only state.
         self._connected = False
         self._connack: ReasonCode | None = None
+        self._dropped = False
+        self._network_running = False
+        self._wake = threading.Event()
+        self._puback: deque[tuple[int, bool]] = deque()  # (mid, refused) from paho's thread
+        self._wake_every = max(1, config.inflight_window // 2)
+        self._ahead = 2 * config.inflight_window  # results handed to paho: on the wire + queued behind them
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
-        self._acked: list[int] = []
         self._rejected_seqs: list[int] = []
         self._last_sent = -1
+        self._read_upto = -1  # newest seq read into _ready
+        self._ready: deque[OutboxItem] = deque()
+        self._read_ahead = min(512, max(64, 4 * config.inflight_window))
+        self._id_prefix = b'{"id":"' + outbox.device_id.encode() + b":"
         self._pause_until = 0.0
         self._next_attempt = 0.0
         self._next_heartbeat = 0.0
         self._paho_errors: list[str] = []
+        self._paho_log = logging.Logger(f"edgeguard.link.paho.{device_id}", logging.ERROR)
+        self._paho_log.addFilter(self._paho_error)
         self._started_at = clock()
         self._hb_seq = 0
         # Counters (read by state()).
@@ -166,8 +177,12 @@ class MqttLink:
             client_id=cfg.client_id or f"edgeguard-{self.fleet}-{self.device_id}",
             protocol=self._protocol,
             clean_session=None if v5 else False,
+            reconnect_on_failure=False,  # reconnecting is ours: jittered backoff, injectable clock, reasons
         )
-        client.max_inflight_messages_set(cfg.inflight_window + 16)  # results + status/events; we bound it
+        # paho puts at most inflight_window messages on the wire; we hand it up to twice that, so that each
+        # PUBACK releases the next publish inside paho's own read loop and the pipe never runs dry while we
+        # refill.
+        client.max_inflight_messages_set(cfg.inflight_window)
         client.max_queued_messages_set(0)
         client.connect_timeout = cfg.connect_timeout_s
         if cfg.username is not None:
@@ -191,30 +206,35 @@ class MqttLink:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
-        client.on_log = self._on_log
+        # Errors only, through a private logger: an on_log callback would make paho format a debug line for
+        # every packet (a measurable share of the drain rate).
+        client.enable_logger(self._paho_log)
         return client
 
-    def _on_log(self, _c: Any, _u: Any, level: int, msg: str) -> None:
-        if level == mqtt.MQTT_LOG_ERR and len(self._paho_errors) < 8:
-            self._paho_errors.append(msg)
+    def _paho_error(self, record: logging.LogRecord) -> bool:
+        if len(self._paho_errors) < 8:
+            self._paho_errors.append(record.getMessage())
+        return False  # recorded for the one-line reason; paho's own wording is not logged twice
 
+    # paho's network thread runs these: they only hand facts over to the link thread and wake it.
     def _on_connect(self, _c: Any, _u: Any, _flags: Any, rc: ReasonCode, _p: Any) -> None:
         self._connack = rc
+        self._wake.set()
 
     def _on_disconnect(self, _c: Any, _u: Any, _flags: Any, rc: ReasonCode, _p: Any) -> None:
         if self._connected:
             log.warning("link: disconnected from %s:%s (%s)", self.config.host, self.config.port, rc)
         self._connected = False
+        self._dropped = True
+        self._wake.set()
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, rc: ReasonCode, _p: Any) -> None:
-        seq = self._inflight.pop(mid, None)
-        if seq is None:
-            return
-        if rc.is_failure:  # MQTT 5 PUBACK with an error code: the broker did not take it; keep it queued
-            self._rejected += 1
-            self._rejected_seqs.append(seq)
-        else:
-            self._acked.append(seq)
+        # Runs with paho's message lock held: take no lock of ours (the link thread may be in publish()).
+        self._puback.append((mid, rc.is_failure))
+        # Wake the link thread once per half window, not per PUBACK: paho still holds the other half queued,
+        # so the pipe stays full, and the link does one refill per batch (the 50 ms tick takes the rest).
+        if len(self._puback) >= self._wake_every or rc.is_failure:
+            self._wake.set()
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         # The single entry of MQTT inbound data: strict topic match, size limit, never raise into paho.
@@ -241,6 +261,8 @@ class MqttLink:
         try:
             while not self._stop.is_set():
                 if not self._connected:
+                    self._stop_network()
+                    self._take_pubacks()
                     wait = self._next_attempt - self._clock()
                     if wait > 0:
                         self._stop.wait(min(wait, 0.25))
@@ -248,7 +270,9 @@ class MqttLink:
                     self._connect_once()
                     self._first_attempt.set()
                     continue
-                self._step(0.05)
+                self._wake.wait(0.05)
+                self._wake.clear()
+                self._step()
             self._goodbye()
         except Exception:  # a bug must not silently stop delivery: say so loudly, the supervisor restarts us
             log.exception("link thread failed")
@@ -257,18 +281,37 @@ class MqttLink:
         finally:
             self._first_attempt.set()
 
-    def _step(self, timeout: float) -> None:
+    def _stop_network(self) -> None:
+        # paho's thread ends by itself when the connection drops (reconnect_on_failure=False); join it.
+        if self._network_running and self._client is not None:
+            self._client.loop_stop()
+            self._network_running = False
+
+    def _take_pubacks(self) -> None:
+        # mids are registered by this thread right after publish() returns, and PUBACKs are looked up here,
+        # in the same thread, afterwards: a PUBACK can never miss its mid.
+        acked: list[int] = []
+        while self._puback:
+            mid, failed = self._puback.popleft()
+            seq = self._inflight.pop(mid, None)
+            if seq is None:
+                continue
+            if failed:  # MQTT 5 PUBACK with an error code: the broker did not take it; keep it queued
+                self._rejected += 1
+                self._rejected_seqs.append(seq)
+            else:
+                acked.append(seq)
+        if acked:
+            self._acked_n += len(acked)
+            self._outbox.ack(acked)
+
+    def _step(self) -> None:
         client = self._client
         assert client is not None
-        rc = client.loop(timeout=timeout)
-        if rc != mqtt.MQTT_ERR_SUCCESS or not self._connected:
-            self._connected = False
-            self._schedule_retry(f"connection to {self.config.host}:{self.config.port} lost ({rc})", "lost")
+        self._take_pubacks()
+        if not self._connected:
+            self._schedule_retry(f"connection to {self.config.host}:{self.config.port} lost", "lost")
             return
-        if self._acked:
-            self._acked_n += len(self._acked)
-            self._outbox.ack(self._acked)
-            self._acked = []
         self._pump(client)
         self._flush_events(client)
         if self._clock() >= self._next_heartbeat:
@@ -278,32 +321,44 @@ class MqttLink:
         if self._rejected_seqs and not self._inflight:
             # Resend from the first refused result after a pause, keeping order for what is still queued.
             self._last_sent = min(self._rejected_seqs) - 1
+            self._read_upto = self._last_sent
+            self._ready.clear()
             self._rejected_seqs = []
             self._pause_until = self._clock() + self._backoff.next_delay()
             self._error, self._error_kind = "broker refused a result (PUBACK error); retrying", "publish"
             self._next_heartbeat = min(self._next_heartbeat, self._clock())
             return
-        room = self.config.inflight_window - len(self._inflight)
+        room = self._ahead - len(self._inflight)
         if room <= 0 or self._rejected_seqs or self._clock() < self._pause_until:
             return
-        if self._outbox.last_seq <= self._last_sent:
-            return
+        if not self._ready and self._outbox.last_seq > self._read_upto:
+            # Read ahead of the window: one query and one decrypt pass per several acks, not per ack.
+            ahead = self._outbox.peek(after=self._read_upto, limit=self._read_ahead)
+            if ahead:
+                self._ready.extend(ahead)
+                self._read_upto = ahead[-1].seq
         topic = self.prefix + "results"
-        for item in self._outbox.peek(after=self._last_sent, limit=room):
-            envelope = (
-                b'{"id":'
-                + json.dumps(item.id).encode()
-                + b',"seq":'
-                + str(item.seq).encode()
-                + b',"kind":'
-                + json.dumps(item.kind).encode()
-                + b',"priority":'
-                + (b"true" if item.priority else b"false")
-                + b',"created":'
-                + repr(item.created).encode()
-                + b',"data":'
-                + item.payload
-                + b"}"
+        while room > 0 and self._ready:
+            item = self._ready.popleft()
+            room -= 1
+            # The id and kind come from checked charsets (no quoting needed); the result is JSON by contract.
+            seq = str(item.seq).encode()
+            envelope = b"".join(
+                (
+                    self._id_prefix,
+                    seq,
+                    b'","seq":',
+                    seq,
+                    b',"kind":"',
+                    item.kind.encode(),
+                    b'","priority":',
+                    b"true" if item.priority else b"false",
+                    b',"created":',
+                    repr(item.created).encode(),
+                    b',"data":',
+                    item.payload,
+                    b"}",
+                )
             )
             info = client.publish(topic, envelope, qos=1)
             self._inflight[info.mid] = item.seq
@@ -350,6 +405,7 @@ class MqttLink:
         if v5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = cfg.session_expiry_s
+        self._dropped = False
         try:
             client.connect(
                 cfg.host,
@@ -361,11 +417,19 @@ class MqttLink:
         except Exception as exc:
             self._schedule_retry(*self._classify_exception(exc))
             return
+        client.loop_start()
+        self._network_running = True
         deadline = self._clock() + cfg.connect_timeout_s
-        while self._read_connack() is None and self._clock() < deadline and not self._stop.is_set():
-            if client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
+        while self._read_connack() is None and not self._dropped and not self._stop.is_set():
+            left = deadline - self._clock()
+            if left <= 0:
                 break
+            self._wake.wait(min(left, 0.05))
+            self._wake.clear()
         rc = self._read_connack()
+        if rc is None or rc.is_failure:
+            client.disconnect()
+            self._stop_network()
         if rc is not None and not rc.is_failure:
             self._on_connected(client)
             return
@@ -451,12 +515,11 @@ class MqttLink:
         offline = json.dumps({"state": "offline", "device": self.device_id, "time": self._wall()}).encode()
         info = client.publish(self.prefix + "status", offline, qos=1, retain=True)
         deadline = self._clock() + self.config.stop_timeout_s
-        while not info.is_published() and self._clock() < deadline:
-            if client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
-                break
-            if self._acked:
-                self._outbox.ack(self._acked)
-                self._acked = []
-        client.disconnect()
-        client.loop(timeout=0.05)
+        while not info.is_published() and self._connected and self._clock() < deadline:
+            self._wake.wait(0.05)
+            self._wake.clear()
+            self._take_pubacks()
+        self._take_pubacks()
         self._connected = False
+        client.disconnect()  # unacknowledged results stay in the outbox and are sent again next time
+        self._stop_network()

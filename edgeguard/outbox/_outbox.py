@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -27,6 +27,8 @@ log = logging.getLogger("edgeguard.outbox")
 # lost (corrupt, or results only held in memory while the disk was full): a restart continues above the
 # reservation.
 _SEQ_BLOCK = 65_536
+# Ids go unescaped into JSON envelopes and into the AAD: the same charset as a topic level we build.
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _NONCE = 12
 
 
@@ -45,8 +47,8 @@ class Outbox:
     ) -> None:
         if len(storage_key) != 32:
             raise ValueError("storage_key must be 32 bytes (AES-256-GCM)")
-        if not device_id or any(c in device_id for c in "/+#\x00") or len(device_id) > 128:
-            raise ValueError(f"device_id {device_id!r} must be 1..128 characters without / + # NUL")
+        if not _DEVICE_ID.match(device_id):
+            raise ValueError(f"device_id {device_id!r} must be 1..64 of [A-Za-z0-9_.-]")
         self.path = Path(path)
         self.config = config or OutboxConfig()
         self.device_id = device_id
@@ -72,6 +74,7 @@ class Outbox:
         self._events: deque[dict[str, Any]] = deque(maxlen=256)
         self._closing = False
         self._closed = False
+        self._busy = False  # a commit is running (the committer thread or a leading producer)
         self._store = self._open_store()
         self._next_seq = max(self._store.meta["next_seq"], self._read_reserved())
         self._reserved = self._next_seq
@@ -154,8 +157,23 @@ class Outbox:
                 self._pending.append((seq, prio, kind, now, expires, len(blob), blob))
                 ids.append(rid)
             last = self._next_seq - 1
-            # One private lock per waiting producer, released by the committer when its results are stored:
-            # a commit wakes exactly the producers it served instead of every waiting thread.
+            # Group commit without a hand-off when nobody else is writing: this producer commits the pending
+            # batch itself (its own rows and whatever queued before). Otherwise it waits on a private lock,
+            # released by whoever commits its rows, so a commit wakes only the producers it served.
+            lead = not self._busy
+            if lead:
+                self._busy = True
+                batch, acks = self._take_batch()
+        if lead:
+            try:
+                self._commit(batch, acks)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+        with self._cond:
+            if self._done_seq >= last:
+                return ids
             waiter = threading.Lock()
             waiter.acquire()
             self._waiters.append((last, waiter))
@@ -220,19 +238,23 @@ class Outbox:
     def ack(self, seqs: Iterable[int]) -> None:
         """The broker has the results: remove them (applied with the next commit; never blocks)."""
         with self._cond:
-            for s in seqs:
-                row = self._memory.pop(s, None)
-                if row is not None:
-                    self._memory_bytes -= row[5]
-                else:
-                    self._acks.append(s)
-            self._cond.notify_all()
+            if not self._memory:
+                self._acks.extend(seqs)
+            else:
+                for s in seqs:
+                    row = self._memory.pop(s, None)
+                    if row is not None:
+                        self._memory_bytes -= row[5]
+                    else:
+                        self._acks.append(s)
+            if len(self._acks) >= 256:  # otherwise the committer's 50 ms timer picks them up
+                self._cond.notify_all()
 
     def wait_idle(self, timeout: float = 5.0) -> bool:
         """Wait until pending results and acks are written (tests, orderly shutdown)."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while (self._pending or self._acks) and not self._alarm:
+            while (self._pending or self._acks or self._busy) and not self._alarm:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -314,29 +336,50 @@ class Outbox:
 
     # --------------------------------------------------------------------------------------------- committer
     def _committer(self) -> None:
+        # Commits what producers did not commit themselves (results that arrived while another commit ran),
+        # acks, expiry sweeps and retries of a full disk. ``_busy`` makes it and leading producers take turns.
         cfg = self.config
         while True:
             with self._cond:
-                while not (self._pending or self._acks or self._closing or self._corrupt_pending):
-                    self._cond.wait(timeout=1.0)
-                    if self._alarm or self._now() - self._last_expire >= 1.0:
+                while True:
+                    # Acks wait up to 50 ms to be removed together: deleting after every PUBACK would cost
+                    # one transaction per ack while draining a backlog.
+                    if not self._busy and (
+                        self._pending or len(self._acks) >= 256 or self._closing or self._corrupt_pending
+                    ):
+                        break
+                    self._cond.wait(timeout=0.05 if self._acks else 1.0)
+                    if not self._busy and (
+                        self._acks or self._alarm or self._now() - self._last_expire >= 1.0
+                    ):
                         break
                 final = self._closing and not self._pending and not self._acks
-            if final:
-                if self._memory:
-                    self._retry_at = 0.0
-                    self._commit([], [])  # last attempt to get memory-held results onto the disk
-                return
-            if cfg.commit_window_s and len(self._pending) < cfg.max_batch and not self._closing:
-                time.sleep(cfg.commit_window_s)  # let concurrent producers join this commit
-            with self._cond:
-                n = min(len(self._pending), cfg.max_batch)
-                batch = [self._pending.popleft() for _ in range(n)]
-                acks, self._acks = self._acks, []
-                if self._corrupt_pending:
-                    self._corrupt_pending = False
-                    self._recover_corrupt("read failed")
-            self._commit(batch, acks)
+                self._busy = True
+            try:
+                if final:
+                    if self._memory:
+                        self._retry_at = 0.0
+                        self._commit([], [])  # last attempt to get memory-held results onto the disk
+                    return
+                if cfg.commit_window_s and len(self._pending) < cfg.max_batch and not self._closing:
+                    time.sleep(cfg.commit_window_s)  # let concurrent producers join this commit
+                with self._cond:
+                    batch, acks = self._take_batch()
+                self._commit(batch, acks)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _take_batch(self) -> tuple[list[Row], list[int]]:
+        # Caller holds the lock.
+        n = min(len(self._pending), self.config.max_batch)
+        batch = [self._pending.popleft() for _ in range(n)]
+        acks, self._acks = self._acks, []
+        if self._corrupt_pending:
+            self._corrupt_pending = False
+            self._recover_corrupt("read failed")
+        return batch, acks
 
     def _commit(self, batch: list[Row], acks: list[int]) -> None:
         now = self._now()
@@ -447,4 +490,5 @@ class Outbox:
 
 def _aad(rid: str, kind: str, prio: int) -> bytes:
     # Binds the ciphertext to its id and class: a row copied to another seq or class fails authentication.
-    return json.dumps([rid, kind, prio]).encode()
+    # rid and kind never hold NUL (checked charsets), so the encoding is unambiguous.
+    return f"{rid}\x00{kind}\x00{prio}".encode()

@@ -43,7 +43,6 @@ CREATE TABLE IF NOT EXISTS results (
     blob BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS results_class ON results (priority, seq);
-CREATE INDEX IF NOT EXISTS results_expires ON results (expires);
 """
 
 # (seq, priority, kind, created, expires, size, blob)
@@ -139,11 +138,7 @@ class Store:
                 meta["count"] -= len(sizes)
                 meta["bytes"] -= sum(sizes)
             if expire:
-                gone = c.execute("DELETE FROM results WHERE expires <= ? RETURNING size", (now,)).fetchall()
-                if gone:
-                    meta["count"] -= len(gone)
-                    meta["bytes"] -= sum(s for (s,) in gone)
-                    drops["expired"] = len(gone)
+                self._expire(meta, drops, now)
             self._enforce_bounds(meta, drops, max_count, max_bytes)
             meta["next_seq"] = max(meta["next_seq"], next_seq)
             for reason, n in drops.items():
@@ -160,6 +155,32 @@ class Store:
             raise
         self.meta = meta
         return drops
+
+    def _expire(self, meta: dict[str, int], drops: dict[str, int], now: float) -> None:
+        # A class has one TTL, so within a class `expires` grows with `seq`: walk the (priority, seq) index
+        # from the oldest and stop at the first live row (no index on `expires` to keep up on every insert).
+        for prio in (0, 1):
+            last = -1
+            n = b = 0
+            done = False
+            while not done:
+                chunk = self.w.execute(
+                    "SELECT seq, size, expires FROM results WHERE priority = ? AND seq > ? "
+                    "ORDER BY seq LIMIT 512",
+                    (prio, last),
+                ).fetchall()
+                if not chunk:
+                    break
+                for seq, size, expires in chunk:
+                    if expires > now:
+                        done = True
+                        break
+                    last, n, b = seq, n + 1, b + size
+            if n:
+                self.w.execute("DELETE FROM results WHERE priority = ? AND seq <= ?", (prio, last))
+                meta["count"] -= n
+                meta["bytes"] -= b
+                drops["expired"] = drops.get("expired", 0) + n
 
     def _enforce_bounds(
         self, meta: dict[str, int], drops: dict[str, int], max_count: int, max_bytes: int

@@ -97,6 +97,7 @@ class Supervisor:
         self._pending_repair: Failure | None = None
         self._pending_events: list[dict[str, Any]] = []
         self._ready_at: float | None = None
+        self._starting_since: float | None = None  # a worker process started and not yet ready
         self._alive: dict[str, Any] = {}
         self._last_alive = 0.0
         self._announced_ready = False
@@ -173,6 +174,8 @@ class Supervisor:
         )
         os.close(w)
         os.set_blocking(r, False)
+        if proc.stdin is not None:  # a hung worker must never block the supervisor on a full pipe
+            os.set_blocking(proc.stdin.fileno(), False)
         self.state.starts += 1
         self._save()
         _log.info("worker %d started (%s mode)", proc.pid, self.mode)
@@ -182,6 +185,7 @@ class Supervisor:
         proc, fd = self._spawn()
         started = self._clock()
         self._reset_worker_view(started)
+        self._starting_since = started
         buf = b""
         try:
             while True:
@@ -241,6 +245,7 @@ class Supervisor:
                     proc.stdin.close()
 
     def _reset_worker_view(self, now: float) -> None:
+        self._starting_since = None
         self._ready_at = None
         self._alive = {}
         self._last_alive = now
@@ -307,6 +312,12 @@ class Supervisor:
             since = self._recovery_since if self._recovery_since is not None else now
             if now - since <= self.grace:
                 return True, ""  # restarting within the grace period: the supervisor is handling it
+            starting = self._starting_since
+            if starting is not None and now - starting <= self.s.start_timeout_s:
+                return (
+                    True,
+                    "",
+                )  # a worker is verifying and self-testing its model (bounded by start_timeout_s)
             return False, f"worker not ready for {now - since:.0f} s"
         if now - self._last_alive > self.s.hang_timeout_s:
             return False, "worker liveness missing"

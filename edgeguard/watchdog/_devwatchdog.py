@@ -95,7 +95,8 @@ class DevWatchdog:
                 if self.nowayout:
                     _log.warning(
                         "watchdog %s has nowayout: the board resets in %s s unless the service restarts",
-                        self.path, self.timeout_s,
+                        self.path,
+                        self.timeout_s,
                     )
         except OSError as exc:
             _log.warning("watchdog %s: magic close failed: %s", self.path, exc)

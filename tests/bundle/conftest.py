@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import pytest
 
 from edgeguard.bundle import _format as fmt
 from edgeguard.bundle import pack_bundle
+from edgeguard.bundle._pack import assemble
 from edgeguard.keys import (
     DeviceKey,
     PublisherKey,
@@ -100,29 +100,60 @@ def tiny_bundle(party: Party, tiny_model: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class Parts:
+    """A bundle taken apart: its manifest, the wrapped keys and the sealed chunks (golden, then model)."""
+
     manifest: dict[str, Any]
-    body: bytes
+    wrapped: bytes
+    chunks: list[bytes]
+
+    @property
+    def golden_chunks(self) -> int:
+        return fmt.chunk_count(self.manifest["golden_size"], self.manifest["chunk_size"])
+
+    @property
+    def model_chunks(self) -> list[bytes]:
+        return self.chunks[self.golden_chunks :]
+
+    def with_model_chunks(self, chunks: list[bytes], **manifest: Any) -> Parts:
+        return Parts(
+            dict(self.manifest, **manifest), self.wrapped, self.chunks[: self.golden_chunks] + chunks
+        )
+
+
+def layout_of(manifest: dict[str, Any]) -> fmt.Layout:
+    return fmt.Layout(
+        recipients=len(manifest["recipient_key_ids"]),
+        chunk_size=manifest["chunk_size"],
+        golden_size=manifest["golden_size"],
+        model_size=manifest["payload_size"],
+    )
 
 
 def split(bundle: bytes) -> Parts:
-    manifest_len = int.from_bytes(bundle[12:16], "big")
-    start = fmt.HEADER_SIZE
-    manifest = json.loads(bundle[start : start + manifest_len])
-    return Parts(manifest, bundle[start + manifest_len + fmt.SIGNATURE_SIZE :])
+    start = body_offset(bundle)
+    manifest = json.loads(bundle[fmt.HEADER_SIZE : start - fmt.SIGNATURE_SIZE])
+    layout = layout_of(manifest)
+    chunks = []
+    for k in range(layout.chunks):
+        c = layout.chunk(k)
+        chunks.append(bundle[start + c.body_offset : start + c.body_offset + c.plain_size + fmt.TAG_SIZE])
+    return Parts(manifest, bundle[start : start + layout.table_offset], chunks)
 
 
 def body_offset(bundle: bytes) -> int:
     return fmt.HEADER_SIZE + int.from_bytes(bundle[12:16], "big") + fmt.SIGNATURE_SIZE
 
 
-def resign(manifest: dict[str, Any], body: bytes, key: PublisherKey) -> bytes:
-    """Build a correctly signed bundle around an arbitrary manifest and body: what an attacker holding a
-    trusted publisher key could do. Used to reach the layers behind the signature (AEAD, layout, limits)."""
-    raw = json.dumps(manifest, separators=(",", ":")).encode()
-    header = fmt.HEADER.pack(
-        fmt.MAGIC, 1, 0, len(raw), len(body), bytes.fromhex(key.key_id), hashlib.sha256(body).digest()
-    )
-    return header + raw + key.private_key.sign(header + raw) + body
+def index_digest(bundle: bytes) -> bytes:
+    return bytes(fmt.HEADER.unpack(bundle[: fmt.HEADER_SIZE])[6])
+
+
+def resign(parts: Parts, key: PublisherKey) -> bytes:
+    """Build a correctly signed bundle (chunk table and index digest recomputed) around arbitrary parts: what
+    an attacker holding a trusted publisher key but not the content key could do. Used to reach the layers
+    behind the signature (AEAD, key commitment, layout, limits)."""
+    raw = json.dumps(parts.manifest, separators=(",", ":")).encode()
+    return assemble(raw, [parts.wrapped], parts.chunks, key)
 
 
 Forge = Callable[[bytes, Callable[[Parts], Parts]], bytes]
@@ -131,8 +162,7 @@ Forge = Callable[[bytes, Callable[[Parts], Parts]], bytes]
 @pytest.fixture
 def forge(party: Party) -> Forge:
     def _forge(bundle: bytes, edit: Callable[[Parts], Parts]) -> bytes:
-        parts = edit(split(bundle))
-        return resign(parts.manifest, parts.body, party.publisher)
+        return resign(edit(split(bundle)), party.publisher)
 
     return _forge
 
@@ -144,26 +174,24 @@ def seal(
     *,
     key: PublisherKey,
     to: RecipientKey,
-    golden_sha256: str | None = None,
+    key_commitment: str | None = None,
 ) -> bytes:
     """Encrypt and sign exactly what it is given (a publisher that lies in its own manifest): reaches the
-    checks that only run after decryption (plaintext digest, golden vectors). ``golden_size`` is set from
-    ``golden``; ``golden_sha256`` too unless given (a lie on purpose)."""
-    import io
-
+    checks that only run during or after decryption (key commitment, plaintext digest, golden vectors).
+    ``golden_size`` and ``payload_size`` are set from the data; ``key_commitment`` too unless given."""
     from cryptography.hazmat.primitives import hpke
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     from edgeguard.bundle._pack import _seal_stream
 
-    manifest = dict(manifest, golden_size=len(golden))
-    manifest["golden_sha256"] = golden_sha256 or (hashlib.sha256(golden).hexdigest() if golden else "")
-    raw = json.dumps(manifest, separators=(",", ":")).encode()
     content_key = AESGCM.generate_key(bit_length=256)
+    manifest = dict(manifest, golden_size=len(golden), payload_size=len(model))
+    manifest["key_commitment"] = key_commitment or fmt.key_commitment(content_key)
+    raw = json.dumps(manifest, separators=(",", ":")).encode()
     suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
-    body = io.BytesIO()
-    body.write(suite.encrypt(content_key, to.public_key, info=fmt.hpke_info(raw)))
+    wrapped = suite.encrypt(content_key, to.public_key, info=fmt.hpke_info(raw))
     aead, binding = AESGCM(content_key), fmt.manifest_binding(raw)
+    chunks = []
     for stream, data in ((fmt.STREAM_GOLDEN, golden), (fmt.STREAM_MODEL, model)):
-        _seal_stream(aead, data, chunk_size=manifest["chunk_size"], binding=binding, stream=stream, out=body)
-    return resign(manifest, body.getvalue(), key)
+        chunks += _seal_stream(aead, data, chunk_size=manifest["chunk_size"], binding=binding, stream=stream)
+    return assemble(raw, [wrapped], chunks, key)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +15,7 @@ from edgeguard.bundle import BundleLimits, inspect_bundle, open_bundle, verify_b
 from edgeguard.bundle import _format as fmt
 from edgeguard.bundle._open import _MANIFEST_KEYS
 from edgeguard.errors import BundleRejected
-from tests.bundle.conftest import Party, resign, split
+from tests.bundle.conftest import Parts, Party, body_offset, index_digest, resign, split
 
 # Hypothesis warns that printing the bundle fixture in a failure report would be long; that is fine.
 pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")
@@ -109,14 +108,14 @@ def test_signed_manifest_with_arbitrary_field_values(
 ) -> None:
     """Even a signed manifest (a publisher's mistake) with any JSON in any field only gives BundleRejected."""
     parts = split(tiny_bundle)
-    forged = resign(dict(parts.manifest, **{key: value}), parts.body, party.publisher)
+    forged = resign(Parts(dict(parts.manifest, **{key: value}), parts.wrapped, parts.chunks), party.publisher)
     _only_rejected(forged, party)
 
 
 @FUZZ
 @given(raw=st.binary(max_size=2048) | st.text(max_size=512).map(str.encode))
 def test_signed_manifest_of_arbitrary_bytes(party: Party, tiny_bundle: bytes, raw: bytes) -> None:
-    body = split(tiny_bundle).body
+    body = tiny_bundle[body_offset(tiny_bundle) :]
     header = fmt.HEADER.pack(
         fmt.MAGIC,
         1,
@@ -124,7 +123,7 @@ def test_signed_manifest_of_arbitrary_bytes(party: Party, tiny_bundle: bytes, ra
         len(raw),
         len(body),
         bytes.fromhex(party.publisher.key_id),
-        hashlib.sha256(body).digest(),
+        index_digest(tiny_bundle),
     )
     forged = header + raw + party.publisher.private_key.sign(header + raw) + body
     if raw:
@@ -133,7 +132,7 @@ def test_signed_manifest_of_arbitrary_bytes(party: Party, tiny_bundle: bytes, ra
 
 def test_deeply_nested_signed_manifest(party: Party, tiny_bundle: bytes) -> None:
     raw = b"[" * 60000 + b"]" * 60000
-    body = split(tiny_bundle).body
+    body = tiny_bundle[body_offset(tiny_bundle) :]
     header = fmt.HEADER.pack(
         fmt.MAGIC,
         1,
@@ -141,7 +140,7 @@ def test_deeply_nested_signed_manifest(party: Party, tiny_bundle: bytes) -> None
         len(raw),
         len(body),
         bytes.fromhex(party.publisher.key_id),
-        hashlib.sha256(body).digest(),
+        index_digest(tiny_bundle),
     )
     forged = header + raw + party.publisher.private_key.sign(header + raw) + body
     _only_rejected(forged, party)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import tracemalloc
 from collections.abc import Callable
@@ -15,7 +17,17 @@ from edgeguard.bundle import BundleLimits, open_bundle, pack_bundle
 from edgeguard.bundle import _format as fmt
 from edgeguard.errors import BundleRejected
 from edgeguard.keys import TrustStore
-from tests.bundle.conftest import TINY_CHUNK, Forge, Parts, Party, body_offset, seal, split, tiny_onnx
+from tests.bundle.conftest import (
+    TINY_CHUNK,
+    Forge,
+    Parts,
+    Party,
+    body_offset,
+    layout_of,
+    seal,
+    split,
+    tiny_onnx,
+)
 
 
 def _check(bundle: bytes, party: Party, **kw: Any) -> str:
@@ -62,128 +74,119 @@ def test_thousand_random_payload_bit_flips(party: Party, tiny_bundle: bytes) -> 
         assert _check(bytes(data), party) == "integrity"
 
 
-def _chunks(parts: Parts) -> tuple[bytes, list[bytes], int]:
-    """(wrapped keys + golden stream, model chunks, model chunk size) of a bundle's body."""
-    m = parts.manifest
-    head = len(m["recipient_key_ids"]) * fmt.WRAPPED_KEY_SIZE + fmt.stream_size(
-        m["golden_size"], m["chunk_size"]
-    )
-    step = m["chunk_size"] + fmt.TAG_SIZE
-    model = parts.body[head:]
-    return parts.body[:head], [model[i : i + step] for i in range(0, len(model), step)], step
-
-
 def test_truncation_at_every_chunk_boundary_and_mid_chunk(
     party: Party, tiny_bundle: bytes, forge: Forge
 ) -> None:
+    parts = split(tiny_bundle)
+    layout = layout_of(parts.manifest)
     start = body_offset(tiny_bundle)
-    head, chunks, step = _chunks(split(tiny_bundle))
-    model_start = start + len(head)
-    assert len(chunks) >= 8
-    cuts = [model_start + k * step for k in range(len(chunks))] + [
-        model_start + k * step + 100 for k in range(len(chunks))
-    ]
-    cuts += [start, start + 5, len(tiny_bundle) - 1]
+    refs = [layout.chunk(k) for k in range(layout.chunks)]
+    assert sum(c.stream == fmt.STREAM_MODEL for c in refs) >= 8
+    cuts = [start + c.body_offset for c in refs] + [start + c.body_offset + 100 for c in refs]
+    cuts += [start, start + 5, start + layout.index_len - 1, len(tiny_bundle) - 1]
     for cut in cuts:
         assert _check(tiny_bundle[:cut], party) == "integrity", cut
-    # The AEAD layer alone (behind the signed digest) also refuses a stream cut at a chunk boundary: the
-    # last remaining chunk was sealed with final=0, so it does not authenticate as the final chunk.
-    import io
+    # Re-signed by a trusted publisher with a manifest claiming the shorter size: the wrapped key was bound
+    # to the original manifest (HPKE info) and no longer unwraps.
+    chunks = parts.model_chunks
+    shorter = forge(tiny_bundle, lambda p: p.with_model_chunks(chunks[:3], payload_size=3 * TINY_CHUNK))
+    with pytest.raises(BundleRejected, match="does not unwrap"):
+        open_bundle(shorter, trust=party.trust, device_key=party.device, state_dir=None)
 
+
+def _aead_layer(chunks: list[bytes], model_size: int, key: bytes, golden_size: int = 0) -> bytearray:
+    """Run the chunk pass alone, with a table that matches ``chunks``: what is left when the digests pass
+    (someone holding the content key and a trusted publisher key), so only GCM can refuse."""
+    from edgeguard.bundle._open import _Checked, _ChunkPass, _Source
+    from edgeguard.bundle._opened import VerifiedBundle
+    from edgeguard.bundle.manifest import Manifest
+
+    layout = fmt.Layout(recipients=0, chunk_size=1024, golden_size=golden_size, model_size=model_size)
+    table = b"".join(hashlib.sha256(c).digest() for c in chunks)
+    m = Manifest(
+        format="onnx",
+        name="t",
+        version=1,
+        created="",
+        payload_sha256="",
+        payload_size=model_size,
+        chunk_size=1024,
+        publisher_key_id="",
+        recipient_key_ids=(),
+    )
+    checked = _Checked(VerifiedBundle(m, b"manifest", ""), layout, 0, table)
+    golden, model = bytearray(golden_size), bytearray(model_size)
+    outs = {fmt.STREAM_GOLDEN: memoryview(golden), fmt.STREAM_MODEL: memoryview(model)}
+    _ChunkPass(_Source(table + b"".join(chunks)), checked, content_key=key, outs=outs).run(2)
+    return model
+
+
+def test_aead_layer_binds_final_flag_index_and_stream() -> None:
+    """Defence in depth behind the signed table: nonce and AAD bind stream, index and final flag."""
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-    from edgeguard.bundle._open import _decrypt_stream, _Source
     from edgeguard.bundle._pack import _seal_stream
 
-    key, binding, plain = AESGCM.generate_key(bit_length=256), b"b" * 32, bytes(range(256)) * 64
-    sealed = io.BytesIO()
-    _seal_stream(AESGCM(key), plain, chunk_size=1024, binding=binding, stream=2, out=sealed)
-    whole = sealed.getvalue()
-
-    def decrypt(data: bytes, size: int) -> bytearray:
-        out = bytearray(size)
-        _decrypt_stream(
-            _Source(data),
-            0,
-            size,
-            chunk_size=1024,
-            key=key,
-            binding=binding,
-            stream=2,
-            out=memoryview(out),
-            scratch=None,
-        )
-        return out
-
-    assert decrypt(whole, len(plain)) == plain
-    for k in range(1, 16):
-        with pytest.raises(BundleRejected, match=f"chunk {k - 1} of stream 2"):
-            decrypt(whole[: k * (1024 + 16)], k * 1024)
-    with pytest.raises(BundleRejected):  # a mid-chunk cut with a matching claimed size
-        decrypt(whole[: 3 * 1040 + 500], 3 * 1024 + 484)
-    with pytest.raises(BundleRejected):  # same bytes read as another stream
-        out = bytearray(len(plain))
-        _decrypt_stream(
-            _Source(whole),
-            0,
-            len(plain),
-            chunk_size=1024,
-            key=key,
-            binding=binding,
-            stream=1,
-            out=memoryview(out),
-            scratch=None,
-        )
+    key, plain = AESGCM.generate_key(bit_length=256), bytes(range(256)) * 64
+    binding = fmt.manifest_binding(b"manifest")
+    chunks = _seal_stream(AESGCM(key), plain, chunk_size=1024, binding=binding, stream=fmt.STREAM_MODEL)
+    assert _aead_layer(chunks, len(plain), key) == plain
+    for k in range(1, 16):  # cut at a boundary: the new last chunk was sealed with final = 0
+        with pytest.raises(BundleRejected, match=f"chunk {k - 1} of stream 2 failed authentication"):
+            _aead_layer(chunks[:k], k * 1024, key)
+    with pytest.raises(BundleRejected, match="chunk 3 of stream 2 failed authentication"):  # mid-chunk
+        _aead_layer([*chunks[:3], chunks[3][:500]], 3 * 1024 + 484, key)
+    with pytest.raises(BundleRejected, match="chunk 0 of stream 2 failed authentication"):  # reordered
+        _aead_layer([chunks[1], chunks[0], *chunks[2:]], len(plain), key)
+    with pytest.raises(BundleRejected, match="chunk 0 of stream 1 failed authentication"):  # other stream
+        _aead_layer(chunks, len(plain) - 1024, key, golden_size=1024)
+    other = _seal_stream(AESGCM(key), plain, chunk_size=1024, binding=b"x" * 32, stream=fmt.STREAM_MODEL)
+    with pytest.raises(BundleRejected, match="chunk 5 of stream 2 failed authentication"):  # other bundle
+        _aead_layer([*chunks[:5], other[5], *chunks[6:]], len(plain), key)
 
 
-def test_swapped_chunks(party: Party, tiny_bundle: bytes, forge: Forge) -> None:
-    head, chunks, _ = _chunks(split(tiny_bundle))
+@pytest.mark.parametrize("threads", [1, 4])
+def test_swapped_chunks(party: Party, tiny_bundle: bytes, forge: Forge, threads: int) -> None:
+    limits = BundleLimits(max_open_threads=threads)
+    parts = split(tiny_bundle)
+    chunks = parts.model_chunks
     swapped = [chunks[1], chunks[0], *chunks[2:]]
-    start = body_offset(tiny_bundle)
-    as_is = tiny_bundle[:start] + head + b"".join(swapped)
+    as_is = tiny_bundle[: len(tiny_bundle) - sum(map(len, chunks))] + b"".join(swapped)
     assert len(as_is) == len(tiny_bundle)
-    assert _check(as_is, party) == "integrity"  # signed body digest
-    resigned = forge(tiny_bundle, lambda p: Parts(p.manifest, head + b"".join(swapped)))
+    # The signed chunk table catches it, before anything is decrypted...
+    with pytest.raises(BundleRejected, match="chunk 0 of stream 2 does not match its signed digest"):
+        open_bundle(as_is, trust=party.trust, device_key=party.device, state_dir=None, limits=limits)
+    # ...and behind a re-signed table GCM does (the index is in the nonce and AAD). Both moved chunks fail;
+    # the first one is reported whatever the thread timing.
+    resigned = forge(tiny_bundle, lambda p: p.with_model_chunks(swapped))
     with pytest.raises(BundleRejected, match="chunk 0 of stream 2 failed authentication"):
-        open_bundle(resigned, trust=party.trust, device_key=party.device, state_dir=None)
-    # Moving a golden-stream chunk into the model stream fails too (stream id is in the nonce and AAD).
-    keys_len = fmt.WRAPPED_KEY_SIZE
-    golden_chunk = head[keys_len : keys_len + len(chunks[0])]
-    if len(golden_chunk) == len(chunks[0]):
-        mixed = forge(tiny_bundle, lambda p: Parts(p.manifest, head + golden_chunk + b"".join(chunks[1:])))
-        assert _check(mixed, party) == "integrity"
+        open_bundle(resigned, trust=party.trust, device_key=party.device, state_dir=None, limits=limits)
 
 
 def test_chunk_spliced_from_another_bundle_of_the_same_size(
     party: Party, tiny_model: bytes, forge: Forge
 ) -> None:
     now = datetime(2026, 1, 1, tzinfo=timezone.utc)  # same manifest length for both
-    a = pack_bundle(
-        tiny_model,
-        name="t",
-        version=1,
-        sign_key=party.publisher,
-        recipients=[party.recipient],
-        chunk_size=TINY_CHUNK,
-        now=now,
-    )
-    b = pack_bundle(
-        tiny_onnx(seed=9),
-        name="t",
-        version=1,
-        sign_key=party.publisher,
-        recipients=[party.recipient],
-        chunk_size=TINY_CHUNK,
-        now=now,
+    a, b = (
+        pack_bundle(
+            model,
+            name="t",
+            version=1,
+            sign_key=party.publisher,
+            recipients=[party.recipient],
+            chunk_size=TINY_CHUNK,
+            now=now,
+        )
+        for model in (tiny_model, tiny_onnx(seed=9))
     )
     assert len(a) == len(b)
-    head, chunks_a, _ = _chunks(split(a))
-    _, chunks_b, _ = _chunks(split(b))
+    chunks_a, chunks_b = split(a).model_chunks, split(b).model_chunks
     spliced = [chunks_a[0], chunks_b[1], *chunks_a[2:]]
-    start = body_offset(a)
-    assert _check(a[:start] + head + b"".join(spliced), party) == "integrity"
-    resigned = forge(a, lambda p: Parts(p.manifest, head + b"".join(spliced)))
-    with pytest.raises(BundleRejected, match="chunk 1 of stream 2"):
+    as_is = a[: len(a) - sum(map(len, chunks_a))] + b"".join(spliced)
+    with pytest.raises(BundleRejected, match="chunk 1 of stream 2 does not match its signed digest"):
+        open_bundle(as_is, trust=party.trust, device_key=party.device, state_dir=None)
+    resigned = forge(a, lambda p: p.with_model_chunks(spliced))
+    with pytest.raises(BundleRejected, match="chunk 1 of stream 2 failed authentication"):
         open_bundle(resigned, trust=party.trust, device_key=party.device, state_dir=None)
 
 
@@ -192,8 +195,8 @@ def test_wrapped_key_from_another_bundle_does_not_unwrap(
 ) -> None:
     a = pack_bundle(tiny_model, name="t", version=1, sign_key=party.publisher, recipients=[party.recipient])
     b = pack_bundle(tiny_model, name="t", version=1, sign_key=party.publisher, recipients=[party.recipient])
-    key_b = split(b).body[: fmt.WRAPPED_KEY_SIZE]
-    moved = forge(a, lambda p: Parts(p.manifest, key_b + p.body[fmt.WRAPPED_KEY_SIZE :]))
+    key_b = split(b).wrapped
+    moved = forge(a, lambda p: Parts(p.manifest, key_b, p.chunks))
     # HPKE info binds the key to b's manifest: it does not unwrap for a.
     with pytest.raises(BundleRejected, match="does not unwrap"):
         open_bundle(moved, trust=party.trust, device_key=party.device, state_dir=None)
@@ -260,9 +263,9 @@ def test_absurd_sizes_refused_before_allocation(party: Party, tiny_bundle: bytes
     huge_claims = [
         with_header(blen=2**63),
         with_header(mlen=2**32 - 1),
-        forge(tiny_bundle, lambda p: Parts(dict(p.manifest, payload_size=2**40), p.body)),
-        forge(tiny_bundle, lambda p: Parts(dict(p.manifest, golden_size=2**40), p.body)),
-        forge(tiny_bundle, lambda p: Parts(dict(p.manifest, chunk_size=2**30), p.body)),
+        forge(tiny_bundle, lambda p: Parts(dict(p.manifest, payload_size=2**40), p.wrapped, p.chunks)),
+        forge(tiny_bundle, lambda p: Parts(dict(p.manifest, golden_size=2**40), p.wrapped, p.chunks)),
+        forge(tiny_bundle, lambda p: Parts(dict(p.manifest, chunk_size=2**30), p.wrapped, p.chunks)),
     ]
     tracemalloc.start()
     try:
@@ -274,7 +277,9 @@ def test_absurd_sizes_refused_before_allocation(party: Party, tiny_bundle: bytes
     finally:
         tracemalloc.stop()
     many = [f"{i:016x}" for i in range(2000)]
-    forged = forge(tiny_bundle, lambda p: Parts(dict(p.manifest, recipient_key_ids=many), p.body))
+    forged = forge(
+        tiny_bundle, lambda p: Parts(dict(p.manifest, recipient_key_ids=many), p.wrapped, p.chunks)
+    )
     assert _check(forged, party) in ("malformed", "too large")
     small = BundleLimits(max_model_bytes=1000)
     assert _check(tiny_bundle, party, limits=small) == "too large"
@@ -305,41 +310,76 @@ def test_signed_but_inconsistent_manifest(
     edit: Callable[[dict[str, Any]], dict[str, Any]],
     check: str,
 ) -> None:
-    assert _check(forge(tiny_bundle, lambda p: Parts(edit(p.manifest), p.body)), party) == check
+    assert _check(forge(tiny_bundle, lambda p: Parts(edit(p.manifest), p.wrapped, p.chunks)), party) == check
 
 
-def test_manifest_lies_found_after_decryption(party: Party, tiny_bundle: bytes, tiny_model: bytes) -> None:
-    """A signed manifest whose digest or golden count does not match what was encrypted."""
+def test_manifest_lies(party: Party, other: Party, tiny_bundle: bytes, tiny_model: bytes) -> None:
+    """A signed manifest that does not describe what was encrypted (a publisher's mistake or lie)."""
     m = split(tiny_bundle).manifest
     golden = open_bundle(tiny_bundle, trust=party.trust, device_key=party.device, state_dir=None).golden
     from edgeguard.bundle._golden import encode_golden
 
     g = encode_golden(list(golden))
-    honest = seal(dict(m, golden_size=len(g)), tiny_model, g, key=party.publisher, to=party.recipient)
-    assert open_bundle(honest, trust=party.trust, device_key=party.device, state_dir=None).model == tiny_model
-    lie = seal(
-        dict(m, golden_size=len(g), payload_sha256="0" * 64),
-        tiny_model,
-        g,
-        key=party.publisher,
-        to=party.recipient,
-    )
-    with pytest.raises(BundleRejected, match="does not match the manifest's SHA-256"):
-        open_bundle(lie, trust=party.trust, device_key=party.device, state_dir=None)
-    lie = seal(
-        dict(m, golden_size=len(g), golden_count=2), tiny_model, g, key=party.publisher, to=party.recipient
-    )
+    honest = seal(m, tiny_model, g, key=party.publisher, to=party.recipient)
+    opened = open_bundle(honest, trust=party.trust, device_key=party.device, state_dir=None)
+    assert opened.model == tiny_model
+    opened.verify_payload_digest()  # the identity claim is true
+    # A false plaintext digest is not an integrity hole (every byte is authenticated on its way in) but a
+    # false identity: opening does not re-hash (docs/bundle.md), the explicit check finds it and wipes.
+    lie = seal(dict(m, payload_sha256="0" * 64), tiny_model, g, key=party.publisher, to=party.recipient)
+    opened = open_bundle(lie, trust=party.trust, device_key=party.device, state_dir=None)
+    with pytest.raises(BundleRejected, match="does not match the manifest's SHA-256") as exc:
+        opened.verify_payload_digest()
+    assert exc.value.check == "integrity" and not any(opened.model)
+    lie = seal(dict(m, golden_count=2), tiny_model, g, key=party.publisher, to=party.recipient)
     assert _check(lie, party) == "malformed"
-    lie = seal(m, tiny_model, g, key=party.publisher, to=party.recipient, golden_sha256="1" * 64)
-    with pytest.raises(BundleRejected, match="golden vectors do not match"):
-        open_bundle(lie, trust=party.trust, device_key=party.device, state_dir=None)
     junk = b"not a zip file at all"
-    lie = seal(dict(m, golden_size=len(junk)), tiny_model, junk, key=party.publisher, to=party.recipient)
+    lie = seal(m, tiny_model, junk, key=party.publisher, to=party.recipient)
     assert _check(lie, party) == "malformed"
+    lie = seal(m, tiny_model, g, key=party.publisher, to=party.recipient, key_commitment="1" * 64)
+    with pytest.raises(BundleRejected, match="key commitment"):
+        open_bundle(lie, trust=party.trust, device_key=party.device, state_dir=None)
 
 
+def test_recipients_cannot_be_given_different_content_keys(
+    party: Party, other: Party, tiny_model: bytes, forge: Forge
+) -> None:
+    """GCM is not key-committing: a publisher could wrap another key for one recipient and craft chunks
+    valid under both. The signed key commitment makes every recipient refuse any key but the committed one."""
+    from cryptography.hazmat.primitives import hpke
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    both = pack_bundle(
+        tiny_model,
+        name="t",
+        version=1,
+        sign_key=party.publisher,
+        recipients=[party.recipient, other.recipient],
+        chunk_size=TINY_CHUNK,
+    )
+    for p in (party, other):
+        assert open_bundle(both, trust=party.trust, device_key=p.device, state_dir=None).model == tiny_model
+    parts = split(both)
+    raw = json.dumps(parts.manifest, separators=(",", ":")).encode()
+    suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+    second = suite.encrypt(
+        AESGCM.generate_key(bit_length=256), other.recipient.public_key, info=fmt.hpke_info(raw)
+    )
+    forged = forge(both, lambda p: Parts(p.manifest, p.wrapped[: fmt.WRAPPED_KEY_SIZE] + second, p.chunks))
+    assert open_bundle(forged, trust=party.trust, device_key=party.device, state_dir=None).model == tiny_model
+    with pytest.raises(BundleRejected, match="key commitment"):
+        open_bundle(forged, trust=party.trust, device_key=other.device, state_dir=None)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
 def test_failed_open_wipes_buffer(
-    party: Party, tiny_bundle: bytes, tiny_model: bytes, monkeypatch: pytest.MonkeyPatch
+    *,
+    party: Party,
+    tiny_bundle: bytes,
+    tiny_model: bytes,
+    forge: Forge,
+    monkeypatch: pytest.MonkeyPatch,
+    threads: int,
 ) -> None:
     seen: list[bytearray] = []
 
@@ -351,15 +391,18 @@ def test_failed_open_wipes_buffer(
     import edgeguard.bundle._open as mod
 
     monkeypatch.setattr(mod, "bytearray", Spy, raising=False)
-    m = split(tiny_bundle).manifest
-    bad = seal(
-        dict(m, golden_size=0, golden_count=0, payload_sha256="0" * 64),
-        tiny_model,
-        b"",
-        key=party.publisher,
-        to=party.recipient,
-    )
-    assert _check(bad, party) == "integrity"
+    chunks = split(tiny_bundle).model_chunks
+    last = bytearray(chunks[-1])
+    last[0] ^= 1
+    bad = forge(tiny_bundle, lambda p: p.with_model_chunks([*chunks[:-1], bytes(last)]))
+    with pytest.raises(BundleRejected, match=f"chunk {len(chunks) - 1} of stream 2 failed authentication"):
+        open_bundle(
+            bad,
+            trust=party.trust,
+            device_key=party.device,
+            state_dir=None,
+            limits=BundleLimits(max_open_threads=threads),
+        )
     assert any(len(b) == len(tiny_model) for b in seen)  # the plaintext buffer was allocated and filled...
     assert all(not any(b) for b in seen)  # ...and zeroed before the error left open_bundle
 
@@ -387,25 +430,3 @@ def test_golden_npy_header_claiming_a_huge_array(party: Party, tiny_bundle: byte
         assert tracemalloc.get_traced_memory()[1] < 8 * 1024 * 1024
     finally:
         tracemalloc.stop()
-
-
-def test_file_rewritten_between_reads_is_refused(
-    party: Party, tiny_bundle: bytes, forge: Forge, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Someone swaps the file for another validly signed bundle right after its header was parsed."""
-    from edgeguard.bundle import _open
-
-    other = forge(tiny_bundle, lambda p: Parts(p.manifest, p.body[:-1] + bytes([p.body[-1] ^ 1])))
-    path = tmp_path / "b.egm"
-    path.write_bytes(tiny_bundle)
-    real_view = _open._Source.view
-
-    def view(self: _open._Source, offset: int, n: int, scratch: bytearray | None = None) -> memoryview:
-        out = real_view(self, offset, n, scratch)
-        if offset == 0 and n == fmt.HEADER_SIZE:
-            path.write_bytes(other)  # same length, same manifest, different signed body digest
-        return out
-
-    monkeypatch.setattr(_open._Source, "view", view)
-    with pytest.raises(BundleRejected, match="changed while it was being read"):
-        open_bundle(path, trust=party.trust, device_key=party.device, state_dir=None)

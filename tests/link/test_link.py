@@ -193,9 +193,9 @@ def test_broker_killed_midstream_and_restarted(
     try:
         t = produce(ob, 3000, acked)
         for cut in (800, 1800):
-            while len(acked) < cut:
-                time.sleep(0.01)
+            assert wait_until(lambda c=cut: link.state.acked >= c, 60)  # type: ignore[misc]
             restart_gated(broker, rec)
+            assert wait_until(lambda: link.state.connected, 30)
         t.join()
         res = Results(rec)
         res.wait_all(acked, acks=acks)

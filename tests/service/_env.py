@@ -206,7 +206,7 @@ backoff_max_s = 0.5
             **(env or {}),
         }
         full.pop("WATCHDOG_PID", None)
-        self.log = open(self.root / "service.log", "ab")
+        self.log = open(self.root / "service.log", "ab")  # noqa: SIM115 - open for the service's lifetime
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "edgeguard", "run", "-c", str(self.config)],
             env=full,
@@ -299,11 +299,8 @@ backoff_max_s = 0.5
                 self.proc.kill()
                 self.proc.wait(5)
         if self.notify is not None:
+            self.notifications()  # the last ones (STOPPING=1)
             sock, self.notify = self.notify, None
-            self.notify = sock
-            self.notifications()
-            self.notify = None
-            time.sleep(0.1)
             sock.close()
         self.log.close()
         return self.proc.returncode

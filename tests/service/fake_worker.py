@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 
 def main() -> int:
@@ -26,7 +27,7 @@ def main() -> int:
     a = ap.parse_args()
     behaviour = a.behaviour
     if a.count_file:  # behaviour per start: "crash-on-start" for the first N starts, then ok
-        n = int(open(a.count_file).read()) if os.path.exists(a.count_file) else 0
+        n = int(Path(a.count_file).read_text()) if os.path.exists(a.count_file) else 0
         with open(a.count_file, "w") as f:
             f.write(str(n + 1))
         first, _, rest = behaviour.partition(":")

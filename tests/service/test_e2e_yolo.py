@@ -110,11 +110,12 @@ def test_yolo_service_end_to_end(
             assert rec.wait_for(
                 lambda m: any(b'"restart"' in p and b"signal 9" in p for p in rec.on_topic("/events")), 20
             )
-            hb_ok = lambda m: any(
-                json.loads(p)["supervisor"]["restarts"] >= 1
-                for p in rec.on_topic("/heartbeat")
+            assert rec.wait_for(
+                lambda m: any(
+                    json.loads(p)["supervisor"]["restarts"] >= 1 for p in rec.on_topic("/heartbeat")
+                ),
+                10,
             )
-            assert rec.wait_for(hb_ok, 10)
             code, _ = dev.request("POST", "/v1/admin/reload", b"{}", token=ADMIN)
             assert code == 200
             assert dev.request("POST", "/v1/infer", png, token=INFER, ctype="image/png")[0] == 200

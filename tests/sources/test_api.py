@@ -261,3 +261,22 @@ def test_non_loopback_host_refused_unless_allowed() -> None:
         ApiConfig(host="0.0.0.0")
     assert ApiConfig(host="0.0.0.0", allow_non_loopback=True).host == "0.0.0.0"
     assert ApiConfig(host="::1").host == "::1"
+
+
+def test_busy_is_503_not_an_unbounded_queue(tmp_path: Path, sink: RecordingSink) -> None:
+    sink.delay = 0.5
+    cfg = ApiConfig(host="127.0.0.1", port=0, max_in_flight=2, infer_threads=2)
+    srv = Server(
+        ApiSource(
+            config=cfg, tokens=_tokens(tmp_path), sink=sink, specs=lambda: SPECS, health=lambda: {"ok": True}
+        )
+    )
+    try:
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            codes = list(pool.map(lambda i: _req(srv, "POST", "/v1/infer", GOOD)[0], range(6)))
+        assert codes.count(200) >= 2 and codes.count(503) >= 1 and set(codes) <= {200, 503}
+        assert srv.api.counts["503"] == codes.count(503)
+        sink.delay = 0.0
+        assert _req(srv, "POST", "/v1/infer", GOOD)[0] == 200
+    finally:
+        srv.stop()
