@@ -49,17 +49,26 @@ print(peak, len(opened.model))
 """
 
 
-def _interleaved(cases: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Median milliseconds per case; cases alternate within each repetition so load changes hit all alike."""
+def _interleaved(
+    cases: dict[str, Callable[[], object]], reps: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall milliseconds per case and median CPU/wall (all threads of this process: above 1 means
+    threads really ran at once); cases alternate within each repetition so load changes hit all alike."""
     times: dict[str, list[float]] = {name: [] for name in cases}
+    cpu: dict[str, list[float]] = {name: [] for name in cases}
     for fn in cases.values():
         fn()  # warm-up
     for _ in range(reps):
         for name, fn in cases.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) * 1000 for name, t in times.items()}
+            wall = time.perf_counter() - t0
+            times[name].append(wall)
+            cpu[name].append((time.process_time() - c0) / wall)
+    return (
+        {name: statistics.median(t) * 1000 for name, t in times.items()},
+        {name: statistics.median(c) for name, c in cpu.items()},
+    )
 
 
 def _memory(keys: Path, bundle: Path, mode: str, threads: int) -> tuple[int, int]:
@@ -112,7 +121,7 @@ def main() -> int:
         def opener(source: Path | bytes, lim: BundleLimits) -> Callable[[], object]:
             return lambda: open_bundle(source, trust=trust, device_key=device, state_dir=None, limits=lim)
 
-        times = _interleaved(
+        times, cpu = _interleaved(
             {
                 "raw AES-256-GCM decrypt": lambda: raw.decrypt(nonce, raw_ct, None),
                 "open_bundle(bytes)": opener(bundle, limits),
@@ -133,7 +142,7 @@ def main() -> int:
         f"{args.reps} interleaved reps, medians"
     )
     for name, ms in times.items():
-        print(f"  {name:<30} {ms:8.2f} ms  {size_mb / ms:6.2f} GB/s")
+        print(f"  {name:<30} {ms:8.2f} ms  {size_mb / ms:6.2f} GB/s  cpu/wall {cpu[name]:.2f}")
     result: dict[str, float] = {"model_bytes": len(model), "threads": threads, "chunk_size": args.chunk_size}
     for name in times:
         if name.startswith("open_bundle"):

@@ -41,9 +41,9 @@ CONTENT_KEY_SIZE: Final = 32
 WRAPPED_KEY_SIZE: Final = 80  # X25519 enc (32) + AES-256-GCM of a 32-byte key (32 + 16 tag)
 TAG_SIZE: Final = 16
 DIGEST_SIZE: Final = 32  # one SHA-256 per chunk in the chunk table
-# 256 KiB measured as fast as 1 MiB (tools/bench_bundle.py) and keeps the per-thread scratch buffers of a
-# file open small: extra memory = model + threads x (chunk + tag).
-DEFAULT_CHUNK_SIZE: Final = 256 * 1024
+# 512 KiB measured fastest for opening a 12 MB model from a file with 2 threads while the per-thread scratch
+# buffers stay within a tenth of the model (tools/bench_bundle.py, docs/bundle.md "Performance").
+DEFAULT_CHUNK_SIZE: Final = 512 * 1024
 
 STREAM_GOLDEN: Final = 1
 STREAM_MODEL: Final = 2

@@ -2,7 +2,7 @@
 
 Format: keys ``"<i>/in/<input name>"`` and ``"<i>/out/<output name>"`` for sample ``i = 0..N-1``.
 On the device, ``decode_golden`` only ever receives bytes that ``_open`` has already authenticated
-(signed body digest + GCM tags); it still bounds what it reads, because a signed file can be a mistake.
+(signed chunk digests + GCM tags); it still bounds what it reads, because a signed file can be a mistake.
 """
 
 from __future__ import annotations

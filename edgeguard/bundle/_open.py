@@ -464,7 +464,13 @@ class _ChunkPass:
         self._failures: list[tuple[int, BaseException]] = []
 
     def run(self, threads: int) -> None:
-        threads = max(1, min(threads, self._layout.chunks))
+        layout = self._layout
+        if self._src.needs_scratch:
+            # Each thread owns a scratch buffer: keep them within a tenth of the plaintext, so the extra
+            # peak memory of a file open stays <= 1.1x the model. This only limits threads for small models.
+            budget = (layout.golden_size + layout.model_size) // 10
+            threads = min(threads, budget // (layout.chunk_size + fmt.TAG_SIZE))
+        threads = max(1, min(threads, layout.chunks))
         helpers = [threading.Thread(target=self._work, daemon=True) for _ in range(threads - 1)]
         for t in helpers:
             t.start()

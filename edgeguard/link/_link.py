@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import ssl
 import threading
 import time
@@ -28,6 +27,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edgeguard.errors import LinkError
 from edgeguard.link._config import TOPIC_SEGMENT, Backoff, LinkConfig, LinkState
 from edgeguard.link._discovery import discovery_messages
+from edgeguard.link._inbound import InboundRouter
+from edgeguard.link._reasons import connect_error_reason, no_connack_reason
 from edgeguard.outbox import Outbox, OutboxItem
 
 __all__ = ["MqttLink"]
@@ -70,8 +71,7 @@ class MqttLink:
         self._first_attempt = threading.Event()
         self._lock = threading.Lock()  # the small shared state below (events, inbound table, counters)
         self._events: deque[bytes] = deque()
-        self._inbound: dict[str, tuple[Callable[[bytes], None], int]] = {}
-        self._resubscribe = False
+        self._inbound = InboundRouter(self.prefix, config.inbound_max_bytes)
         # Link-thread-only state.
         self._connected = False
         self._connack: ReasonCode | None = None
@@ -100,7 +100,7 @@ class MqttLink:
         self._error: str | None = None
         self._error_kind: str | None = None
         self._connects = self._attempts = self._published = self._acked_n = 0
-        self._rejected = self._inbound_dropped = self._events_dropped = 0
+        self._rejected = self._events_dropped = 0
 
     # ------------------------------------------------------------------------------------------ public face
     @property
@@ -116,7 +116,7 @@ class MqttLink:
             acked=self._acked_n,
             inflight=len(self._inflight),
             rejected=self._rejected,
-            inbound_dropped=self._inbound_dropped,
+            inbound_dropped=self._inbound.dropped,
             events_dropped=self._events_dropped,
         )
 
@@ -161,12 +161,7 @@ class MqttLink:
     ) -> None:
         """Deliver messages on exactly ``<prefix><topic_suffix>`` (no wildcards) to ``callback`` as raw bytes.
         Oversized messages and callback failures are logged, counted and dropped."""
-        if not all(TOPIC_SEGMENT.match(part) for part in topic_suffix.split("/")):
-            raise ValueError(f"inbound topic suffix {topic_suffix!r}: levels of [A-Za-z0-9_.-], no wildcards")
-        limit = min(max_bytes or self.config.inbound_max_bytes, self.config.inbound_max_bytes)
-        with self._lock:
-            self._inbound[self.prefix + topic_suffix] = (callback, limit)
-            self._resubscribe = True
+        self._inbound.add(topic_suffix, callback, max_bytes)
 
     # --------------------------------------------------------------------------------------------- the client
     def _make_client(self) -> mqtt.Client:
@@ -237,24 +232,7 @@ class MqttLink:
             self._wake.set()
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        # The single entry of MQTT inbound data: strict topic match, size limit, never raise into paho.
-        with self._lock:
-            entry = self._inbound.get(msg.topic)
-        if entry is None:
-            self._drop_inbound(msg.topic, "no handler for this topic")
-            return
-        callback, limit = entry
-        if len(msg.payload) > limit:
-            self._drop_inbound(msg.topic, f"{len(msg.payload)} bytes exceeds the {limit}-byte limit")
-            return
-        try:
-            callback(bytes(msg.payload))
-        except Exception as exc:
-            self._drop_inbound(msg.topic, f"handler failed: {type(exc).__name__}: {exc}")
-
-    def _drop_inbound(self, topic: str, why: str) -> None:
-        self._inbound_dropped += 1
-        log.warning("link: inbound message on %s dropped: %s", topic, why)
+        self._inbound.deliver(msg.topic, bytes(msg.payload))
 
     # ---------------------------------------------------------------------------------------------- the loop
     def _run(self) -> None:
@@ -312,6 +290,8 @@ class MqttLink:
         if not self._connected:
             self._schedule_retry(f"connection to {self.config.host}:{self.config.port} lost", "lost")
             return
+        for topic in self._inbound.topics(only_if_changed=True):  # a handler registered while connected
+            client.subscribe(topic, qos=1)
         self._pump(client)
         self._flush_events(client)
         if self._clock() >= self._next_heartbeat:
@@ -415,7 +395,7 @@ class MqttLink:
                 properties=props,
             )
         except Exception as exc:
-            self._schedule_retry(*self._classify_exception(exc))
+            self._schedule_retry(*connect_error_reason(exc, self.config))
             return
         client.loop_start()
         self._network_running = True
@@ -434,7 +414,7 @@ class MqttLink:
             self._on_connected(client)
             return
         if rc is None:
-            self._schedule_retry(*self._classify_no_connack())
+            self._schedule_retry(*no_connack_reason(self._paho_errors, tls=self.config.ca_file is not None))
             return
         if rc.value in _PROTOCOL_CODES and cfg.protocol == "auto" and v5 and not self._inflight:
             log.warning("link: broker refused MQTT 5 (%s); falling back to 3.1.1", rc)
@@ -447,37 +427,8 @@ class MqttLink:
         else:
             self._schedule_retry(f"broker refused the connection ({rc})", "refused")
 
-    def _classify_no_connack(self) -> tuple[str, str]:
-        # The TLS handshake succeeded on our side but the broker hung up before CONNACK. With TLS 1.3 that is
-        # how a broker refuses our client certificate (its alert arrives after the handshake completes).
-        tls_errors = [e for e in self._paho_errors if any(w in e.lower() for w in ("ssl", "alert", "certif"))]
-        if tls_errors:
-            return f"TLS: broker refused our client certificate ({tls_errors[0]})", "tls"
-        if self.config.ca_file is not None:
-            return "TLS: broker hung up after the handshake (client certificate refused?)", "tls"
-        why = self._paho_errors[0] if self._paho_errors else "no CONNACK within connect_timeout_s"
-        return f"connection closed before CONNACK ({why})", "protocol"
-
     def _read_connack(self) -> ReasonCode | None:
         return self._connack  # set by paho's callback inside loop(); a call stops mypy pinning it to None
-
-    def _classify_exception(self, exc: BaseException) -> tuple[str, str]:
-        where = f"{self.config.host}:{self.config.port}"
-        if isinstance(exc, socket.gaierror):
-            return f"cannot resolve broker host {self.config.host!r} ({exc.strerror})", "dns"
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            return f"TLS: broker certificate rejected ({exc.verify_message})", "tls"
-        if isinstance(exc, ssl.SSLError):
-            return f"TLS handshake with {where} failed ({exc.reason or exc})", "tls"
-        if isinstance(exc, (ConnectionResetError, BrokenPipeError)) and self.config.ca_file is not None:
-            return f"TLS: {where} closed the connection during the handshake (certificate refused?)", "tls"
-        if isinstance(exc, ConnectionRefusedError):
-            return f"connection refused by {where} (no broker listening?)", "refused"
-        if isinstance(exc, (TimeoutError, socket.timeout)):
-            return f"timed out connecting to {where}", "timeout"
-        if isinstance(exc, OSError):
-            return f"cannot connect to {where} ({exc.strerror or exc})", "network"
-        return f"cannot connect to {where} ({type(exc).__name__}: {exc})", "network"
 
     def _schedule_retry(self, reason: str | None, kind: str | None) -> None:
         if reason is not None:
@@ -496,10 +447,7 @@ class MqttLink:
         log.info("link: connected to %s:%s", self.config.host, self.config.port)
         birth = {"state": "online", "device": self.device_id, "fleet": self.fleet, "time": self._wall()}
         client.publish(self.prefix + "status", json.dumps(birth).encode(), qos=1, retain=True)
-        with self._lock:
-            topics = list(self._inbound)
-            self._resubscribe = False
-        for topic in topics:
+        for topic in self._inbound.topics():
             client.subscribe(topic, qos=1)
         if self.config.ha_discovery:
             for topic, payload in discovery_messages(

@@ -137,3 +137,28 @@ def test_open_threads_setting() -> None:
         BundleLimits(max_open_threads=65)
     assert BundleLimits(max_open_threads=1).open_threads() == 1
     assert 1 <= BundleLimits(max_open_threads=64).open_threads() <= 64
+
+
+def test_scratch_buffers_stay_within_a_tenth_of_the_model(
+    party: Party, tiny_bundle: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each thread of a file open owns one chunk-sized scratch buffer; for a small model (37 kB in 4 kB
+    chunks) a tenth of the model holds none of them beyond the first, so one thread does it all. Bytes
+    need no scratch and use the threads they are given."""
+    import threading
+
+    started: list[threading.Thread] = []
+
+    class Counting(threading.Thread):
+        def start(self) -> None:
+            started.append(self)
+            super().start()
+
+    monkeypatch.setattr(_open.threading, "Thread", Counting)
+    path = tmp_path / "b.egm"
+    path.write_bytes(tiny_bundle)
+    limits = BundleLimits(max_open_threads=4)
+    open_bundle(path, trust=party.trust, device_key=party.device, state_dir=None, limits=limits)
+    assert started == []
+    open_bundle(tiny_bundle, trust=party.trust, device_key=party.device, state_dir=None, limits=limits)
+    assert len(started) == min(4, limits.open_threads()) - 1

@@ -530,6 +530,12 @@ def test_inbound_strict_topic_size_limit_and_failing_handler(
         assert got == [b"hello"]
         assert link.state.inbound_dropped == 2
         Results(rec).wait_all([ob.put(b"{}")])  # still delivering
+        late: list[bytes] = []
+        link.on_inbound("input", late.append)  # registered while connected: subscribed at once
+        assert wait_until(lambda: not link._inbound.changed)
+        time.sleep(0.2)
+        pub.publish(PREFIX + "input", b"frame", qos=1)
+        assert wait_until(lambda: late == [b"frame"])
     finally:
         link.stop()
         ob.close()

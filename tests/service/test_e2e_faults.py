@@ -20,6 +20,7 @@ import numpy as np
 from edgeguard.sources.framing import encode_frame
 from tests.service._env import ADMIN, STATUS, Device, tiny_bundle
 from tests.support.broker import MosquittoBroker, Recorder
+from tests.watchdog.mcu_sim import McuSimulator
 
 GOOD = b'{"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}}'
 
@@ -35,11 +36,14 @@ def _events(rec: Recorder) -> list[dict]:
 def test_hang_and_stall_are_restarted_within_timeout(tmp_path: Path) -> None:
     with MosquittoBroker(tmp_path) as broker, Recorder(broker, "edgeguard/v1/#") as rec:
         dev = Device(root=tmp_path, broker=broker)
-        dev.provision(tiny_bundle(tmp_path))
+        wd = tmp_path / "watchdog"  # stand-in for /dev/watchdog (a regular file: no ioctls)
+        wd.write_bytes(b"")
+        dev.provision(tiny_bundle(tmp_path), extra=f'[watchdog]\ndevice = "{wd}"\ndevice_timeout_s = 3\n')
         dev.start()
         try:
             dev.wait_ready()
             assert dev.request("POST", "/v1/infer", GOOD)[0] == 200
+            dev.wait(lambda: wd.stat().st_size >= 3, 10, "/dev/watchdog keepalives")
             # A hang of the worker's event loop: liveness stops; restart within hang_timeout (2 s) + 2 s.
             old = dev.worker_pid()
             assert dev.request("POST", "/v1/admin/fault", b'{"kind": "hang"}', token=ADMIN)[0] == 200
@@ -78,6 +82,8 @@ def test_hang_and_stall_are_restarted_within_timeout(tmp_path: Path) -> None:
             assert '"event": "restart"' in hooks
         finally:
             assert dev.stop() == 0
+        kicks = wd.read_bytes()
+        assert kicks.endswith(b"V") and kicks.count(b"\0") >= 5  # keepalives, then the magic close
 
 
 def _quiet_request(dev: Device) -> None:
@@ -89,7 +95,14 @@ def _quiet_request(dev: Device) -> None:
 def test_crash_loop_enters_safe_state_and_keeps_reporting(tmp_path: Path) -> None:
     with MosquittoBroker(tmp_path) as broker, Recorder(broker, "edgeguard/v1/#") as rec:
         dev = Device(root=tmp_path, broker=broker)
-        dev.provision(tiny_bundle(tmp_path))
+        master, slave = os.openpty()
+        tty.setraw(master)
+        mcu = McuSimulator(master)  # the external watchdog's firmware, on a pty
+        mcu.start()
+        dev.provision(
+            tiny_bundle(tmp_path),
+            extra=f'[watchdog]\nmcu_port = "{os.ttyname(slave)}"\nmcu_timeout_s = 5.0\n',
+        )
         dev.start(env={"EDGEGUARD_FAULT": "crash-on-start"})
         try:
             # Three crashes with backoff 0.2, 0.4 s -> the safe state: a reporting-only worker is READY.
@@ -104,8 +117,15 @@ def test_crash_loop_enters_safe_state_and_keeps_reporting(tmp_path: Path) -> Non
             assert '"event": "crash-loop"' in (tmp_path / "hooks.log").read_text()
             time.sleep(1.0)
             assert json.loads((tmp_path / "state/supervisor.json").read_text())["starts"] == 4  # no thrashing
+            # The safe state keeps the board alive: the MCU keeps getting kicks and never resets it.
+            assert mcu.timeout_ms == 5000 and mcu.kicks >= 2 and mcu.board_resets == 0
         finally:
             assert dev.stop() == 0
+            mcu_disarmed = mcu.disarmed
+            mcu.stop()
+            os.close(master)
+            os.close(slave)
+        assert mcu_disarmed  # clean stop: DISARM
 
 
 def test_serial_frames_reload_and_rejected_bundle(tmp_path: Path) -> None:

@@ -1,0 +1,64 @@
+"""The MQTT inbound trust boundary: exact topic match, size limit, handler failures contained."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from edgeguard.link._config import TOPIC_SEGMENT
+
+__all__ = ["InboundRouter"]
+
+log = logging.getLogger("edgeguard.link")
+
+
+class InboundRouter:
+    """Maps exact topics to handlers. ``deliver`` runs on paho's network thread and never raises."""
+
+    def __init__(self, prefix: str, max_bytes: int) -> None:
+        self.prefix = prefix
+        self.max_bytes = max_bytes
+        self.dropped = 0
+        self._lock = threading.Lock()
+        self._routes: dict[str, tuple[Callable[[bytes], None], int]] = {}
+        self._changed = False
+
+    def add(self, suffix: str, callback: Callable[[bytes], None], max_bytes: int | None) -> None:
+        if not all(TOPIC_SEGMENT.match(part) for part in suffix.split("/")):
+            raise ValueError(f"inbound topic suffix {suffix!r}: levels of [A-Za-z0-9_.-], no wildcards")
+        limit = min(max_bytes or self.max_bytes, self.max_bytes)
+        with self._lock:
+            self._routes[self.prefix + suffix] = (callback, limit)
+            self._changed = True
+
+    def topics(self, *, only_if_changed: bool = False) -> list[str]:
+        """The topics to subscribe to (all of them, or none when nothing changed since the last call)."""
+        with self._lock:
+            if only_if_changed and not self._changed:
+                return []
+            self._changed = False
+            return list(self._routes)
+
+    @property
+    def changed(self) -> bool:
+        return self._changed
+
+    def deliver(self, topic: str, payload: bytes) -> None:
+        with self._lock:
+            entry = self._routes.get(topic)
+        if entry is None:
+            self._drop(topic, "no handler for this topic")
+            return
+        callback, limit = entry
+        if len(payload) > limit:
+            self._drop(topic, f"{len(payload)} bytes exceeds the {limit}-byte limit")
+            return
+        try:
+            callback(payload)
+        except Exception as exc:  # a bad message must never raise into paho's callback
+            self._drop(topic, f"handler failed: {type(exc).__name__}: {exc}")
+
+    def _drop(self, topic: str, why: str) -> None:
+        self.dropped += 1
+        log.warning("link: inbound message on %s dropped: %s", topic, why)
