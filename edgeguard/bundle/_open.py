@@ -444,7 +444,8 @@ class _ChunkPass:
     """Step 8 (and the digest-only pass of ``verify_bundle``): every chunk is read once into a private
     buffer, hashed, compared with the signed table and only then, from that same buffer, decrypted into its
     place in the output. Several threads may take chunks in order from a shared counter; each owns one
-    scratch buffer, so extra memory is threads x (chunk + tag) whatever the model size."""
+    scratch buffer (none for ``bytes``), so extra memory is threads x (chunk + tag), kept within a tenth
+    of the plaintext."""
 
     def __init__(
         self,
@@ -474,9 +475,13 @@ class _ChunkPass:
         helpers = [threading.Thread(target=self._work, daemon=True) for _ in range(threads - 1)]
         for t in helpers:
             t.start()
-        self._work()  # the calling thread is one of the workers: 1 thread = no threads started at all
-        for t in helpers:
-            t.join()
+        try:
+            self._work()  # the calling thread is one of the workers: 1 thread = no threads started at all
+        finally:
+            with self._lock:  # if the caller was interrupted, helpers start no new chunk
+                self._next = layout.chunks
+            for t in helpers:
+                t.join()  # nothing writes into the output after this (it may be wiped next)
         if self._failures:
             # Chunks are taken in order and every taken chunk is finished before the threads stop, so the
             # smallest failing chunk is the first bad one, whatever the thread timing: a stable message.

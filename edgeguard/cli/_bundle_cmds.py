@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeguard.bundle import (
+    DEFAULT_CHUNK_SIZE,
     TrustStore,
     inspect_bundle,
     load_golden_npz,
@@ -96,7 +97,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="FILE.json",
         help="inputs/outputs/preprocess/postprocess/input_stats/quantization/tolerance/description",
     )
-    p.add_argument("--chunk-size", type=int, default=1 << 20, help="plaintext bytes per AEAD chunk (1 MiB)")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK_SIZE,
+        help=f"plaintext bytes per AEAD chunk (default {DEFAULT_CHUNK_SIZE // 1024} KiB; "
+        "chunks are opened in parallel)",
+    )
     p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.egm")
     p.set_defaults(handler=_pack)
 
@@ -222,13 +229,17 @@ def _verify(args: argparse.Namespace) -> int:
             trust=trust,
             device_key=load_device_key(args.device_key),
             state_dir=args.state,
-            commit_floor=args.commit,
+            commit_floor=False,
         )
-        manifest, what = opened.manifest, "signature, digest and decryption"
+        # A verification tool can afford the extra pass: the plaintext must match the signed SHA-256 too.
+        opened.verify_payload_digest()
+        if args.commit:
+            opened.commit_rollback_floor()
+        manifest, what = opened.manifest, "signature, chunk digests, decryption and plaintext SHA-256"
         opened.wipe()
     else:
         manifest = verify_bundle(args.bundle, trust=trust, state_dir=args.state).manifest
-        what = "signature and digest (not decrypted: no --device-key)"
+        what = "signature and chunk digests (not decrypted: no --device-key)"
     if args.json:
         json.dump(manifest.to_json(), sys.stdout, indent=2)
         print()
@@ -246,6 +257,5 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-_trust_args = add_trust_args  # older name, kept for callers that still use it
 
 __all__ = ["register", "add_trust_args", "trust_from_args"]

@@ -30,7 +30,7 @@ from edgeguard.profiles import (
     read_board_facts,
 )
 
-from ._bundle_cmds import _trust_args, trust_from_args
+from ._bundle_cmds import add_trust_args, trust_from_args
 
 _RAW = argparse.RawDescriptionHelpFormatter
 _MAX_INPUT_BYTES = 256 * 1024 * 1024
@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser("infer", help="run one input through a sealed model", description=_INFER_HELP,
                        formatter_class=_RAW)
     p.add_argument("--bundle", required=True, type=Path, metavar="B", help="the sealed bundle (.egm)")
-    _trust_args(p)
+    add_trust_args(p)
     p.add_argument("--device-key", required=True, type=Path, metavar="KEY", help="device.key")
     _profile_arg(p)
     p.add_argument("--state", type=Path, metavar="DIR", help="state directory holding rollback floors")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from ._hooks import EVENT_KINDS, HookRunner
 from ._pipeline import Pipeline
 from ._run import build_chain, run_service
+from ._session import ServiceSession
 from ._state import SupervisorState, read_state, write_state
 from ._supervisor import Supervisor
 from .config import ServiceConfig, load_config, parse_config
@@ -17,6 +18,7 @@ __all__ = [
     "HookRunner",
     "Pipeline",
     "ServiceConfig",
+    "ServiceSession",
     "Supervisor",
     "SupervisorState",
     "build_chain",

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from edgeguard.bundle.manifest import TensorSpec
+from edgeguard.errors import ServiceUnavailable
 from edgeguard.sources import ApiSource, DirectorySource, MqttInputSource, SerialSource
 
 from ._loader import load_tokens
@@ -22,7 +23,10 @@ def build_sources(worker: Worker) -> tuple[ApiSource | None, list[Any]]:
 
     def specs() -> Sequence[TensorSpec]:
         m = pipeline.manifest()
-        return m.inputs if m is not None else ()
+        if m is None:
+            # No model (rejected bundle): sources answer 503 / keep files for later instead of refusing input.
+            raise ServiceUnavailable(pipeline.unavailable_reason or "not serving: no model")
+        return m.inputs
 
     sources: list[Any] = []
     api: ApiSource | None = None

@@ -153,8 +153,10 @@ class Worker:
         self.faults.check_start(self.mode)
         if self.mode == "serve":
             await loop.run_in_executor(None, self._load_model, False)
-        if self.mode == "serve" and self.pipeline.engine is not None:
-            self._build_sources()  # before the link starts: inbound topics are subscribed on connect
+        if self.mode == "serve":
+            # Before the link starts (inbound topics are subscribed on connect), and even without a valid
+            # model: the API then answers health requests and 503, the directory keeps its files.
+            self._build_sources()
         err = await loop.run_in_executor(None, self.link.start)
         if err is not None:
             _log.warning("MQTT link: %s (retrying in the background)", err)
@@ -246,9 +248,7 @@ class Worker:
             manifest = self.pipeline.manifest()
             self.hooks.fire("reloaded", {"model": manifest.name if manifest is not None else None})
             self.link.publish_event("reloaded", {"reloads": self.reloads})
-            if not self.sources and self.mode == "serve":
-                # The first valid model after a rejected one: serve now (the MQTT input topic, registered
-                # after the link connected, is subscribed on the link's next connect).
+            if not self.sources and self.mode == "serve":  # pragma: no cover - sources exist in serve mode
                 self._build_sources()
                 await self._start_sources()
 

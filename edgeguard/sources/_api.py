@@ -216,6 +216,8 @@ class ApiSource:
                 )
             except UnsupportedMediaType as exc:
                 return self._count(_error(415, str(exc)))
+            except ServiceUnavailable as exc:  # no model to parse against (not serving)
+                return self._count(_error(503, str(exc)))
             except InputRejected as exc:
                 return self._count(_error(400, str(exc)))
             loop = asyncio.get_running_loop()

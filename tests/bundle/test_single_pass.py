@@ -154,7 +154,7 @@ def test_scratch_buffers_stay_within_a_tenth_of_the_model(
             started.append(self)
             super().start()
 
-    monkeypatch.setattr(_open.threading, "Thread", Counting)
+    monkeypatch.setattr(threading, "Thread", Counting)
     path = tmp_path / "b.egm"
     path.write_bytes(tiny_bundle)
     limits = BundleLimits(max_open_threads=4)

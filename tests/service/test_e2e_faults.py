@@ -215,3 +215,31 @@ def test_bad_config_is_exit_2_naming_the_key(tmp_path: Path) -> None:
         timeout=60,
     )
     assert p.returncode == 2 and "device.colour: unknown key" in p.stderr
+
+
+def test_rejected_bundle_at_start_keeps_reporting_then_reload_serves(tmp_path: Path) -> None:
+    with MosquittoBroker(tmp_path) as broker, Recorder(broker, "edgeguard/v1/#") as rec:
+        dev = Device(root=tmp_path, broker=broker)
+        bad = bytearray(tiny_bundle(tmp_path))
+        bad[-5] ^= 0x01  # one flipped bit in the payload
+        dev.provision(bytes(bad), directory=True)
+        dev.start()
+        try:
+            dev.wait_ready()  # ready to report, not to serve: no crash loop for a bad bundle
+            assert rec.wait_for(lambda m: any(e["kind"] == "bundle-rejected" for e in _events(rec)), 20)
+            code, err = dev.request("POST", "/v1/infer", GOOD)
+            assert code == 503 and "bundle rejected" in err["error"]
+            assert rec.wait_for(lambda m: any(h.get("state") == "no-model" for h in _heartbeats(rec)), 10)
+            (tmp_path / "incoming" / "x.json").write_bytes(GOOD)
+            time.sleep(1.0)
+            assert (tmp_path / "incoming" / "x.json").exists()  # kept until a model can serve it
+            assert '"event": "bundle-rejected"' in (tmp_path / "hooks.log").read_text()
+            # A valid bundle and SIGHUP: serving, and the waiting file is processed.
+            (tmp_path / "model.egm").write_bytes(tiny_bundle(tmp_path, version=1))
+            assert dev.proc is not None
+            dev.proc.send_signal(signal.SIGHUP)
+            dev.wait(lambda: dev.request("POST", "/v1/infer", GOOD)[0] == 200, 30, "serving after reload")
+            dev.wait(lambda: (tmp_path / "incoming" / "done" / "x.json").exists(), 10, "deferred file done")
+            assert json.loads((tmp_path / "state/supervisor.json").read_text())["failures"] == 0
+        finally:
+            assert dev.stop() == 0

@@ -142,3 +142,19 @@ def test_pipeline_stores_before_answering_and_swaps_without_dropping() -> None:
     with pytest.raises(ServiceUnavailable, match="stopping"):
         p(_req(1.0))
     assert Pipeline(engine=None, store=store).accepting is False
+
+
+def test_service_session_helper(tmp_path: Path) -> None:
+    """ServiceSession (for the demo and tools): READY, a request through the API, STATUS, a clean stop."""
+    from edgeguard.service import ServiceSession
+    from tests.service._env import INFER, Device, tiny_bundle
+    from tests.support.broker import MosquittoBroker
+
+    with MosquittoBroker(tmp_path) as broker:
+        dev = Device(root=tmp_path, broker=broker)
+        dev.provision(tiny_bundle(tmp_path))
+        with ServiceSession(dev.config, api_port=dev.port, token=INFER) as s:
+            code, doc = s.request("POST", "/v1/infer", b'{"inputs": {"x": [[0, 0.5, 1, 0.25]]}}')
+            assert code == 200 and doc["outputs"]["y"]["data"] == [[0.0, 1.0, 2.0, 0.5]]
+            assert s.status.startswith("serving sensor v1")
+        assert any(n.startswith("STOPPING=1") for n in s.notifications)
