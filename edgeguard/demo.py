@@ -46,6 +46,7 @@ from edgeguard.keys import (
 from edgeguard.link import LinkConfig, MqttLink
 from edgeguard.outbox import Outbox, OutboxConfig
 from edgeguard.profiles import Profile, detect_profile, get_profile
+from edgeguard.service import ServiceSession
 
 __all__ = ["DemoKeys", "run_demo", "make_keys", "seal_demo_model", "DEMO_META", "PHOTOS"]
 
@@ -123,16 +124,20 @@ def _free_port() -> int:
 
 
 class _Subscriber:
-    """An independent MQTT client that records the ids of the results it receives."""
+    """An independent MQTT client that records what it receives on one topic."""
 
     def __init__(self, broker: tuple[str, int], topic: str) -> None:
-        self.ids: list[str] = []
+        self.payloads: list[dict[str, Any]] = []
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"demo-sub-{time.time_ns()}")
-        self._client.on_message = lambda _c, _u, msg: self.ids.append(str(json.loads(msg.payload)["id"]))
+        self._client.on_message = lambda _c, _u, msg: self.payloads.append(json.loads(msg.payload))
         self._client.connect(broker[0], broker[1], keepalive=10)
         self._client.subscribe(topic, qos=1)
         self._client.loop_start()
         time.sleep(0.2)  # let the SUBSCRIBE land before the link starts publishing
+
+    @property
+    def ids(self) -> list[str]:
+        return [str(p["id"]) for p in self.payloads if "id" in p]
 
     def close(self) -> None:
         self._client.loop_stop()
@@ -180,17 +185,19 @@ def run_demo(
     workdir: Path | None = None,
     broker: tuple[str, int] | None = ("127.0.0.1", 1883),
     profile: str | None = None,
+    service: bool = True,
     console: Console | None = None,
 ) -> dict[str, Any]:
-    """Run the demo and return a summary (also printed). ``broker=None`` skips the delivery step."""
+    """Run the demo and return a summary (also printed). ``broker=None`` skips the delivery step;
+    ``service=False`` skips the short `edgeguard run` session at the end."""
     console = console or Console()
     with tempfile.TemporaryDirectory(prefix="edgeguard-demo-") as tmp:
         root = workdir or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        return _run(root, broker, profile, console)
+        return _run(root, broker, profile, service, console)
 
 
-def _run(root: Path, broker: tuple[str, int] | None, profile_name: str | None,
+def _run(root: Path, broker: tuple[str, int] | None, profile_name: str | None, service: bool,
          console: Console) -> dict[str, Any]:
     steps = _Steps(console)
     summary: dict[str, Any] = {"workdir": str(root)}
@@ -254,15 +261,20 @@ def _run(root: Path, broker: tuple[str, int] | None, profile_name: str | None,
                 engine.infer({"images": np.zeros((1, 3, 320), np.float32)})
             except Exception as exc:  # the guard's exact message, the engine keeps serving
                 console.print(f"   a malformed tensor is refused: [red]{exc}[/]")
-        summary.update(_deliver(steps, console, root, device, rows=rows, broker=broker))
+        summary.update(_deliver(steps, console, root, device=device, rows=rows, broker=broker))
     finally:
         engine.close()
+    if service:
+        summary.update(
+            _service_session(steps, console, root, keys, bundle=bundle, photos=photos, broker=broker,
+                             profile=prof.name)
+        )
     console.rule("[bold green]demo complete")
     console.print(json.dumps(summary, indent=None, default=str), soft_wrap=True, markup=False)
     return summary
 
 
-def _deliver(steps: _Steps, console: Console, root: Path, device: DeviceKey, *,
+def _deliver(steps: _Steps, console: Console, root: Path, *, device: DeviceKey,
              rows: list[tuple[str, InferenceResult]], broker: tuple[str, int] | None) -> dict[str, Any]:
     """Results into the durable outbox while no broker is reachable, then delivery over MQTT."""
     out: dict[str, Any] = {}
@@ -303,4 +315,95 @@ def _deliver(steps: _Steps, console: Console, root: Path, device: DeviceKey, *,
             out["delivered"] = len(received.ids)
     finally:
         outbox.close()
+    return out
+
+
+_DEMO_TOKEN = "demo-" + "0123456789abcdef"  # a throwaway bearer token for the demo's own service
+
+
+def _service_config(root: Path, keys: DemoKeys, bundle: Path, *, broker: tuple[str, int], api_port: int,
+                    profile: str) -> Path:
+    tokens = root / "service" / "tokens"
+    tokens.parent.mkdir(parents=True, exist_ok=True)
+    tokens.write_text(f"demo infer,status {_DEMO_TOKEN}\n")
+    tokens.chmod(0o600)
+    config = root / "service" / "edgeguard.toml"
+    config.write_text(f"""\
+[device]
+id = "demo-device"
+fleet = "demo"
+state_dir = "{root / "service" / "state"}"
+
+[model]
+bundle = "{bundle}"
+trust = ["{keys.publisher_pub}"]
+device_key = "{keys.device_key}"
+profile = "{profile}"
+
+[service]
+hooks_dir = "{root / "service" / "hooks.d"}"
+
+[sources.api]
+unix_socket = "{root / "service" / "api.sock"}"
+host = "127.0.0.1"
+port = {api_port}
+tokens_file = "{tokens}"
+
+[link]
+host = "{broker[0]}"
+port = {broker[1]}
+heartbeat_s = 1.0
+""")
+    return config
+
+
+def _service_session(steps: _Steps, console: Console, root: Path, keys: DemoKeys, *, bundle: Path,
+                     photos: dict[str, Path], broker: tuple[str, int] | None, profile: str) -> dict[str, Any]:
+    """A short, visible session of the real service: supervisor, worker, local API, MQTT heartbeats."""
+    live = broker is not None and _broker_reachable(*broker)
+    target = broker if (live and broker is not None) else ("127.0.0.1", _free_port())
+    out: dict[str, Any] = {}
+    with steps.step("the service: `edgeguard run` (supervisor + worker), local API with bearer tokens"):
+        api_port = _free_port()
+        config = _service_config(root, keys, bundle, broker=target, api_port=api_port, profile=profile)
+        console.print(f"   config {config}")
+        heartbeats = _Subscriber(target, "edgeguard/v1/demo/demo-device/heartbeat") if live else None
+        session = ServiceSession(config, api_port=api_port, token=_DEMO_TOKEN)
+        session.start()
+        try:
+            console.print(f"   ready; systemd status line: {session.status!r}")
+            for name in ("astronaut.png", "coffee.png"):
+                png = photos[name].read_bytes()
+                code, body = session.request("POST", "/v1/infer", png, ctype="image/png")
+                dets = body.get("post", {}).get("detections", []) if code == 200 else []
+                console.print(f"   POST /v1/infer {name} -> {code}, id {body.get('id')}, "
+                              f"{len(dets)} detection(s)")
+            code, body = session.request("POST", "/v1/infer", b'{"inputs": {"images": [1, 2, 3]}}')
+            console.print(f"   POST /v1/infer with a malformed tensor -> {code}: {body.get('error')}")
+            out["service_bad_input"] = code
+            bad = ServiceSession(config, api_port=session.api_port, token="wrong-token-0123456789")  # noqa: S106
+            code, body = bad.request("GET", "/v1/health")
+            console.print(f"   GET /v1/health with a wrong token -> {code}: {body.get('error')}")
+            out["service_bad_token"] = code
+            code, body = session.request("GET", "/v1/health")
+            console.print(f"   GET /v1/health -> {code}: state {body.get('state')}, accelerator "
+                          f"{body.get('accelerator')}, {body.get('inferences')} inference(s), "
+                          f"p50 {body.get('latency_ms', {}).get('p50')} ms")
+            out["service_health"] = code
+            if heartbeats is not None:
+                deadline = time.monotonic() + 5
+                while not heartbeats.payloads and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if heartbeats.payloads:
+                    beat = heartbeats.payloads[-1]
+                    console.print(f"   heartbeat on MQTT: uptime {beat.get('uptime_s')} s, "
+                                  f"inferences {beat.get('engine', {}).get('count')}, "
+                                  f"outbox depth {beat.get('outbox', {}).get('depth')}")
+                    out["heartbeats"] = len(heartbeats.payloads)
+        finally:
+            rc = session.stop()
+            if heartbeats is not None:
+                heartbeats.close()
+        console.print(f"   SIGTERM -> graceful stop, exit code {rc}")
+        out["service_exit"] = rc
     return out

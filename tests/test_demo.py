@@ -23,6 +23,12 @@ def test_demo_without_broker_buffers_every_result(tmp_path: Path) -> None:
     assert summary["detections"]["astronaut.png"] >= 1  # the face in the photo
     assert summary["buffered"] == 3  # all three results stayed in the outbox
     assert "delivered" not in summary
+    # The short service session: real supervisor + worker, local API with token auth, graceful stop.
+    assert summary["service_bad_input"] == 400
+    assert summary["service_bad_token"] == 401
+    assert summary["service_health"] == 200
+    assert summary["service_exit"] == 0
+    assert "heartbeats" not in summary  # no broker, so none could be seen
     text = printed.getvalue()
     assert "FACE_FEMALE" in text and "stay in the outbox" in text
     # The scratch directory holds the sealed bundle but never the plaintext model.
@@ -42,6 +48,7 @@ def test_demo_cli_delivers_to_a_broker(tmp_path: Path) -> None:
         broker.stop()
     assert done.returncode == 0, done.stderr[-2000:]
     assert '"buffered": 3, "delivered": 3' in done.stdout, done.stdout[-3000:]
+    assert '"service_exit": 0' in done.stdout and '"heartbeats": ' in done.stdout
     assert "outbox depth now 0" in done.stdout
 
 
