@@ -12,24 +12,17 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from edgeguard.errors import OutboxError
 from edgeguard.outbox._config import OutboxConfig, OutboxItem, OutboxStats
+from edgeguard.outbox._sealing import NONCE, Sealer, SeqReservation
 from edgeguard.outbox._store import NO_EXPIRY, Row, Store, StoreCorrupt, classify, move_aside
 
 __all__ = ["Outbox"]
 
 log = logging.getLogger("edgeguard.outbox")
 
-# Sequence numbers are reserved in blocks in a side file, so that ids stay unique even when the database is
-# lost (corrupt, or results only held in memory while the disk was full): a restart continues above the
-# reservation.
-_SEQ_BLOCK = 65_536
 # Ids go unescaped into JSON envelopes and into the AAD: the same charset as a topic level we build.
 _DEVICE_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
-_NONCE = 12
 
 
 class Outbox:
@@ -52,9 +45,9 @@ class Outbox:
         self.path = Path(path)
         self.config = config or OutboxConfig()
         self.device_id = device_id
-        self._aead = AESGCM(storage_key)
+        self._sealer = Sealer(storage_key)
         self._now = now
-        self._seq_path = self.path.with_name(self.path.name + ".seq")
+        self._seqfile = SeqReservation(self.path.with_name(self.path.name + ".seq"))
         self._lock = threading.Lock()  # pending queue, sequence, memory queue, events
         self._cond = threading.Condition(self._lock)
         self._rlock = threading.Lock()  # reader connection
@@ -76,9 +69,9 @@ class Outbox:
         self._closed = False
         self._busy = False  # a commit is running (the committer thread or a leading producer)
         self._store = self._open_store()
-        self._next_seq = max(self._store.meta["next_seq"], self._read_reserved())
+        self._next_seq = max(self._store.meta["next_seq"], self._seqfile.upto)
         self._reserved = self._next_seq
-        self._reserve(self._next_seq + _SEQ_BLOCK)
+        self._reserve(self._next_seq + SeqReservation.BLOCK)
         self._done_seq = self._next_seq - 1
         self._thread = threading.Thread(target=self._committer, name="edgeguard-outbox", daemon=True)
         self._thread.start()
@@ -105,24 +98,11 @@ class Outbox:
         self._event("outbox_corrupt", reason=reason, kept=str(kept), lost=lost)
         return store
 
-    def _read_reserved(self) -> int:
-        try:
-            return int(self._seq_path.read_text().strip() or 0)
-        except (OSError, ValueError):
-            return 0
-
     def _reserve(self, upto: int) -> None:
-        tmp = self._seq_path.with_name(self._seq_path.name + ".tmp")
-        try:
-            with open(tmp, "w") as f:
-                f.write(str(upto))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._seq_path)
-            self._reserved = upto
-        except OSError as exc:  # disk full: keep going, ids stay unique unless we also crash before recovery
-            log.warning("cannot reserve outbox sequence numbers: %s", exc)
+        if not self._seqfile.reserve(upto):
             self._reserved = max(self._reserved, self._next_seq + 1)
+        else:
+            self._reserved = upto
 
     # -------------------------------------------------------------------------------------------- producing
     def put(self, payload: bytes, *, priority: bool = False, kind: str = "result") -> str:
@@ -143,7 +123,7 @@ class Outbox:
         ttl = self.config.ttl_priority_s if priority else self.config.ttl_routine_s
         expires = NO_EXPIRY if ttl is None else now + ttl
         prio = int(priority)
-        nonces = os.urandom(_NONCE * len(payloads))
+        nonces = os.urandom(NONCE * len(payloads))
         ids: list[str] = []
         with self._cond:
             if self._closing:
@@ -152,8 +132,7 @@ class Outbox:
                 seq = self._next_seq
                 self._next_seq += 1
                 rid = f"{self.device_id}:{seq}"
-                nonce = nonces[i * _NONCE : (i + 1) * _NONCE]
-                blob = nonce + self._aead.encrypt(nonce, payload, _aad(rid, kind, prio))
+                blob = self._sealer.seal(nonces[i * NONCE : (i + 1) * NONCE], rid, kind, prio, payload)
                 self._pending.append((seq, prio, kind, now, expires, len(blob), blob))
                 ids.append(rid)
             last = self._next_seq - 1
@@ -220,9 +199,8 @@ class Outbox:
 
     def _decrypt(self, seq: int, prio: int, kind: str, created: float, blob: bytes) -> OutboxItem | None:
         rid = f"{self.device_id}:{seq}"
-        try:
-            payload = self._aead.decrypt(blob[:_NONCE], blob[_NONCE:], _aad(rid, kind, prio))
-        except InvalidTag:
+        payload = self._sealer.open(rid, kind, prio, blob)
+        if payload is None:
             return None
         return OutboxItem(seq=seq, id=rid, kind=kind, priority=bool(prio), created=created, payload=payload)
 
@@ -391,7 +369,7 @@ class Outbox:
                 self._finish(batch)
                 return
             if batch and batch[-1][0] >= self._reserved:
-                self._reserve(batch[-1][0] + _SEQ_BLOCK)
+                self._reserve(batch[-1][0] + SeqReservation.BLOCK)
             flush = list(self._memory.values()) if degraded else []
         if self._try_disk(flush + batch, acks, now=now):
             with self._cond:
@@ -486,9 +464,3 @@ class Outbox:
         while self._waiters and self._waiters[0][0] <= self._done_seq:
             self._waiters.popleft()[1].release()
         self._cond.notify_all()
-
-
-def _aad(rid: str, kind: str, prio: int) -> bytes:
-    # Binds the ciphertext to its id and class: a row copied to another seq or class fails authentication.
-    # rid and kind never hold NUL (checked charsets), so the encoding is unambiguous.
-    return f"{rid}\x00{kind}\x00{prio}".encode()
