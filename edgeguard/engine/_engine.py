@@ -26,6 +26,20 @@ from .preprocess import LetterboxTransform, Preprocessor
 __all__ = ["Engine", "InferenceResult", "ModelSource"]
 
 
+class _Once:
+    """Call ``fn`` at most once, from whichever thread gets there first (load failure or standby thread)."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._fn: Callable[[], None] | None = fn
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            fn, self._fn = self._fn, None
+        if fn is not None:
+            fn()
+
+
 class ModelSource(Protocol):
     """What the engine needs from an opened bundle (``edgeguard.bundle.OpenedBundle`` provides it)."""
 
@@ -102,7 +116,14 @@ class Engine:
 
         ``profile`` defaults to the detected board's; ``tuning`` to the profile's ``[engine]`` table.
         ``opener`` and ``clock`` are seams for tests (a backend wrapper, a controlled clock).
+
+        The engine is ready once the first candidate has passed its self-test. Standby candidates
+        (``tuning.standby`` > 0) are then built on a background thread, and ``opened.wipe()`` runs when that
+        thread ends (or ``close()`` stops it): the plaintext stays in memory, never on disk, for one more
+        session creation. With ``standby = 0``, or when no candidate is left to try, it is wiped before
+        this returns.
         """
+        wipe = _Once(opened.wipe)
         try:
             manifest = opened.manifest
             validate_declarations(manifest)
@@ -117,10 +138,16 @@ class Engine:
                 threads=prof.effective_threads,
                 opener=opener,
                 clock=clock,
+                release=wipe,
             )
-        finally:
-            opened.wipe()
-        return cls(manifest=manifest, fastpath=fast, profile=prof, guard_limits=guard_limits)
+        except BaseException:
+            wipe()
+            raise
+        try:
+            return cls(manifest=manifest, fastpath=fast, profile=prof, guard_limits=guard_limits)
+        except BaseException:
+            fast.close()  # stops the standby build and releases the plaintext
+            raise
 
     # --- inference ------------------------------------------------------------------------------------------
 

@@ -3,7 +3,8 @@
 At load the profile's candidates are walked in order: a candidate is used only when it is present, loads, and
 reproduces the reference outputs (golden vectors, else the plain CPU kernels) within the manifest's tolerance.
 ``standby`` further candidates that pass are kept loaded, because the plaintext model is wiped after load and
-no new session can be created later. At run time a failing accelerator (exception, NaN/Inf where the reference
+no new session can be created later. Those standbys are built on a background thread once the active one has
+passed, so they do not delay readiness; the plaintext is released (wiped) when that thread ends. At run time a failing accelerator (exception, NaN/Inf where the reference
 had none, timeout) is demoted and the same request is rerun on the next one; after a cool-down the demoted
 accelerator is self-tested again and promoted back when it passes.
 """
@@ -39,7 +40,7 @@ class CandidateReport:
 
     label: str
     kind: str
-    status: str  # active | standby | skipped | failed | hung | not tried
+    status: str  # active | standby | loading | skipped | failed | hung | not tried
     reason: str | None
 
     def to_json(self) -> dict[str, Any]:
@@ -60,7 +61,14 @@ class _Slot:
 
 
 class FastPath:
-    """The ordered accelerator chain for one loaded model. Thread-safe: runs are serialised."""
+    """The ordered accelerator chain for one loaded model. Thread-safe: runs are serialised.
+
+    With ``release`` the standby candidates are built on a background thread once the active one has passed
+    its self-test, and ``release()`` is called exactly once when the plaintext ``model`` is no longer needed:
+    before ``__init__`` returns (or raises) when nothing is left to build (``tuning.standby == 0``, no further
+    candidate), else when the background build ends or ``close()`` stops it. Without ``release`` everything
+    is built before ``__init__`` returns, so the caller may wipe the model right after.
+    """
 
     def __init__(
         self,
@@ -74,39 +82,84 @@ class FastPath:
         threads: int,
         opener: BackendOpener = open_backend,
         clock: Callable[[], float] = time.monotonic,
+        release: Callable[[], None] | None = None,
     ) -> None:
         if not candidates:
+            if release is not None:
+                release()
             raise BackendError(f"the device profile lists no {model_format} accelerators")
         self._format = model_format
         self._tuning = tuning
         self._clock = clock
         self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)  # a background standby was published / build ended
+        self._stats = threading.Lock()
         self._slots = [_Slot(accelerator=a, rank=i) for i, a in enumerate(candidates)]
+        self._closing = False
+        self._builder: threading.Thread | None = None
+        # The reference session, kept for the candidate it is identical to (bundles without golden vectors).
+        self._spare: tuple[Accelerator, Backend] | None = None
         self.demotions = 0
         self.request_failures = 0  # requests refused because the model, not the accelerator, failed on them
         self.promotions = 0
         self.selftest_ms = 0.0
         started = time.perf_counter()
-        self._samples = tuple(samples) or self._reference_samples(model, manifest, threads, opener)
-        self._finite = {name: bool(np.isfinite(np.asarray(v)).all())
-                        for s in self._samples for name, v in s.outputs.items()}
-        self._tolerance = manifest.golden_tolerance
-        self._select(model, threads, opener)
-        self.load_ms = (time.perf_counter() - started) * 1000.0
+        handed_off = False
+        try:
+            self._samples = tuple(samples) or self._reference_samples(model, manifest, threads, opener)
+            self._finite = {name: bool(np.isfinite(np.asarray(v)).all())
+                            for s in self._samples for name, v in s.outputs.items()}
+            self._tolerance = manifest.golden_tolerance
+            rest = self._select_active(model, threads, opener)
+            if rest and release is not None:
+                for slot in rest:
+                    slot.status, slot.reason = "loading", "standby: being built in the background"
+                self._builder = threading.Thread(target=self._build_standby, name="eg-standby", daemon=False,
+                                                 args=(rest, model, threads, opener, release))
+                self._builder.start()
+                handed_off = True
+            elif rest:
+                self._fill_standby(rest, model, threads, opener)
+        except BaseException:
+            self._drop_spare()
+            raise
+        finally:
+            if not handed_off:
+                self._drop_spare()
+                if release is not None:
+                    release()
+        self.load_ms = (time.perf_counter() - started) * 1000.0  # until ready: background builds excluded
+        with self._stats:
+            self.ready_selftest_ms = self.selftest_ms  # the self-test time inside load_ms
 
     # --- load -----------------------------------------------------------------------------------------------
 
     def _reference_samples(self, model: bytes | bytearray, manifest: Manifest, threads: int,
                            opener: BackendOpener) -> tuple[Sample, ...]:
-        ref = opener(self._format, reference_accelerator(self._format), model, threads)
+        # When a candidate is exactly the plain reference kernels (same kind, no options, same threads), the
+        # reference session is opened under that candidate's label and kept as its backend: its outputs are
+        # the reference by definition, so a second identical session would only repeat the same work.
+        ref_acc = reference_accelerator(self._format)
+        twin = next((s for s in self._slots if s.accelerator.kind == ref_acc.kind and not s.accelerator.options
+                     and (s.accelerator.threads or threads) == threads), None)
+        ref = opener(self._format, twin.accelerator if twin is not None else ref_acc, model, threads)
         try:
             inputs = reference_inputs(manifest, ref)
             t0 = time.perf_counter()
             outputs = ref.run(inputs)
-            self.selftest_ms += (time.perf_counter() - t0) * 1000.0
-        finally:
+            self._add_selftest((time.perf_counter() - t0) * 1000.0)
+        except BaseException:
+            ref.close()
+            raise
+        if twin is not None:
+            self._spare = (twin.accelerator, ref)
+        else:
             ref.close()
         return (Sample(inputs=inputs, outputs=outputs),)
+
+    def _add_selftest(self, ms: float) -> None:
+        with self._stats:
+            self.selftest_ms += ms
 
     def _self_test(self, backend: Backend) -> str | None:
         t0 = time.perf_counter()
@@ -121,35 +174,109 @@ class FastPath:
                     return f"disagrees with the reference on sample {i}: {why}"
             return None
         finally:
-            self.selftest_ms += (time.perf_counter() - t0) * 1000.0
+            self._add_selftest((time.perf_counter() - t0) * 1000.0)
 
-    def _select(self, model: bytes | bytearray, threads: int, opener: BackendOpener) -> None:
+    def _try(self, slot: _Slot, model: bytes | bytearray, threads: int,
+             opener: BackendOpener) -> Backend | None:
+        """Load and self-test one candidate; record why it was skipped. No lock held: this is the slow part."""
+        spare = self._spare
+        if spare is not None and spare[0] is slot.accelerator:
+            self._spare = None
+            return spare[1]  # the reference session itself: nothing to compare it with but itself
+        absent = unavailable_reason(self._format, slot.accelerator)
+        if absent is not None:
+            slot.status, slot.reason = "skipped", f"absent: {absent}"
+            return None
+        try:
+            backend = opener(self._format, slot.accelerator, model, threads)
+        except BackendError as exc:
+            slot.status, slot.reason = "skipped", f"load failed: {exc}"
+            return None
+        why = self._self_test(backend)
+        if why is not None:
+            backend.close()
+            slot.status, slot.reason = "skipped", why
+            return None
+        return backend
+
+    def _select_active(self, model: bytes | bytearray, threads: int,
+                       opener: BackendOpener) -> list[_Slot]:
+        """Make the first candidate that passes active; return the candidates left for the standby build."""
+        for n, slot in enumerate(self._slots):
+            backend = self._try(slot, model, threads, opener)
+            if backend is None:
+                continue
+            slot.backend, slot.status, slot.reason = backend, "active", None
+            self._best_rank = slot.rank
+            rest = self._slots[n + 1:]
+            if self._tuning.standby == 0:
+                for other in rest:
+                    other.status, other.reason = "not tried", "not needed: an earlier accelerator passed"
+                return []
+            return rest
+        detail = "; ".join(f"{s.accelerator.label}: {s.reason}" for s in self._slots)
+        raise BackendError(f"no accelerator loaded and passed the self-test ({detail})")
+
+    def _fill_standby(self, rest: Sequence[_Slot], model: bytes | bytearray, threads: int,
+                      opener: BackendOpener) -> None:
         ready = 0
-        for slot in self._slots:
-            if ready > self._tuning.standby:  # the active one plus `standby` fallbacks are loaded
-                slot.status, slot.reason = "not tried", "not needed: an earlier accelerator passed"
+        for slot in rest:
+            if ready >= self._tuning.standby or self._closing:
+                with self._lock:
+                    slot.status = "not tried"
+                    slot.reason = "closed" if self._closing else "not needed: an earlier accelerator passed"
                 continue
-            absent = unavailable_reason(self._format, slot.accelerator)
-            if absent is not None:
-                slot.status, slot.reason = "skipped", f"absent: {absent}"
-                continue
+            backend = self._try(slot, model, threads, opener)
+            with self._changed:
+                if backend is None:
+                    continue
+                if self._closing:
+                    backend.close()
+                    slot.status, slot.reason = "not tried", "closed"
+                    continue
+                slot.backend, slot.reason = backend, None
+                # Published as standby; if every loaded accelerator failed meanwhile, it takes over at once.
+                slot.status = "active" if self._idle() else "standby"
+                ready += 1
+                self._changed.notify_all()
+
+    def _idle(self) -> bool:
+        """No accelerator is active or standby (all failed, hung or not loaded)."""
+        return not any(s.status in ("active", "standby") for s in self._slots)
+
+    def _build_standby(self, rest: Sequence[_Slot], model: bytes | bytearray, threads: int,
+                       opener: BackendOpener, release: Callable[[], None]) -> None:
+        try:
+            self._fill_standby(rest, model, threads, opener)
+        except BaseException as exc:  # never leave a slot "loading" forever, whatever went wrong
+            with self._lock:
+                for slot in rest:
+                    if slot.status == "loading":
+                        slot.status, slot.reason = "skipped", f"standby build failed: {exc}"
+        finally:
+            del model  # this thread's reference; the owner's buffer is wiped by release()
+            self._drop_spare()
             try:
-                backend = opener(self._format, slot.accelerator, model, threads)
-            except BackendError as exc:
-                slot.status, slot.reason = "skipped", f"load failed: {exc}"
-                continue
-            why = self._self_test(backend)
-            if why is not None:
-                backend.close()
-                slot.status, slot.reason = "skipped", why
-                continue
-            slot.backend = backend
-            slot.status, slot.reason = ("active" if ready == 0 else "standby"), None
-            ready += 1
-        if ready == 0:
-            detail = "; ".join(f"{s.accelerator.label}: {s.reason}" for s in self._slots)
-            raise BackendError(f"no accelerator loaded and passed the self-test ({detail})")
-        self._best_rank = next(s.rank for s in self._slots if s.status == "active")
+                release()
+            finally:
+                with self._changed:
+                    self._builder = None
+                    self._changed.notify_all()
+
+    def _drop_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            spare[1].close()
+
+    @property
+    def standby_pending(self) -> bool:
+        """True while standby candidates are still being built in the background (plaintext still held)."""
+        return self._builder is not None
+
+    def wait_standby(self, timeout: float | None = None) -> bool:
+        """Wait until the background standby build has ended; False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._builder is None, timeout)
 
     # --- run ------------------------------------------------------------------------------------------------
 
@@ -165,10 +292,19 @@ class FastPath:
         with self._lock:
             self._maybe_promote()
             errors: list[str] = []
+            waited = False
             while True:
                 slot = self._active()
+                if slot is None and self._builder is not None and not self._closing:
+                    # The standby is still being built in the background: the request waits for it rather
+                    # than failing (the build publishes it as active when nothing else is left).
+                    self._changed.wait()
+                    waited = True
+                    continue
                 if slot is None:
                     why = "; ".join(errors) or self._why_none()
+                    if waited:
+                        why += f"; the standby built meanwhile did not help ({self._why_none()})"
                     raise BackendError(f"no working accelerator left: {why}")
                 backend = slot.backend
                 assert backend is not None
@@ -287,6 +423,14 @@ class FastPath:
                          for s in self._slots)
 
     def close(self) -> None:
+        """Close every backend. A standby being built is waited for (a native session creation cannot be
+        interrupted), then discarded; the plaintext is released before this returns."""
+        with self._changed:
+            self._closing = True
+            builder = self._builder
+            self._changed.notify_all()  # a request waiting for the standby gives up
+        if builder is not None and builder is not threading.current_thread():
+            builder.join()
         with self._lock:
             for slot in self._slots:
                 if slot.executor is not None:
@@ -295,5 +439,5 @@ class FastPath:
                 if slot.backend is not None:
                     slot.backend.close()
                     slot.backend = None
-                if slot.status in ("active", "standby"):
+                if slot.status in ("active", "standby", "loading"):
                     slot.status, slot.reason = "not tried", "closed"

@@ -216,6 +216,7 @@ class Outbox:
     def ack(self, seqs: Iterable[int]) -> None:
         """The broker has the results: remove them (applied with the next commit; never blocks)."""
         with self._cond:
+            first = not self._acks
             if not self._memory:
                 self._acks.extend(seqs)
             else:
@@ -225,7 +226,8 @@ class Outbox:
                         self._memory_bytes -= row[5]
                     else:
                         self._acks.append(s)
-            if len(self._acks) >= 256:  # otherwise the committer's 50 ms timer picks them up
+            # Wake the committer for a full batch, or so that it starts its 50 ms timer for the first ack.
+            if len(self._acks) >= 256 or (first and self._acks):
                 self._cond.notify_all()
 
     def wait_idle(self, timeout: float = 5.0) -> bool:

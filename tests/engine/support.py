@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgeguard.bundle.manifest import GoldenSample, Manifest, TensorSpec
-from edgeguard.engine import Backend, TensorInfo, open_backend
+from edgeguard.engine import Backend, Engine, TensorInfo, open_backend
 from edgeguard.profiles import Accelerator, EngineTuning, Profile, get_profile
 
 
@@ -95,3 +95,11 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
+
+
+def wait_standby(engine: Engine, timeout: float = 60.0) -> None:
+    """Wait (through the public report) until no candidate is still being built in the background."""
+    deadline = time.monotonic() + timeout
+    while any(c.status == "loading" for c in engine.candidates()):
+        assert time.monotonic() < deadline, "standby build did not finish"
+        time.sleep(0.005)

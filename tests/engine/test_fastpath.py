@@ -15,7 +15,15 @@ from edgeguard.errors import BackendError
 from edgeguard.profiles import Accelerator, EngineTuning
 
 from .models import conv_model, quantized_variant
-from .support import Clock, FaultyBackend, PlainSource, golden_from, manifest_for, profile_with
+from .support import (
+    Clock,
+    FaultyBackend,
+    PlainSource,
+    golden_from,
+    manifest_for,
+    profile_with,
+    wait_standby,
+)
 
 X_SPEC = TensorSpec("x", "float32", (1, 3, 32, 32), (0.0, 1.0))
 Y_SPEC = TensorSpec("y", "float32", (1, 8, 32, 32))
@@ -49,11 +57,13 @@ class Opener:
     def __init__(self, int8: bytes | None = None) -> None:
         self.int8 = int8
         self.opened: dict[str, FaultyBackend] = {}
+        self.calls: list[str] = []
 
     def __call__(self, fmt: str, acc: Accelerator, model: bytes | bytearray, threads: int) -> Backend:
         if acc.label == "int8-npu":
             assert self.int8 is not None
             model = self.int8
+        self.calls.append(acc.label)
         backend = FaultyBackend(open_backend(fmt, acc, model, threads))
         self.opened[acc.label] = backend
         return backend
@@ -70,6 +80,7 @@ def test_chain_skips_absent_broken_and_disagreeing_candidates(fp32: bytes, int8:
     src = _source(fp32)
     engine = Engine.load(src, profile=profile_with("onnx", chain), opener=Opener(int8))
     try:
+        wait_standby(engine)
         report = {c.label: c for c in engine.candidates()}
         assert report["tensorrt-fp16"].status == "skipped"
         assert "absent: TensorrtExecutionProvider is not in this onnxruntime build" in str(
@@ -107,6 +118,7 @@ def test_delegate_that_fails_to_load_is_skipped_with_its_reason(blazeface_path: 
     ]
     engine = Engine.load(PlainSource(man, bytearray(model), [golden]), profile=profile_with("tflite", chain))
     try:
+        wait_standby(engine)
         report = {c.label: c for c in engine.candidates()}
         assert "cannot load delegate libedgetpu.so.1" in str(report["edgetpu"].reason)
         assert report["vendor-npu"].status == "skipped"
@@ -125,6 +137,7 @@ def _two_candidate_engine(fp32: bytes, clock: Clock, **tuning: Any) -> tuple[Eng
     tune = EngineTuning(promote_after_s=30.0, standby=1, **tuning)
     engine = Engine.load(_source(fp32), profile=profile_with("onnx", chain, tuning=tune), opener=opener,
                          clock=clock)
+    wait_standby(engine)
     return engine, opener
 
 
@@ -221,13 +234,23 @@ def test_no_candidate_passes_lists_every_reason_and_still_wipes(fp32: bytes, int
 
 
 def test_without_golden_vectors_the_cpu_reference_decides(fp32: bytes, int8: bytes) -> None:
-    chain = [Accelerator(kind="cpu", label="int8-npu"), Accelerator(kind="cpu", label="cpu")]
+    # "int8-npu" has an option, so it is not the plain reference kernels: the reference session is opened
+    # as "cpu" (the one candidate identical to it) and kept as that candidate's backend.
+    chain = [Accelerator(kind="cpu", label="int8-npu", options={"arena": False}),
+             Accelerator(kind="cpu", label="cpu")]
     src = _source(fp32, golden=False)
-    engine = Engine.load(src, profile=profile_with("onnx", chain), opener=Opener(int8))
+    opener = Opener(int8)
+    engine = Engine.load(src, profile=profile_with("onnx", chain), opener=opener)
     try:
         status = {c.label: (c.status, c.reason) for c in engine.candidates()}
         assert status["int8-npu"][0] == "skipped" and "disagrees" in str(status["int8-npu"][1])
         assert status["cpu"][0] == "active"
+        assert opener.calls == ["cpu", "int8-npu"]  # no second session for "cpu": the reference is kept
+        assert src.wiped and not any(src.model)
+        result = engine.infer({"x": _x(5)})
+        want = golden_from("onnx", fp32, {"x": _x(5)}).outputs["y"]
+        assert result.accelerator == "cpu"
+        np.testing.assert_allclose(result.outputs["y"], want, rtol=1e-5)
     finally:
         engine.close()
 
@@ -235,8 +258,10 @@ def test_without_golden_vectors_the_cpu_reference_decides(fp32: bytes, int8: byt
 def test_standby_zero_loads_only_the_winner(fp32: bytes) -> None:
     chain = [Accelerator(kind="cpu", label="a"), Accelerator(kind="cpu", label="b")]
     prof = profile_with("onnx", chain, tuning=EngineTuning(standby=0))
-    engine = Engine.load(_source(fp32), profile=prof)
+    src = _source(fp32)
+    engine = Engine.load(src, profile=prof)
     try:
+        assert src.wiped and not any(src.model)  # wiped before load returned: nothing is built later
         status = {c.label: c.status for c in engine.candidates()}
         assert status == {"a": "active", "b": "not tried"}
     finally:
