@@ -7,7 +7,7 @@ option) stay ``ValueError``/``TypeError`` and are bugs, not conditions to handle
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 __all__ = [
     "EdgeGuardError",
@@ -37,18 +37,7 @@ BundleCheck = Literal[
     "too large",
     "unsupported",
 ]
-BUNDLE_CHECKS: Final[tuple[str, ...]] = (
-    "signature",
-    "untrusted signer",
-    "revoked",
-    "rollback",
-    "expired",
-    "not a recipient",
-    "integrity",
-    "malformed",
-    "too large",
-    "unsupported",
-)
+BUNDLE_CHECKS: Final[tuple[str, ...]] = get_args(BundleCheck)
 
 
 class EdgeGuardError(Exception):

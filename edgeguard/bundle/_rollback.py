@@ -7,11 +7,10 @@ either the old floor or the new one, never a torn or empty file. A floor only ev
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
+from edgeguard._atomic import atomic_write
 from edgeguard.errors import ConfigError
 
 __all__ = ["RollbackFloor", "MODEL_NAME_RE"]
@@ -54,24 +53,7 @@ class RollbackFloor:
         if version <= self.get(name):
             return False
         self._dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self._path(name), f"{version}\n".encode("ascii"))
+        atomic_write(self._path(name), f"{version}\n".encode("ascii"), mode=0o644)
         return True
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # The rename itself is only durable once the directory entry is on disk.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from edgeguard._atomic import atomic_write
 from edgeguard.bundle import (
     DEFAULT_CHUNK_SIZE,
     TrustStore,
@@ -182,17 +181,7 @@ def _parse_expiry(text: str) -> datetime:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # a bundle is encrypted and signed: readable like any package
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data, mode=0o644)  # a bundle is encrypted and signed: readable like any package
 
 
 def _pack(args: argparse.Namespace) -> int:

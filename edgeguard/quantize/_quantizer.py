@@ -14,7 +14,6 @@ The steps, each reported through ``progress``:
 from __future__ import annotations
 
 import inspect
-import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +26,7 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+from edgeguard._atomic import atomic_write
 from edgeguard.errors import ConfigError
 
 from ._calibration import CalibrationSet, load_calibration
@@ -187,17 +187,7 @@ def _bench(sessions: Mapping[str, Any], sample: Sample, runs: int) -> dict[str, 
 
 
 def _atomic_copy(src: Path, dst: Path) -> None:
-    data = src.read_bytes()
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(dst, src.read_bytes(), mode=0o644)
 
 
 _TIE: float = 0.03  # latencies within 3 % are a tie on a noisy machine: then the most accurate one wins

@@ -8,11 +8,11 @@ moment its replacement reported ready. The worker reads this file for the heartb
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from edgeguard._atomic import atomic_write
 
 __all__ = ["SupervisorState", "Failure", "read_state", "write_state"]
 
@@ -94,13 +94,4 @@ def read_state(path: Path) -> SupervisorState:
 def write_state(path: Path, state: SupervisorState) -> None:
     """Temp file in the same directory, fsync, os.replace: a power cut leaves the old or the new file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".supervisor.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(state.to_json(), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, json.dumps(state.to_json(), indent=1).encode())

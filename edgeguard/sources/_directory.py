@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgeguard._atomic import atomic_write
 from edgeguard.bundle.manifest import TensorSpec
 from edgeguard.errors import EdgeGuardError, InputRejected, ServiceUnavailable
 
@@ -205,9 +206,4 @@ def _unique(dest: Path) -> Path:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, text.encode("utf-8"), mode=0o644)

@@ -41,7 +41,7 @@ def test_failed_rename_cleans_up_and_keeps_old_floor(tmp_path: Path, monkeypatch
     def boom(*_: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("edgeguard.bundle._rollback.os.replace", boom)
+    monkeypatch.setattr("edgeguard._atomic.os.replace", boom)
     with pytest.raises(OSError):
         floor.raise_to("m", 2)
     monkeypatch.undo()
