@@ -63,6 +63,14 @@ ITEMS: dict[str, ZooItem] = {
             "BlazeFace short range, TFLite fp16 weights, fp32 I/O [1,128,128,3]",
         ),
         ZooItem(
+            "okay-nabu",
+            "pymicro-wakeword==2.5.0",
+            "pymicro_wakeword/models/okay_nabu.tflite",
+            "d89128c4d16a72de429119fb2254ce46649553c2a24f5dd840175c80d7b9d094",
+            "Apache-2.0",
+            "'okay nabu' wake word, TFLite full int8, streaming (resource variables), int8 [1,3,40]",
+        ),
+        ZooItem(
             "astronaut.png",
             "scikit-image==0.26.0",
             "skimage/data/astronaut.png",

@@ -35,6 +35,17 @@ def blazeface_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def okay_nabu_path() -> Path:
+    """'okay nabu' wake word (TFLite full int8, 81 kB) from the pymicro-wakeword wheel."""
+    return _zoo("okay-nabu")
+
+
+@pytest.fixture(scope="session")
+def chelsea_png() -> Path:
+    return _zoo("chelsea.png")
+
+
+@pytest.fixture(scope="session")
 def astronaut_png() -> Path:
     return _zoo("astronaut.png")
 

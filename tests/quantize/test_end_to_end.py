@@ -135,3 +135,11 @@ def test_float_tflite_is_refused_as_not_quantized(blazeface_path: Path, tmp_path
     err = capsys.readouterr().err
     assert "TFLite model is not int8-quantized" in err and "TFLite converter" in err
     assert not out.exists()
+
+
+def test_int8_tflite_is_accepted_as_it_is(okay_nabu_path: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """A real pre-quantized model (full int8 wake-word detector) passes through unchanged."""
+    out = tmp_path / "okay_nabu.tflite"
+    assert main(["quantize", str(okay_nabu_path), "-o", str(out)]) == 0, capsys.readouterr().err
+    assert out.read_bytes() == okay_nabu_path.read_bytes()
