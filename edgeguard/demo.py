@@ -242,7 +242,8 @@ def _run(root: Path, broker: tuple[str, int] | None, profile_name: str | None, s
 
     with steps.step("pick the fast path from the device profile, proven against the CPU reference"):
         prof: Profile = get_profile(profile_name) if profile_name else detect_profile()
-        engine = Engine.load(opened, profile=prof)  # wipes the plaintext buffer
+        engine = Engine.load(opened, profile=prof)  # wipes the plaintext once the sessions exist
+        engine.wait_standby(timeout=120.0)
         table = Table(title=f"profile {prof.name}: accelerator candidates for {m.format}")
         for col in ("candidate", "status", "why"):
             table.add_column(col)

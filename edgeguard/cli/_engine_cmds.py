@@ -224,6 +224,7 @@ def _doctor_bundle(args: argparse.Namespace, profile: Profile) -> dict[str, Any]
     opened = open_bundle(args.bundle, trust=trust_from_args(args), device_key=device_key, state_dir=None,
                          commit_floor=False)
     with Engine.load(opened, profile=profile) as engine:
+        engine.wait_standby(timeout=120.0)
         h = engine.health()
         return {"name": engine.manifest.name, "version": engine.manifest.version,
                 "format": engine.manifest.format, "accelerator": h["accelerator"],

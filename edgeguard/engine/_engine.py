@@ -196,6 +196,11 @@ class Engine:
     def candidates(self) -> tuple[CandidateReport, ...]:
         return self._fast.report()
 
+    def wait_standby(self, timeout: float | None = None) -> bool:
+        """Wait until the fallback sessions built in the background exist (or failed); False on timeout.
+        Reports that list every candidate (``doctor``) call this so none still shows ``loading``."""
+        return self._fast.wait_standby(timeout)
+
     def health(self) -> dict[str, Any]:
         """Facts for the heartbeat (JSON-able)."""
         backend = self._fast.active_backend
@@ -220,7 +225,7 @@ class Engine:
             "rejections": {**self._guard.rejections(), "model": self._fast.request_failures},
             "ood": self._ood.counts() if self._ood is not None else {"checked": 0, "flagged": 0},
             "load_ms": round(self._fast.load_ms, 3),
-            "selftest_ms": round(self._fast.selftest_ms, 3),
+            "selftest_ms": round(self._fast.ready_selftest_ms, 3),  # the self-test inside load_ms
         }
 
     def close(self) -> None:

@@ -4,8 +4,9 @@ At load the profile's candidates are walked in order: a candidate is used only w
 reproduces the reference outputs (golden vectors, else the plain CPU kernels) within the manifest's tolerance.
 ``standby`` further candidates that pass are kept loaded, because the plaintext model is wiped after load and
 no new session can be created later. Those standbys are built on a background thread once the active one has
-passed, so they do not delay readiness; the plaintext is released (wiped) when that thread ends. At run time a failing accelerator (exception, NaN/Inf where the reference
-had none, timeout) is demoted and the same request is rerun on the next one; after a cool-down the demoted
+passed, so they do not delay readiness; the plaintext is released (wiped) when that thread ends. At run time
+a failing accelerator (exception, NaN/Inf where the reference had none, timeout) is demoted and the same
+request is rerun on the next one (waiting for a standby still being built); after a cool-down the demoted
 accelerator is self-tested again and promoted back when it passes.
 """
 
@@ -25,7 +26,7 @@ from edgeguard.bundle.manifest import Manifest
 from edgeguard.errors import BackendError, InputRejected
 from edgeguard.profiles import Accelerator, EngineTuning
 
-from ._backend import Backend
+from ._backend import Backend, one_line
 from ._open import BackendOpener, open_backend, reference_accelerator, unavailable_reason
 from ._selftest import Sample, compare_outputs, reference_inputs
 
@@ -111,6 +112,9 @@ class FastPath:
                             for s in self._samples for name, v in s.outputs.items()}
             self._tolerance = manifest.golden_tolerance
             rest = self._select_active(model, threads, opener)
+            if rest and release is None:
+                self._fill_standby(rest, model, threads, opener)
+            self._mark_ready(started)
             if rest and release is not None:
                 for slot in rest:
                     slot.status, slot.reason = "loading", "standby: being built in the background"
@@ -118,16 +122,19 @@ class FastPath:
                                                  args=(rest, model, threads, opener, release))
                 self._builder.start()
                 handed_off = True
-            elif rest:
-                self._fill_standby(rest, model, threads, opener)
         except BaseException:
-            self._drop_spare()
+            for slot in self._slots:  # nothing loaded so far may outlive a failed load
+                if slot.backend is not None:
+                    slot.backend.close()
+                    slot.backend = None
             raise
         finally:
             if not handed_off:
                 self._drop_spare()
                 if release is not None:
                     release()
+
+    def _mark_ready(self, started: float) -> None:
         self.load_ms = (time.perf_counter() - started) * 1000.0  # until ready: background builds excluded
         with self._stats:
             self.ready_selftest_ms = self.selftest_ms  # the self-test time inside load_ms
@@ -140,8 +147,8 @@ class FastPath:
         # reference session is opened under that candidate's label and kept as its backend: its outputs are
         # the reference by definition, so a second identical session would only repeat the same work.
         ref_acc = reference_accelerator(self._format)
-        twin = next((s for s in self._slots if s.accelerator.kind == ref_acc.kind and not s.accelerator.options
-                     and (s.accelerator.threads or threads) == threads), None)
+        twin = next((s for s in self._slots if s.accelerator.kind == ref_acc.kind
+                     and not s.accelerator.options and (s.accelerator.threads or threads) == threads), None)
         ref = opener(self._format, twin.accelerator if twin is not None else ref_acc, model, threads)
         try:
             inputs = reference_inputs(manifest, ref)
@@ -178,7 +185,7 @@ class FastPath:
 
     def _try(self, slot: _Slot, model: bytes | bytearray, threads: int,
              opener: BackendOpener) -> Backend | None:
-        """Load and self-test one candidate; record why it was skipped. No lock held: this is the slow part."""
+        """Load and self-test one candidate; record why it was skipped. No lock held: the slow part."""
         spare = self._spare
         if spare is not None and spare[0] is slot.accelerator:
             self._spare = None
@@ -230,7 +237,7 @@ class FastPath:
             with self._changed:
                 if backend is None:
                     continue
-                if self._closing:
+                if self._is_closing():  # close() was called while the session was being created
                     backend.close()
                     slot.status, slot.reason = "not tried", "closed"
                     continue
@@ -240,19 +247,25 @@ class FastPath:
                 ready += 1
                 self._changed.notify_all()
 
+    def _is_closing(self) -> bool:
+        return self._closing
+
     def _idle(self) -> bool:
         """No accelerator is active or standby (all failed, hung or not loaded)."""
         return not any(s.status in ("active", "standby") for s in self._slots)
 
     def _build_standby(self, rest: Sequence[_Slot], model: bytes | bytearray, threads: int,
                        opener: BackendOpener, release: Callable[[], None]) -> None:
+        # Hand the GIL straight back: Thread.start() waits for this thread to begin, and without this the new
+        # thread would keep the GIL for a whole switch interval (5 ms) while the engine is finishing its load.
+        time.sleep(0)
         try:
             self._fill_standby(rest, model, threads, opener)
         except BaseException as exc:  # never leave a slot "loading" forever, whatever went wrong
             with self._lock:
                 for slot in rest:
                     if slot.status == "loading":
-                        slot.status, slot.reason = "skipped", f"standby build failed: {exc}"
+                        slot.status, slot.reason = "skipped", f"standby build failed: {one_line(exc)}"
         finally:
             del model  # this thread's reference; the owner's buffer is wiped by release()
             self._drop_spare()
@@ -297,8 +310,13 @@ class FastPath:
                 slot = self._active()
                 if slot is None and self._builder is not None and not self._closing:
                     # The standby is still being built in the background: the request waits for it rather
-                    # than failing (the build publishes it as active when nothing else is left).
-                    self._changed.wait()
+                    # than failing (the build publishes it as active when nothing else is left), within
+                    # run_timeout_ms when one is set.
+                    limit_ms = self._tuning.run_timeout_ms
+                    if not self._changed.wait(None if limit_ms is None else limit_ms / 1000.0):
+                        why = "; ".join(errors) or self._why_none()
+                        raise BackendError(f"no working accelerator left: {why}; the standby is still being "
+                                           f"built (waited {limit_ms} ms)")
                     waited = True
                     continue
                 if slot is None:
@@ -370,6 +388,8 @@ class FastPath:
             nxt.status = "active"
 
     def _maybe_promote(self) -> None:
+        if not any(s.status == "failed" for s in self._slots):
+            return  # the common case, on every request: nothing was demoted
         active = self._active()
         limit = active.rank if active is not None else len(self._slots)
         now = self._clock()

@@ -112,3 +112,24 @@ def test_tflite_runtime_fallback_under_numpy2(monkeypatch: pytest.MonkeyPatch, b
         return
     with pytest.raises(BackendError, match=r"tflite-runtime was built for numpy 1\.x and fails with numpy 2"):
         open_backend("tflite", acc, blazeface_path.read_bytes(), 1)
+
+
+def test_cpu_session_is_created_from_the_plaintext_buffer_without_a_copy() -> None:
+    model = conv_model()
+    x = np.random.default_rng(1).uniform(0, 1, (1, 3, 32, 32)).astype(np.float32)
+    acc = Accelerator(kind="cpu", label="cpu")
+    public = open_backend("onnx", acc, model, 2)  # bytes: the public onnxruntime API (copy, then scrubbed)
+    buffer = bytearray(model)
+    direct = open_backend("onnx", acc, buffer, 2)  # bytearray: straight to the binding, no extra copy
+    try:
+        assert type(direct._sess).__module__.startswith("onnxruntime.capi")  # type: ignore[attr-defined]
+        assert type(public._sess).__name__ == "InferenceSession"  # type: ignore[attr-defined]
+        buffer[:] = bytes(len(buffer))  # the session owns its parsed copy: wiping the buffer is safe
+        np.testing.assert_array_equal(direct.run({"x": x})["y"], public.run({"x": x})["y"])
+        for backend in (direct, public):
+            opts = backend.session_options()  # type: ignore[attr-defined]
+            assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (2, 1)
+            assert backend.describe()["providers"] == ["CPUExecutionProvider"]
+    finally:
+        direct.close()
+        public.close()

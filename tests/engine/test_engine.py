@@ -15,7 +15,7 @@ from edgeguard.engine import Engine, InferenceResult
 from edgeguard.errors import BackendError, InputRejected
 from edgeguard.profiles import Accelerator, get_profile
 
-from .support import PlainSource, golden_from, manifest_for, profile_with
+from .support import PlainSource, golden_from, manifest_for, profile_with, wait_standby
 
 YOLO_IN = TensorSpec("images", "float32", (1, 3, 320, 320), (0.0, 1.0))
 YOLO_OUT = TensorSpec("output0", "float32", (1, 22, 2100))
@@ -103,6 +103,7 @@ def test_blazeface_on_litert(blazeface_path: Path, astronaut_png: Path) -> None:
         assert result.backend == "litert" and result.accelerator == "xnnpack"
         scores = result.outputs["classificators"].reshape(-1)
         assert float(scores.max()) > 0.0  # the astronaut's face gives a confident logit somewhere
+        wait_standby(engine)  # the builtin standby is the kept reference session, adopted in the background
         assert [c.status for c in engine.candidates()] == ["active", "standby"]
     assert src.wiped and not any(src.model)
     with pytest.raises(BackendError, match="closed"):

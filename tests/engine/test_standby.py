@@ -59,13 +59,15 @@ def gated(fp32: bytes) -> Iterator[tuple[Engine, GatedOpener, PlainSource]]:
         engine.close()
 
 
-def _load(fp32: bytes, opener: GatedOpener, labels: list[str]) -> tuple[Engine, PlainSource]:
+def _load(fp32: bytes, opener: GatedOpener, labels: list[str],
+          run_timeout_ms: int | None = None) -> tuple[Engine, PlainSource]:
     golden = golden_from("onnx", fp32, {"x": _x()})
     man = manifest_for("onnx", "conv", [X_SPEC], [Y_SPEC], golden_count=1,
                        golden_tolerance=Tolerance(rtol=1e-3, atol=1e-4))
     src = PlainSource(man, bytearray(fp32), [golden])
     chain = [Accelerator(kind="cpu", label=label) for label in labels]
-    prof = profile_with("onnx", chain, tuning=EngineTuning(promote_after_s=30.0, standby=1))
+    tuning = EngineTuning(promote_after_s=30.0, standby=1, run_timeout_ms=run_timeout_ms)
+    prof = profile_with("onnx", chain, tuning=tuning)
     engine = Engine.load(src, profile=prof, opener=opener, clock=Clock())
     assert opener.entered.wait(30)  # the background build has reached the gated session
     return engine, src
@@ -158,3 +160,21 @@ def test_close_during_the_standby_build_waits_discards_and_wipes(
         "fast": ("not tried", "closed"), "slow": ("not tried", "closed")}
     with pytest.raises(BackendError, match="closed"):
         engine.infer({"x": _x()})
+
+
+def test_waiting_for_the_standby_is_bounded_by_run_timeout(fp32: bytes) -> None:
+    opener = GatedOpener("slow")
+    engine, src = _load(fp32, opener, ["fast", "slow"], run_timeout_ms=300)
+    try:
+        opener.opened["fast"].fail = "raise"
+        with pytest.raises(BackendError) as info:
+            engine.infer({"x": _x()})
+        msg = str(info.value)
+        assert "device lost (injected)" in msg and "the standby is still being built (waited 300 ms)" in msg
+        opener.gate.set()
+        wait_standby(engine)
+        assert engine.infer({"x": _x()}).accelerator == "slow"  # once built, it serves
+        assert src.wiped and not any(src.model)
+    finally:
+        opener.gate.set()
+        engine.close()
