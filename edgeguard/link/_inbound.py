@@ -14,7 +14,8 @@ log = logging.getLogger("edgeguard.link")
 
 
 class InboundRouter:
-    """Maps exact topics to handlers. ``deliver`` runs on paho's network thread and never raises."""
+    """Maps exact topics to handlers. ``deliver`` runs on the link thread (inside paho's loop_read) and never
+    raises; ``add`` may be called from any thread."""
 
     def __init__(self, prefix: str, max_bytes: int) -> None:
         self.prefix = prefix
@@ -22,7 +23,6 @@ class InboundRouter:
         self.dropped = 0
         self._lock = threading.Lock()
         self._routes: dict[str, tuple[Callable[[bytes], None], int]] = {}
-        self._changed = False
 
     def add(self, suffix: str, callback: Callable[[bytes], None], max_bytes: int | None) -> None:
         if not all(TOPIC_SEGMENT.match(part) for part in suffix.split("/")):
@@ -30,19 +30,11 @@ class InboundRouter:
         limit = min(max_bytes or self.max_bytes, self.max_bytes)
         with self._lock:
             self._routes[self.prefix + suffix] = (callback, limit)
-            self._changed = True
 
-    def topics(self, *, only_if_changed: bool = False) -> list[str]:
-        """The topics to subscribe to (all of them, or none when nothing changed since the last call)."""
+    def topics(self) -> list[str]:
+        """Every topic to subscribe to."""
         with self._lock:
-            if only_if_changed and not self._changed:
-                return []
-            self._changed = False
             return list(self._routes)
-
-    @property
-    def changed(self) -> bool:
-        return self._changed
 
     def deliver(self, topic: str, payload: bytes) -> None:
         with self._lock:

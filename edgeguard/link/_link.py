@@ -1,17 +1,19 @@
 """The MQTT session: birth/LWT status, heartbeat, results from the outbox, events, inbound topics.
 
-Two threads: paho's network thread (``loop_start()``, with paho's own reconnecting switched off) reads and
-writes the socket and only hands facts over (CONNACK, PUBACK mids, disconnects); the link thread connects
-with our jittered backoff and injectable clock, reads the outbox, publishes, maps PUBACKs to results and
-removes them. The table of in-flight message ids belongs to the link thread alone, and nothing ever waits on
-paho's ``wait_for_publish`` (which can hang on a dropped connection). Producers only ever touch the outbox.
+One thread does everything: the link thread drives paho's network loop itself (``select`` on the socket,
+then ``loop_read`` / ``loop_write`` / ``loop_misc``; no ``loop_start``, paho's reconnecting switched off),
+connects with our jittered backoff and injectable clock, reads the outbox, publishes, maps PUBACKs to results
+and removes them. paho's callbacks therefore run in the link thread too: no hand-off, no wake-up and no lock
+contention per message, and the table of in-flight message ids needs no lock. Nothing ever waits on paho's
+``wait_for_publish`` (which can hang on a dropped connection). Producers only ever touch the outbox; other
+threads (``on_inbound``, ``publish_event``, ``stop``) only queue a request and wake the loop through a
+socket pair.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import ssl
 import threading
 import time
 from collections import deque
@@ -19,7 +21,6 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -28,6 +29,7 @@ from edgeguard.errors import LinkError
 from edgeguard.link._config import TOPIC_SEGMENT, Backoff, LinkConfig, LinkState
 from edgeguard.link._discovery import discovery_messages
 from edgeguard.link._inbound import InboundRouter
+from edgeguard.link._netloop import SubWait, Waker, network_pass, new_client
 from edgeguard.link._reasons import connect_error_reason, no_connack_reason
 from edgeguard.outbox import Outbox, OutboxItem
 
@@ -37,6 +39,8 @@ log = logging.getLogger("edgeguard.link")
 
 _AUTH_CODES = {4, 5, 134, 135}  # 3.1.1: bad credentials / not authorised; 5: 0x86, 0x87
 _PROTOCOL_CODES = {1, 132}  # 3.1.1: unacceptable protocol version; 5: 0x84
+# The result envelope in one bytes formatting operation (%r of a float is its shortest round-trip repr).
+_ENVELOPE = b'%s%d","seq":%d,"kind":"%s","priority":%s,"created":%r,"data":%s}'
 
 
 class MqttLink:
@@ -76,10 +80,12 @@ class MqttLink:
         self._connected = False
         self._connack: ReasonCode | None = None
         self._dropped = False
-        self._network_running = False
-        self._wake = threading.Event()
-        self._puback: deque[tuple[int, bool]] = deque()  # (mid, refused) from paho's thread
-        self._wake_every = max(1, config.inflight_window // 2)
+        # Other threads wake the loop's select() through this pair (inbound handler added, stop requested).
+        self._waker = Waker()
+        self._puback: list[tuple[int, bool]] = []  # (mid, refused), from paho's callback (this thread)
+        self._subscribed: dict[int, SubWait] = {}  # SUBSCRIBE mid -> the on_inbound() call waiting for it
+        self._sub_waiters: list[SubWait] = []  # on_inbound() calls not subscribed yet (lock)
+        self._next_tick = 0.0
         self._ahead = 2 * config.inflight_window  # results handed to paho: on the wire + queued behind them
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
         self._rejected_seqs: list[int] = []
@@ -120,6 +126,11 @@ class MqttLink:
             events_dropped=self._events_dropped,
         )
 
+    @property
+    def loop_alive(self) -> bool:
+        """Whether the link thread (connecting, publishing and paho's network loop, all in one) is running."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> LinkError | None:
         """Start the link thread; wait up to ``startup_wait_s`` for the first connection attempt. Returns the
         reason as a LinkError when that attempt failed (also logged as one line and kept in ``state``); the
@@ -137,8 +148,11 @@ class MqttLink:
     def stop(self) -> None:
         """Publish the offline status (waiting at most ``stop_timeout_s`` for its ack) and disconnect."""
         self._stop.set()
+        self._waker.poke()
         if self._thread is not None:
             self._thread.join(self.config.stop_timeout_s + self.config.connect_timeout_s + 2.0)
+        if self._thread is not None and not self._thread.is_alive():
+            self._waker.close()
 
     def wait_connected(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -157,53 +171,46 @@ class MqttLink:
             self._events.append(payload)
 
     def on_inbound(
-        self, topic_suffix: str, callback: Callable[[bytes], None], *, max_bytes: int | None = None
-    ) -> None:
+        self,
+        topic_suffix: str,
+        callback: Callable[[bytes], None],
+        *,
+        max_bytes: int | None = None,
+        timeout: float | None = None,
+    ) -> bool:
         """Deliver messages on exactly ``<prefix><topic_suffix>`` (no wildcards) to ``callback`` as raw bytes.
-        Oversized messages and callback failures are logged, counted and dropped."""
+        Oversized messages and callback failures are logged, counted and dropped.
+
+        While connected the topic is subscribed at once and this waits (at most ``timeout``, by default
+        ``connect_timeout_s``) for the broker's SUBACK, so a message published after it returns True is
+        delivered. Returns False when not connected (or no SUBACK in time): every (re)connection subscribes
+        to all registered topics anyway."""
         self._inbound.add(topic_suffix, callback, max_bytes)
+        # Ordering: _on_connected sets _connected before it reads the topics, so a handler added while it
+        # connects is either in that read or seen here as connected (then subscribed twice: harmless).
+        if not self._connected or threading.current_thread() is self._thread:
+            return False  # the link thread itself (a handler) must not wait on its own loop
+        wait = SubWait(self._inbound.prefix + topic_suffix)
+        with self._lock:
+            self._sub_waiters.append(wait)
+        self._waker.poke()
+        wait.done.wait(self.config.connect_timeout_s if timeout is None else timeout)
+        return wait.ok
 
     # --------------------------------------------------------------------------------------------- the client
     def _make_client(self) -> mqtt.Client:
-        cfg = self.config
-        v5 = self._protocol == mqtt.MQTTv5
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=cfg.client_id or f"edgeguard-{self.fleet}-{self.device_id}",
+        client = new_client(
+            self.config,
             protocol=self._protocol,
-            clean_session=None if v5 else False,
-            reconnect_on_failure=False,  # reconnecting is ours: jittered backoff, injectable clock, reasons
+            client_id=self.config.client_id or f"edgeguard-{self.fleet}-{self.device_id}",
+            will_topic=self.prefix + "status",
+            will_payload=json.dumps({"state": "offline", "device": self.device_id}).encode(),
         )
-        # paho puts at most inflight_window messages on the wire; we hand it up to twice that, so that each
-        # PUBACK releases the next publish inside paho's own read loop and the pipe never runs dry while we
-        # refill.
-        client.max_inflight_messages_set(cfg.inflight_window)
-        client.max_queued_messages_set(0)
-        client.connect_timeout = cfg.connect_timeout_s
-        if cfg.username is not None:
-            client.username_pw_set(cfg.username, cfg.password)
-        if cfg.ca_file is not None:
-            try:
-                client.tls_set(
-                    ca_certs=str(cfg.ca_file),
-                    certfile=None if cfg.client_cert is None else str(cfg.client_cert),
-                    keyfile=None if cfg.client_key is None else str(cfg.client_key),
-                    cert_reqs=ssl.CERT_REQUIRED,
-                    tls_version=ssl.PROTOCOL_TLS_CLIENT,
-                )
-            except (OSError, ValueError) as exc:
-                raise LinkError(
-                    f"link: TLS files unusable ({cfg.ca_file}, {cfg.client_cert}): {exc}"
-                ) from None
-        offline = json.dumps({"state": "offline", "device": self.device_id}).encode()
-        client.will_set(self.prefix + "status", offline, qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
-        # Errors only, through a private logger: an on_log callback would make paho format a debug line for
-        # every packet (a measurable share of the drain rate).
-        client.enable_logger(self._paho_log)
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _paho_error(self, record: logging.LogRecord) -> bool:
@@ -211,25 +218,29 @@ class MqttLink:
             self._paho_errors.append(record.getMessage())
         return False  # recorded for the one-line reason; paho's own wording is not logged twice
 
-    # paho's network thread runs these: they only hand facts over to the link thread and wake it.
+    # paho calls these from loop_read()/loop_misc(), that is in the link thread.
     def _on_connect(self, _c: Any, _u: Any, _flags: Any, rc: ReasonCode, _p: Any) -> None:
         self._connack = rc
-        self._wake.set()
 
     def _on_disconnect(self, _c: Any, _u: Any, _flags: Any, rc: ReasonCode, _p: Any) -> None:
         if self._connected:
             log.warning("link: disconnected from %s:%s (%s)", self.config.host, self.config.port, rc)
         self._connected = False
         self._dropped = True
-        self._wake.set()
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, rc: ReasonCode, _p: Any) -> None:
-        # Runs with paho's message lock held: take no lock of ours (the link thread may be in publish()).
+        # Collected and mapped to results after loop_read() returns, one outbox ack per network pass; paho
+        # meanwhile sends the results it holds queued behind the window, so the pipe stays full.
         self._puback.append((mid, rc.is_failure))
-        # Wake the link thread once per half window, not per PUBACK: paho still holds the other half queued,
-        # so the pipe stays full, and the link does one refill per batch (the 50 ms tick takes the rest).
-        if len(self._puback) >= self._wake_every or rc.is_failure:
-            self._wake.set()
+
+    def _on_subscribe(self, _c: Any, _u: Any, mid: int, rcs: list[ReasonCode], _p: Any) -> None:
+        wait = self._subscribed.pop(mid, None)
+        refused = [rc for rc in rcs if rc.is_failure]
+        if refused:
+            log.warning("link: broker refused a subscription (%s)", refused[0])
+        if wait is not None:
+            wait.ok = not refused
+            wait.done.set()
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         self._inbound.deliver(msg.topic, bytes(msg.payload))
@@ -239,17 +250,18 @@ class MqttLink:
         try:
             while not self._stop.is_set():
                 if not self._connected:
-                    self._stop_network()
                     self._take_pubacks()
+                    self._requeue_sub_waiters()
                     wait = self._next_attempt - self._clock()
                     if wait > 0:
-                        self._stop.wait(min(wait, 0.25))
+                        self._waker.idle(min(wait, 0.25))
                         continue
                     self._connect_once()
                     self._first_attempt.set()
                     continue
-                self._wake.wait(0.05)
-                self._wake.clear()
+                # Blocks until PUBACKs arrive (or 50 ms pass, for new results, events and the heartbeat).
+                if not self._network(0.05):
+                    self._connected = False
                 self._step()
             self._goodbye()
         except Exception:  # a bug must not silently stop delivery: say so loudly, the supervisor restarts us
@@ -259,18 +271,18 @@ class MqttLink:
         finally:
             self._first_attempt.set()
 
-    def _stop_network(self) -> None:
-        # paho's thread ends by itself when the connection drops (reconnect_on_failure=False); join it.
-        if self._network_running and self._client is not None:
-            self._client.loop_stop()
-            self._network_running = False
+    def _network(self, timeout: float) -> bool:
+        assert self._client is not None
+        return network_pass(self._client, self._waker, timeout)
 
     def _take_pubacks(self) -> None:
         # mids are registered by this thread right after publish() returns, and PUBACKs are looked up here,
         # in the same thread, afterwards: a PUBACK can never miss its mid.
+        if not self._puback:
+            return
         acked: list[int] = []
-        while self._puback:
-            mid, failed = self._puback.popleft()
+        pubacks, self._puback = self._puback, []
+        for mid, failed in pubacks:
             seq = self._inflight.pop(mid, None)
             if seq is None:
                 continue
@@ -290,12 +302,27 @@ class MqttLink:
         if not self._connected:
             self._schedule_retry(f"connection to {self.config.host}:{self.config.port} lost", "lost")
             return
-        for topic in self._inbound.topics(only_if_changed=True):  # a handler registered while connected
-            client.subscribe(topic, qos=1)
+        if self._sub_waiters:  # a handler registered while connected: subscribe now, report the SUBACK
+            with self._lock:
+                waiters, self._sub_waiters = self._sub_waiters, []
+            for wait in waiters:
+                rc, mid = client.subscribe(wait.topic, qos=1)
+                if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+                    self._subscribed[mid] = wait
         self._pump(client)
-        self._flush_events(client)
-        if self._clock() >= self._next_heartbeat:
-            self._heartbeat(client)
+        now = self._clock()
+        if now >= self._next_tick:  # events and heartbeat need no per-PUBACK attention
+            self._next_tick = now + 0.05
+            self._flush_events(client)
+            if now >= self._next_heartbeat:
+                self._heartbeat(client)
+
+    def _requeue_sub_waiters(self) -> None:
+        # Connection lost before the SUBACK: the next connection subscribes to every topic and answers them.
+        if self._subscribed:
+            with self._lock:
+                self._sub_waiters.extend(self._subscribed.values())
+            self._subscribed.clear()
 
     def _pump(self, client: mqtt.Client) -> None:
         if self._rejected_seqs and not self._inflight:
@@ -322,23 +349,14 @@ class MqttLink:
             item = self._ready.popleft()
             room -= 1
             # The id and kind come from checked charsets (no quoting needed); the result is JSON by contract.
-            seq = str(item.seq).encode()
-            envelope = b"".join(
-                (
-                    self._id_prefix,
-                    seq,
-                    b'","seq":',
-                    seq,
-                    b',"kind":"',
-                    item.kind.encode(),
-                    b'","priority":',
-                    b"true" if item.priority else b"false",
-                    b',"created":',
-                    repr(item.created).encode(),
-                    b',"data":',
-                    item.payload,
-                    b"}",
-                )
+            envelope = _ENVELOPE % (
+                self._id_prefix,
+                item.seq,
+                item.seq,
+                item.kind.encode(),
+                b"true" if item.priority else b"false",
+                item.created,
+                item.payload,
             )
             info = client.publish(topic, envelope, qos=1)
             self._inflight[info.mid] = item.seq
@@ -386,6 +404,10 @@ class MqttLink:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = cfg.session_expiry_s
         self._dropped = False
+        # paho's errors while connecting (TLS, socket) make the one-line reason; recorded through a private
+        # logger set to ERROR. Only while connecting: once connected, paho would call the logger twice per
+        # result (a measurable share of the drain rate) for nothing we use.
+        client.enable_logger(self._paho_log)
         try:
             client.connect(
                 cfg.host,
@@ -397,19 +419,14 @@ class MqttLink:
         except Exception as exc:
             self._schedule_retry(*connect_error_reason(exc, self.config))
             return
-        client.loop_start()
-        self._network_running = True
         deadline = self._clock() + cfg.connect_timeout_s
         while self._read_connack() is None and not self._dropped and not self._stop.is_set():
             left = deadline - self._clock()
-            if left <= 0:
+            if left <= 0 or not self._network(min(left, 0.05)):
                 break
-            self._wake.wait(min(left, 0.05))
-            self._wake.clear()
         rc = self._read_connack()
         if rc is None or rc.is_failure:
-            client.disconnect()
-            self._stop_network()
+            client.disconnect()  # sends DISCONNECT (if the socket is still open) and closes it
         if rc is not None and not rc.is_failure:
             self._on_connected(client)
             return
@@ -440,6 +457,7 @@ class MqttLink:
         self._next_attempt = self._clock() + self._backoff.next_delay()
 
     def _on_connected(self, client: mqtt.Client) -> None:
+        client.disable_logger()
         self._connected = True
         self._connects += 1
         self._backoff.reset()
@@ -447,8 +465,14 @@ class MqttLink:
         log.info("link: connected to %s:%s", self.config.host, self.config.port)
         birth = {"state": "online", "device": self.device_id, "fleet": self.fleet, "time": self._wall()}
         client.publish(self.prefix + "status", json.dumps(birth).encode(), qos=1, retain=True)
+        with self._lock:  # every registered topic is subscribed below: no separate SUBSCRIBE for these
+            waiters, self._sub_waiters = self._sub_waiters, []
         for topic in self._inbound.topics():
-            client.subscribe(topic, qos=1)
+            rc, mid = client.subscribe(topic, qos=1)
+            if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+                for wait in waiters:
+                    if wait.topic == topic:
+                        self._subscribed[mid] = wait
         if self.config.ha_discovery:
             for topic, payload in discovery_messages(
                 self.config.ha_prefix, self.fleet, self.device_id, self.prefix
@@ -464,10 +488,9 @@ class MqttLink:
         info = client.publish(self.prefix + "status", offline, qos=1, retain=True)
         deadline = self._clock() + self.config.stop_timeout_s
         while not info.is_published() and self._connected and self._clock() < deadline:
-            self._wake.wait(0.05)
-            self._wake.clear()
+            if not self._network(min(0.05, max(0.0, deadline - self._clock()))):
+                break
             self._take_pubacks()
         self._take_pubacks()
         self._connected = False
         client.disconnect()  # unacknowledged results stay in the outbox and are sent again next time
-        self._stop_network()

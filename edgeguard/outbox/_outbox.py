@@ -138,11 +138,15 @@ class Outbox:
             last = self._next_seq - 1
             # Group commit without a hand-off when nobody else is writing: this producer commits the pending
             # batch itself (its own rows and whatever queued before). Otherwise it waits on a private lock,
-            # released by whoever commits its rows, so a commit wakes only the producers it served.
+            # released by whoever commits its rows, so a commit wakes only the producers it served; it is
+            # registered in this same critical section (one lock round per waiting call). Whoever is
+            # committing notifies the committer when done, which then takes everything queued at once.
             lead = not self._busy
             if lead:
                 self._busy = True
                 batch, acks = self._take_batch()
+            else:
+                waiter = self._wait_for(last)
         if lead:
             try:
                 self._commit(batch, acks)
@@ -150,17 +154,21 @@ class Outbox:
                 with self._cond:
                     self._busy = False
                     self._cond.notify_all()
-        with self._cond:
-            if self._done_seq >= last:
-                return ids
-            waiter = threading.Lock()
-            waiter.acquire()
-            self._waiters.append((last, waiter))
-            self._cond.notify_all()
+            with self._cond:
+                if self._done_seq >= last:
+                    return ids
+                waiter = self._wait_for(last)  # more rows than one batch takes: the committer goes on
         while not waiter.acquire(timeout=5.0):
             if not self._thread.is_alive():
                 raise OutboxError("outbox committer stopped; result not stored")
         return ids
+
+    def _wait_for(self, last: int) -> threading.Lock:
+        # Caller holds the lock; the returned lock is released once every seq <= last is stored.
+        waiter = threading.Lock()
+        waiter.acquire()
+        self._waiters.append((last, waiter))
+        return waiter
 
     # ------------------------------------------------------------------------------------------- consuming
     def peek(self, *, after: int, limit: int) -> list[OutboxItem]:
@@ -180,12 +188,15 @@ class Outbox:
             rows = []
         items: list[OutboxItem] = []
         bad: list[int] = []
+        # The link's hot path (one call per few hundred results): names bound once, tuples built positionally.
+        prefix, opener, make = f"{self.device_id}:", self._sealer.open, OutboxItem._make
         for seq, prio, kind_, created, blob in rows:
-            item = self._decrypt(seq, prio, kind_, created, blob)
-            if item is None:
+            rid = prefix + str(seq)
+            payload = opener(rid, kind_, prio, blob)
+            if payload is None:
                 bad.append(seq)
             else:
-                items.append(item)
+                items.append(make((seq, rid, kind_, prio == 1, created, payload)))
         if len(rows) < limit:
             with self._lock:
                 mem = [r for s, r in self._memory.items() if s > after and r[4] > now]

@@ -115,7 +115,7 @@ class Worker:
         alarm = self.outbox.stats().alarm
         if alarm:
             return {"healthy": False, "stalled": False, "reason": f"outbox: {alarm}"}
-        if not any(t.name == "edgeguard-mqtt" and t.is_alive() for t in threading.enumerate()):
+        if not self.link.loop_alive:
             return {"healthy": False, "stalled": False, "reason": "MQTT link loop not running"}
         return {"healthy": True, "stalled": False, "reason": ""}
 

@@ -18,6 +18,7 @@ import pytest
 from edgeguard.errors import ConfigError, LinkError
 from edgeguard.link import Backoff, LinkConfig, MqttLink
 from edgeguard.outbox import Outbox, OutboxConfig
+from tests.link._mqtt311_gate import Mqtt311OnlyGate
 from tests.support.broker import MosquittoBroker, Pki, Recorder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -531,14 +532,18 @@ def test_inbound_strict_topic_size_limit_and_failing_handler(
         assert link.state.inbound_dropped == 2
         Results(rec).wait_all([ob.put(b"{}")])  # still delivering
         late: list[bytes] = []
-        link.on_inbound("input", late.append)  # registered while connected: subscribed at once
-        assert wait_until(lambda: not link._inbound.changed)
-        time.sleep(0.2)
+        # Registered while connected: subscribed at once; it returns after the broker's SUBACK, so a message
+        # published right after it is delivered (no sleep, no reconnect).
+        connects = link.state.connects
+        assert link.on_inbound("input", late.append) is True
         pub.publish(PREFIX + "input", b"frame", qos=1)
         assert wait_until(lambda: late == [b"frame"])
+        assert link.state.connects == connects  # not through a reconnect
+        assert link.loop_alive
     finally:
         link.stop()
         ob.close()
+    assert not link.loop_alive
 
 
 def test_mqtt_311_session(gated: tuple[MosquittoBroker, Recorder], tmp_path: Path) -> None:
@@ -552,6 +557,62 @@ def test_mqtt_311_session(gated: tuple[MosquittoBroker, Recorder], tmp_path: Pat
     finally:
         link.stop()
         ob.close()
+
+
+def test_keepalive_kept_while_idle_and_a_silent_broker_detected(
+    broker_factory: Callable[..., MosquittoBroker], recorder_factory: Callable[..., Recorder], tmp_path: Path
+) -> None:
+    # The link thread runs paho's network loop itself: PINGREQs must go out while nothing else is sent
+    # (mosquitto drops a client silent for 1.5 x keepalive), and a broker that stops answering (SIGSTOP: the
+    # socket stays open) must be noticed by the keepalive and reconnected once it answers again.
+    broker = broker_factory()
+    rec = recorder_factory(broker, "edgeguard/#")
+    ob = outbox(tmp_path)
+    cfg = config(broker, username=None, password=None, keepalive_s=5, heartbeat_s=3600.0)
+    link = MqttLink(config=cfg, fleet="fleet", device_id="dev", outbox=ob)
+    assert broker.proc is not None
+    try:
+        assert link.start() is None
+        time.sleep(8.5)  # longer than 1.5 x keepalive, with no other traffic
+        assert link.state.connected and link.state.connects == 1
+        broker.proc.send_signal(signal.SIGSTOP)
+        try:
+            assert wait_until(lambda: not link.state.connected, timeout=20.0)
+            assert link.state.error_kind == "lost"
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+        assert wait_until(lambda: link.state.connected, timeout=20.0)
+        Results(rec).wait_all([ob.put(b"{}")])
+    finally:
+        link.stop()
+        ob.close()
+
+
+def test_auto_falls_back_to_311_when_the_broker_refuses_5(
+    gated: tuple[MosquittoBroker, Recorder], tmp_path: Path
+) -> None:
+    broker, rec = gated
+    with Mqtt311OnlyGate(broker.port) as gate:
+        ob = outbox(tmp_path)
+        link = MqttLink(config=config(broker, port=gate.port), fleet="fleet", device_id="dev", outbox=ob)
+        assert link.config.protocol == "auto"
+        try:
+            assert link.start() is None
+            assert link.wait_connected(10)
+            assert link.state.protocol == "3.1.1"
+            assert gate.refused_v5 == 1 and gate.passed == [4]  # one MQTT 5 refusal, then 3.1.1 (level 4)
+            results = Results(rec)
+            results.wait_all(ob.put_many([b'{"n":1}'] * 20))
+            # A lost connection reconnects with 3.1.1 straight away: no second MQTT 5 attempt.
+            connects = link.state.connects
+            gate.drop_connections()
+            assert wait_until(lambda: link.state.connects > connects and link.state.connected)
+            assert gate.refused_v5 == 1 and gate.passed == [4, 4]
+            results.wait_all(ob.put_many([b'{"n":2}'] * 20))
+            assert json.loads(rec.on_topic("/status")[-1])["state"] == "online"
+        finally:
+            link.stop()
+            ob.close()
 
 
 # ------------------------------------------------------------------------------------------------- units

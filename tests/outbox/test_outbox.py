@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -215,6 +218,46 @@ def test_corrupt_database_moved_aside_new_one_started(tmp_path: Path) -> None:
         assert [i for i, _ in all_items(ob)] == [rid]
     with make(tmp_path) as ob:  # and it stays healthy: no crash loop
         assert ob.stats().corrupt_files == 0 and ob.stats().depth == 1
+
+
+def test_corruption_found_while_running_is_moved_aside_and_serving_goes_on(tmp_path: Path) -> None:
+    ob = make(tmp_path)
+    try:
+        ids = ob.put_many([b'{"n":1}'] * 2000)
+        assert ob.wait_idle()
+        db = tmp_path / "outbox.db"
+        # Everything into the main file, then its pages (not the header) overwritten in place, as a failing
+        # card would: the open connections find out on their next read.
+        with sqlite3.connect(db) as side:
+            side.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        with open(db, "r+b") as f:
+            f.seek(4096)
+            f.write(os.urandom(db.stat().st_size - 4096))
+        assert ob.peek(after=-1, limit=10) == []  # the read fails: nothing handed out, no exception
+        assert wait_for(lambda: ob.stats().corrupt_files == 1)
+        kept = [p for p in tmp_path.iterdir() if p.name.startswith("outbox.db.corrupt-")]
+        assert kept, "the corrupt file is kept for inspection"
+        events = ob.drain_events()
+        corrupt = [e for e in events if e["event"] == "outbox_corrupt"]
+        assert len(corrupt) == 1 and corrupt[0]["lost"] == len(ids)
+        assert ob.stats().dropped["corrupt"] == len(ids)  # counted, never silent
+        rid = ob.put(b'{"n":2}')  # still serving, on a fresh file, with an id never used before
+        assert int(rid.split(":")[1]) > int(ids[-1].split(":")[1])
+        assert [i for i, _ in all_items(ob)] == [rid]
+        assert ob.stats().alarm is None
+    finally:
+        ob.close()
+    with make(tmp_path) as ob:  # reopened: healthy, the new result kept
+        assert ob.stats().corrupt_files == 0 and [i for i, _ in all_items(ob)] == [rid]
+
+
+def wait_for(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def test_full_disk_degrades_to_memory_and_recovers(tmp_path: Path) -> None:
