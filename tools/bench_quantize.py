@@ -30,19 +30,10 @@ from edgeguard.bundle.manifest import Manifest, TensorSpec
 from edgeguard.engine.postprocess import box_iou, decode_yolov8
 from edgeguard.engine.preprocess import Preprocessor, parse_preprocess
 from edgeguard.quantize import QuantizeOptions, quantize_onnx
+from edgeguard.quantize._quantizer import cpu_session
 
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "text.png")
 SPEED_TARGET, IOU_TARGET = 1.6, 0.9
-
-
-def _session(path: Path, threads: int) -> Any:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    # Two sessions take turns: an idle pool spinning would steal the CPU from the other one.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def _preprocessor() -> Preprocessor:
@@ -97,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             int8_path = tmp / "int8.onnx"
         else:
             int8_path = args.int8
-        fp32, int8 = _session(fp32_path, args.threads), _session(int8_path, args.threads)
+        fp32, int8 = cpu_session(fp32_path, args.threads), cpu_session(int8_path, args.threads)
         pre = _preprocessor()
         rows: list[dict[str, Any]] = []
         for key in PHOTOS:

@@ -127,7 +127,8 @@ class QuantizeReport:
         }
 
 
-def _session(path: Path, threads: int) -> Any:
+def cpu_session(path: Path, threads: int) -> Any:
+    """The CPU session the quantizer measures with (also used by tools/bench_quantize.py)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
@@ -232,7 +233,7 @@ def quantize_onnx(
         say("loading calibration data", 1, total)
         data: CalibrationSet = load_calibration(calibration, prepared.inputs, preprocess=opts.preprocess,
                                                 samples=opts.samples, seed=opts.seed)
-        fp32 = _session(prepared.path, opts.threads)
+        fp32 = cpu_session(prepared.path, opts.threads)
         reference = _run_all(fp32, data.held_out)
         shapes = [o.shape for o in fp32.get_outputs()]
         kinds = tuple(output_kind(tuple(int(d) for d in s), reference[0][i]) for i, s in enumerate(shapes))
@@ -246,7 +247,7 @@ def quantize_onnx(
             try:
                 _quantize(prepared.path, path, data.calibration, cand, options=opts,
                           cache=tmp / "calibration.json")
-                session = _session(path, opts.threads)
+                session = cpu_session(path, opts.threads)
                 outputs = _run_all(session, data.held_out)
             except Exception as exc:
                 results[cand.name] = CandidateResult(cand.name, cand.description, cand.exclude,
