@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from edgeguard._atomic import atomic_write
 
 __all__ = ["NONCE", "Sealer", "SeqReservation"]
 
@@ -57,13 +58,8 @@ class SeqReservation:
             return 0
 
     def reserve(self, upto: int) -> bool:
-        tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            with open(tmp, "w") as f:
-                f.write(str(upto))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            atomic_write(self.path, str(upto).encode("ascii"))
         except OSError as exc:  # disk full: keep going; ids stay unique unless we also crash before recovery
             log.warning("cannot reserve outbox sequence numbers: %s", exc)
             return False
