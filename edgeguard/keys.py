@@ -111,22 +111,31 @@ def generate_keypair(kind: KeyKind, out_dir: Path) -> tuple[Path, Path, str]:
 
 
 def _read_key_file(path: Path, *, private: bool) -> bytes:
+    # Open once, then check and read that same open file (fstat, bounded read): a path swapped or grown
+    # after a stat() cannot slip in another file, and a device or FIFO is never read at all.
     try:
-        st = path.stat()
-        if private and st.st_mode & 0o077:
-            raise KeyFileError(
-                f"permissions {stat.S_IMODE(st.st_mode):04o} for '{path}' are too open: a private key must "
-                f"not be accessible by group or others (run: chmod 600 {path})"
-            )
-        if st.st_size > _MAX_KEY_FILE:
-            raise KeyFileError(f"{path}: {st.st_size} bytes is too large for a key file")
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not hang
     except FileNotFoundError:
         raise KeyFileError(f"key file not found: {path}") from None
     except IsADirectoryError:
         raise KeyFileError(f"{path} is a directory, not a key file") from None
     except PermissionError:
         raise KeyFileError(f"cannot read key file {path}: permission denied") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if stat.S_ISDIR(st.st_mode):
+            raise KeyFileError(f"{path} is a directory, not a key file")
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyFileError(f"{path} is not a regular file")
+        if private and st.st_mode & 0o077:
+            raise KeyFileError(
+                f"permissions {stat.S_IMODE(st.st_mode):04o} for '{path}' are too open: a private key must "
+                f"not be accessible by group or others (run: chmod 600 {path})"
+            )
+        data = f.read(_MAX_KEY_FILE + 1)
+    if len(data) > _MAX_KEY_FILE:
+        raise KeyFileError(f"{path}: more than {_MAX_KEY_FILE} bytes is too large for a key file")
+    return data
 
 
 def _load_private(path: Path) -> Ed25519PrivateKey | X25519PrivateKey:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import io
 import re
 import zipfile
+import zlib
 from collections.abc import Mapping
 
 import numpy as np
 
 from edgeguard.bundle._format import BundleLimits
-from edgeguard.bundle.manifest import GoldenSample, Manifest
+from edgeguard.bundle.manifest import TENSOR_DTYPES, GoldenSample, Manifest
 from edgeguard.errors import BundleRejected
 
 __all__ = ["decode_golden", "encode_golden", "split_golden_keys"]
@@ -66,6 +67,10 @@ def _check_declared_sizes(archive: zipfile.ZipFile, budget: int) -> None:
                 shape, _, dtype = np.lib.format.read_array_header_2_0(f)
             else:
                 raise ValueError(f"unsupported .npy version {version}")
+        # Tensors only: a zero-width dtype would let any shape pass the size bound below, and text, structured
+        # or object arrays are nothing a model takes or returns.
+        if dtype.name not in TENSOR_DTYPES:
+            raise ValueError(f"{info.filename}: dtype {dtype} is not a tensor dtype")
         count = 1
         for dim in shape:
             if dim < 0:
@@ -98,7 +103,9 @@ def decode_golden(data: bytearray, manifest: Manifest, limits: BundleLimits) -> 
                 )
     except BundleRejected:
         raise
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+    # zipfile raises NotImplementedError (a RuntimeError) for an unknown compression method, RuntimeError
+    # for an encrypted member and zlib.error for a corrupt deflate stream: all verdicts on the file.
+    except (ValueError, OSError, EOFError, KeyError, RuntimeError, zlib.error, zipfile.BadZipFile) as exc:
         raise BundleRejected("malformed", f"golden vectors: {exc}") from None
     if len(out) != manifest.golden_count:
         raise BundleRejected(

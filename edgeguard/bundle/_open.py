@@ -205,7 +205,8 @@ def _str(d: Mapping[str, Any], key: str, max_len: int, pattern: str | None = Non
 
 
 def _number(v: Any, what: str) -> float:
-    if type(v) not in (int, float) or not math.isfinite(v):
+    # JSON integers are unbounded: isfinite()/float() raise OverflowError beyond ~1.8e308, a bad value too.
+    if type(v) not in (int, float) or (type(v) is int and abs(v) > 2**1023) or not math.isfinite(v):
         _bad(f"{what} must be a finite number")
     return float(v)
 
@@ -603,6 +604,7 @@ def open_bundle(
             wipe(model)
             wipe(golden_buf)
             raise
+        wipe(golden_buf)  # decoded into arrays of their own: the archive's plaintext is not handed out
         opened = OpenedBundle(m, model, golden, state_dir)
         if commit_floor:
             try:

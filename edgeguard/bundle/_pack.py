@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +22,7 @@ from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from edgeguard.bundle import _format as fmt
-from edgeguard.bundle._golden import encode_golden, split_golden_keys
+from edgeguard.bundle._golden import decode_golden, encode_golden, split_golden_keys
 from edgeguard.bundle._open import _parse_unverified_manifest
 from edgeguard.bundle._reference import introspect, run_reference
 from edgeguard.bundle.manifest import GoldenSample, Manifest, ModelFormat, TensorSpec, Tolerance
@@ -65,7 +67,7 @@ def _tensor_from_meta(t: Any, where: str) -> TensorSpec:
             shape=tuple(None if d is None else int(d) for d in t["shape"]),
             value_range=None if rng is None else (float(rng[0]), float(rng[1])),
         )
-    except (TypeError, ValueError, IndexError) as exc:
+    except (TypeError, ValueError, IndexError, OverflowError) as exc:
         raise ConfigError(f"--meta {where}: bad tensor {t.get('name')!r}: {exc}") from None
 
 
@@ -74,7 +76,7 @@ def _tolerance_from_meta(tol: Any) -> Tolerance:
         raise ConfigError('--meta tolerance must be {"rtol": number, "atol": number}')
     try:
         return Tolerance(**{k: float(v) for k, v in tol.items()})
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # OverflowError: float() of a huge JSON integer
         raise ConfigError(f"--meta tolerance: {exc}") from None
 
 
@@ -104,7 +106,8 @@ def load_golden_npz(path: Path) -> list[dict[str, dict[str, np.ndarray]]]:
                 {side: {n: np.array(npz[k]) for n, k in groups[i][side].items()} for side in ("in", "out")}
                 for i in range(len(groups))
             ]
-    except (OSError, ValueError) as exc:
+    # zipfile's own errors (BadZipFile, RuntimeError, zlib.error) are neither OSError nor ValueError.
+    except (OSError, ValueError, EOFError, KeyError, RuntimeError, zlib.error, zipfile.BadZipFile) as exc:
         raise ConfigError(f"cannot read golden vectors {path}: {exc}") from None
 
 
@@ -258,6 +261,11 @@ def pack_bundle(
         raise ConfigError(f"chunk size must be within [{limits.min_chunk_size}, {limits.max_chunk_size}]")
     if len(model) > limits.max_model_bytes or len(golden_bytes) > limits.max_golden_bytes:
         raise ConfigError("model or golden vectors exceed the bundle size limits")
+    if golden_bytes:
+        try:  # the device's decoder judges the golden vectors too
+            decode_golden(bytearray(golden_bytes), manifest, limits)
+        except BundleRejected as exc:
+            raise ConfigError(f"cannot pack: {exc.detail}") from None
 
     info = fmt.hpke_info(manifest_bytes)
     wrapped = [_HPKE.encrypt(content_key, r.public_key, info=info) for r in recipients]

@@ -7,6 +7,8 @@ either the old floor or the new one, never a torn or empty file. A floor only ev
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 from pathlib import Path
 
@@ -51,9 +53,17 @@ class RollbackFloor:
         if not 0 <= version <= _MAX_VERSION:
             raise ValueError(f"version {version} out of range")
         if version <= self.get(name):
-            return False
+            return False  # floors only go up, so this answer cannot go stale: no lock needed
         self._dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self._path(name), f"{version}\n".encode("ascii"), mode=0o644)
-        return True
-
-
+        # Compare and write under an exclusive lock: two commits at once (the service and `verify --commit`)
+        # must not let a lower version that read the old floor overwrite a higher one written meanwhile.
+        # The lock is taken on the directory itself, so no extra file appears next to the floors.
+        lock = os.open(self._dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if version <= self.get(name):
+                return False
+            atomic_write(self._path(name), f"{version}\n".encode("ascii"), mode=0o644)
+            return True
+        finally:
+            os.close(lock)  # releases the lock
