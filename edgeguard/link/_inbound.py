@@ -22,14 +22,20 @@ class InboundRouter:
         self.max_bytes = max_bytes
         self.dropped = 0
         self._lock = threading.Lock()
-        self._routes: dict[str, tuple[Callable[[bytes], None], int]] = {}
+        self._routes: dict[str, tuple[Callable[[bytes], None], int, Callable[[str], None] | None]] = {}
 
-    def add(self, suffix: str, callback: Callable[[bytes], None], max_bytes: int | None) -> None:
+    def add(
+        self,
+        suffix: str,
+        callback: Callable[[bytes], None],
+        max_bytes: int | None,
+        on_drop: Callable[[str], None] | None = None,
+    ) -> None:
         if not all(TOPIC_SEGMENT.match(part) for part in suffix.split("/")):
             raise ValueError(f"inbound topic suffix {suffix!r}: levels of [A-Za-z0-9_.-], no wildcards")
         limit = min(max_bytes or self.max_bytes, self.max_bytes)
         with self._lock:
-            self._routes[self.prefix + suffix] = (callback, limit)
+            self._routes[self.prefix + suffix] = (callback, limit, on_drop)
 
     def topics(self) -> list[str]:
         """Every topic to subscribe to."""
@@ -42,15 +48,21 @@ class InboundRouter:
         if entry is None:
             self._drop(topic, "no handler for this topic")
             return
-        callback, limit = entry
+        callback, limit, on_drop = entry
         if len(payload) > limit:
-            self._drop(topic, f"{len(payload)} bytes exceeds the {limit}-byte limit")
+            self._drop(topic, f"payload of {len(payload)} bytes exceeds the limit of {limit}", on_drop)
             return
         try:
             callback(payload)
         except Exception as exc:  # a bad message must never raise into paho's callback
-            self._drop(topic, f"handler failed: {type(exc).__name__}: {exc}")
+            self._drop(topic, f"handler failed: {type(exc).__name__}: {exc}", on_drop)
 
-    def _drop(self, topic: str, why: str) -> None:
+    def _drop(self, topic: str, why: str, on_drop: Callable[[str], None] | None = None) -> None:
+        """Count and log a dropped message, and tell the topic's owner (which reports it as an event)."""
         self.dropped += 1
         log.warning("link: inbound message on %s dropped: %s", topic, why)
+        if on_drop is not None:
+            try:
+                on_drop(why)
+            except Exception:
+                log.exception("link: inbound drop handler failed")

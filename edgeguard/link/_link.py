@@ -177,15 +177,17 @@ class MqttLink:
         *,
         max_bytes: int | None = None,
         timeout: float | None = None,
+        on_drop: Callable[[str], None] | None = None,
     ) -> bool:
         """Deliver messages on exactly ``<prefix><topic_suffix>`` (no wildcards) to ``callback`` as raw bytes.
-        Oversized messages and callback failures are logged, counted and dropped.
+        Oversized messages and callback failures are logged, counted and dropped, and ``on_drop(reason)`` is
+        told so the owner of the topic can report them.
 
         While connected the topic is subscribed at once and this waits (at most ``timeout``, by default
         ``connect_timeout_s``) for the broker's SUBACK, so a message published after it returns True is
         delivered. Returns False when not connected (or no SUBACK in time): every (re)connection subscribes
         to all registered topics anyway."""
-        self._inbound.add(topic_suffix, callback, max_bytes)
+        self._inbound.add(topic_suffix, callback, max_bytes, on_drop)
         # Ordering: _on_connected sets _connected before it reads the topics, so a handler added while it
         # connects is either in that read or seen here as connected (then subscribed twice: harmless).
         if not self._connected or threading.current_thread() is self._thread:

@@ -331,8 +331,13 @@ class Supervisor:
         if self._ready_at is not None:
             status = self._alive.get("status")
             if isinstance(status, str) and status:
-                if healthy:
-                    self._set_status(status, force=self._status.startswith("UNHEALTHY"))
+                degraded = self._alive.get("degraded")
+                if healthy and degraded:
+                    self._set_status(
+                        f"DEGRADED: {degraded} | {status}", force=not self._status.startswith("DEGRADED")
+                    )
+                elif healthy:
+                    self._set_status(status, force=self._status.startswith(("UNHEALTHY", "DEGRADED")))
                 else:
                     self._set_status(
                         f"UNHEALTHY: {reason} | {status}", force=not self._status.startswith("UNHEALTHY")

@@ -48,7 +48,7 @@ def build_sources(worker: Worker) -> tuple[ApiSource | None, list[Any]]:
             tokens=load_tokens(cfg),
             sink=pipeline,
             specs=specs,
-            health=lambda: {"ok": worker.verdict()["healthy"], **worker.health()},
+            health=lambda: _api_health(worker),
             admin=admin,
         )
         sources.append(api)
@@ -62,7 +62,9 @@ def build_sources(worker: Worker) -> tuple[ApiSource | None, list[Any]]:
                 "input-rejected", {"source": src, "reason": reason}
             ),
         )
-        worker.link.on_inbound("input", mq.handle, max_bytes=cfg.mqtt_input.max_body_bytes)
+        worker.link.on_inbound(
+            "input", mq.handle, max_bytes=cfg.mqtt_input.max_body_bytes, on_drop=mq.dropped_by_link
+        )
         sources.append(mq)
     if cfg.serial.enabled:
         sources.append(SerialSource(config=cfg.serial.to_serial_config(), sink=pipeline, specs=specs))
@@ -71,3 +73,16 @@ def build_sources(worker: Worker) -> tuple[ApiSource | None, list[Any]]:
             DirectorySource(config=cfg.directory.to_directory_config(), sink=pipeline, specs=specs)
         )
     return api, sources
+
+
+def _api_health(worker: Worker) -> dict[str, Any]:
+    """``GET /v1/health``: the worker's health plus the states a local client cannot see elsewhere while the
+    broker is unreachable (heartbeats then go nowhere): the link with its last error, the outbox figures."""
+    verdict = worker.verdict()
+    return {
+        "ok": verdict["healthy"] and not verdict.get("degraded"),
+        "alarm": verdict.get("degraded") or None,  # device-level, e.g. the outbox's disk is full
+        **worker.health(),
+        "link": worker.link.state.to_json(),
+        "outbox": worker.outbox.stats().to_json(),
+    }

@@ -108,16 +108,20 @@ class Worker:
         return doc
 
     def verdict(self) -> dict[str, Any]:
-        """The checks behind every watchdog kick: inference progressing, outbox writable, link loop alive."""
+        """The checks behind every watchdog kick: inference progressing, outbox accepting, link loop alive.
+
+        An outbox alarm (disk full or failing) makes the device *degraded*, not unhealthy: the outbox keeps
+        accepting into its bounded memory queue, and a restart could neither free the disk nor keep those
+        acknowledged results, so withholding the watchdog's kicks would turn an alarm into certain loss.
+        """
         stalled_s = self.pipeline.oldest_in_flight_s()
         if stalled_s > self.cfg.service.hang_timeout_s:
             return {"healthy": False, "stalled": True, "reason": f"inference stalled for {stalled_s:.1f} s"}
-        alarm = self.outbox.stats().alarm
-        if alarm:
-            return {"healthy": False, "stalled": False, "reason": f"outbox: {alarm}"}
         if not self.link.loop_alive:
             return {"healthy": False, "stalled": False, "reason": "MQTT link loop not running"}
-        return {"healthy": True, "stalled": False, "reason": ""}
+        alarm = self.outbox.stats().alarm
+        degraded = f"outbox: {alarm}" if alarm else ""
+        return {"healthy": True, "stalled": False, "reason": "", "degraded": degraded}
 
     def status_line(self) -> str:
         engine = self.pipeline.engine

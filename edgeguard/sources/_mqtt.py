@@ -77,6 +77,13 @@ class MqttInputSource:
             self.counts["dropped_full"] += 1
             self._reject("input queue full, message dropped")
 
+    def dropped_by_link(self, reason: str) -> None:
+        """The link refused a message on the input topic before it reached ``handle`` (over its size limit):
+        count and report it like any other refused input."""
+        self.counts["received"] += 1
+        self.counts["oversize"] += 1
+        self._reject(reason)
+
     def _reject(self, reason: str) -> None:
         _log.warning("mqtt input rejected: %s", reason)
         if self._on_reject is not None:

@@ -128,7 +128,11 @@ class Device:
         serial_port: str | None = None,
         directory: bool = False,
         fault_injection: bool = True,
+        api_extra: str = "",
+        link_extra: str = "",
     ) -> None:
+        """``api_extra`` / ``link_extra``: more key lines for the ``[sources.api]`` / ``[link]`` tables
+        (a TOML table cannot be reopened by ``extra``)."""
         ensure_keys(self.root)
         if bundle:
             (self.root / "model.egm").write_bytes(bundle)
@@ -165,7 +169,7 @@ host = "127.0.0.1"
 port = {self.port}
 tokens_file = "tokens"
 max_body_bytes = 4194304
-
+{api_extra}
 [sources.mqtt]
 enabled = true
 max_body_bytes = 1048576
@@ -177,7 +181,7 @@ heartbeat_s = 0.5
 inbound_max_bytes = 1048576
 backoff_initial_s = 0.1
 backoff_max_s = 0.5
-"""
+{link_extra}"""
         if serial_port:
             text += (
                 f'\n[sources.serial]\nenabled = true\nport = "{serial_port}"\n'
