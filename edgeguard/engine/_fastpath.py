@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -58,7 +58,6 @@ class _Slot:
     executor: ThreadPoolExecutor | None = None
     retry_at: float = 0.0
     backoff_s: float = 0.0
-    failures: int = field(default=0)
 
 
 class FastPath:
@@ -370,7 +369,6 @@ class FastPath:
 
     def _demote(self, slot: _Slot, reason: str, *, hung: bool) -> None:
         self.demotions += 1
-        slot.failures += 1
         slot.reason = reason
         slot.backoff_s = max(self._tuning.promote_after_s, slot.backoff_s)
         slot.retry_at = self._clock() + slot.backoff_s

@@ -99,12 +99,17 @@ class LiteRTBackend(Backend):
             raise BackendError(f"litert/{self.label}: interpreter creation failed: "
                                f"{_numpy2_hint(package, exc)}") from None
         self._interp = interp
-        self._in = {d["name"]: d for d in interp.get_input_details()}
-        self._out = list(interp.get_output_details())
-        self._shapes = {n: tuple(int(v) for v in d["shape"]) for n, d in self._in.items()}
+        self._read_details()
         self._inputs = tuple(TensorInfo(d["name"], np.dtype(d["dtype"]), self._sig(d))
                              for d in self._in.values())
         self._outputs = tuple(TensorInfo(d["name"], np.dtype(d["dtype"]), self._sig(d)) for d in self._out)
+
+    def _read_details(self) -> None:
+        """Tensor details and current input shapes, read again after every resize."""
+        interp = self._interp
+        self._in = {d["name"]: d for d in interp.get_input_details()}
+        self._out = list(interp.get_output_details())
+        self._shapes = {n: tuple(int(v) for v in d["shape"]) for n, d in self._in.items()}
 
     @staticmethod
     def _sig(detail: Mapping[str, Any]) -> tuple[int | None, ...]:
@@ -131,9 +136,7 @@ class LiteRTBackend(Backend):
                 resized = True
         if resized:
             interp.allocate_tensors()
-            self._in = {d["name"]: d for d in interp.get_input_details()}
-            self._out = list(interp.get_output_details())
-            self._shapes = {n: tuple(int(v) for v in d["shape"]) for n, d in self._in.items()}
+            self._read_details()
         for name, value in inputs.items():
             interp.set_tensor(self._in[name]["index"], value)
         interp.invoke()

@@ -126,8 +126,7 @@ class Supervisor:
 
     def request_stop(self) -> None:
         self._stop = True
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
+        self.request_stop_wakeup()
 
     # -- main loop
     # ---------------------------------------------------------------------------------------------
@@ -189,7 +188,6 @@ class Supervisor:
         buf = b""
         try:
             while True:
-                now = self._clock()
                 ready, _, _ = select.select([fd, self._wake_r], [], [], 0.1)
                 if self._wake_r in ready:
                     _drain(self._wake_r)

@@ -34,10 +34,8 @@ def build_sources(worker: Worker) -> tuple[ApiSource | None, list[Any]]:
 
         def admin(action: str, args: dict[str, Any]) -> dict[str, Any]:
             if action == "reload":
-                loop = worker.faults.loop
-                if loop is None:
+                if not worker.request_reload():
                     raise KeyError(action)
-                loop.call_soon_threadsafe(lambda: loop.create_task(worker._reload()))
                 return {"reload": "started"}
             if action == "fault":
                 return worker.faults.inject(args)

@@ -157,7 +157,6 @@ class Worker:
         self.faults.check_start(self.mode)
         if self.mode == "serve":
             await loop.run_in_executor(None, self._load_model, False)
-        if self.mode == "serve":
             # Before the link starts (inbound topics are subscribed on connect), and even without a valid
             # model: the API then answers health requests and 503, the directory keeps its files.
             self._build_sources()
@@ -185,12 +184,11 @@ class Worker:
 
     def _check_degraded(self) -> None:
         engine = self.pipeline.engine
-        degraded = engine is None or bool(engine.health().get("degraded"))
+        health = engine.health() if engine is not None else None
+        degraded = health is None or bool(health.get("degraded"))
         if degraded != self._degraded and (self._degraded is not None or degraded):
             kind = "degraded" if degraded else "recovered"
-            reason = (
-                engine.health().get("degraded_reason") if engine is not None else self.model_error
-            ) or ""
+            reason = (health.get("degraded_reason") if health is not None else self.model_error) or ""
             self.hooks.fire(kind, {"reason": reason})
             self.link.publish_event(kind, {"reason": reason})
         self._degraded = degraded
@@ -227,6 +225,14 @@ class Worker:
         for s in self.sources:
             if s is not self.api:
                 s.start()
+
+    def request_reload(self) -> bool:
+        """Schedule a reload on the event loop from any thread (the admin API); False before :meth:`run`."""
+        loop = self._loop
+        if loop is None:
+            return False
+        loop.call_soon_threadsafe(lambda: loop.create_task(self._reload()))
+        return True
 
     async def _reload(self) -> None:
         loop = asyncio.get_running_loop()

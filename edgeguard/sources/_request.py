@@ -12,6 +12,7 @@ import base64
 import binascii
 import io
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -145,6 +146,7 @@ def _check_id(value: object, limits: BodyLimits) -> str | None:
 
 
 def _parse_npy(body: bytes, limits: BodyLimits) -> np.ndarray:
+    _check_npy_header(body, limits)
     try:
         # allow_pickle=False: an .npy body must never be able to run code.
         array = np.load(io.BytesIO(body), allow_pickle=False)
@@ -152,9 +154,28 @@ def _parse_npy(body: bytes, limits: BodyLimits) -> np.ndarray:
         raise InputRejected(f"malformed .npy body: {exc}") from None
     if not isinstance(array, np.ndarray) or array.dtype.kind not in _NUMERIC_KINDS:
         raise InputRejected("the .npy body must hold one numeric array")
-    if array.size > limits.max_elements:
-        raise InputRejected(f"{array.size} elements exceed the limit of {limits.max_elements}")
     return array
+
+
+def _check_npy_header(body: bytes, limits: BodyLimits) -> None:
+    """Refuse on the header alone: ``np.load`` allocates the whole claimed shape before it reads any data, so
+    a body of a hundred bytes could otherwise ask for any amount of memory."""
+    fp = io.BytesIO(body)
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape = np.lib.format.read_array_header_1_0(fp)[0]
+        elif version == (2, 0):
+            shape = np.lib.format.read_array_header_2_0(fp)[0]
+        elif version == (3, 0):  # only for non-latin-1 field names: structured dtypes, never numeric arrays
+            raise InputRejected("the .npy body must hold one numeric array")
+        else:
+            raise ValueError(f"unknown format version {version[0]}.{version[1]}")
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputRejected(f"malformed .npy body: {exc}") from None
+    size = math.prod(shape)
+    if size > limits.max_elements:
+        raise InputRejected(f"{size} elements exceed the limit of {limits.max_elements}")
 
 
 def _parse_json(

@@ -111,6 +111,18 @@ def test_npy_refuses_pickles_and_non_numeric() -> None:
         )
 
 
+def test_npy_claiming_a_huge_shape_is_refused_before_any_allocation() -> None:
+    # A 128-byte header claiming 10**11 float32 elements: np.load alone would try to allocate ~373 GiB.
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (100000000000,), }"
+    header = header.ljust(117) + "\n"
+    body = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + b"\0" * 16
+    with pytest.raises(InputRejected, match="100000000000 elements exceed the limit"):
+        parse_body(body=body, content_type="application/x-npy", specs=SPECS, source="api", limits=LIMITS)
+    with pytest.raises(InputRejected, match=r"malformed \.npy body: unknown format version 9\.0"):
+        parse_body(body=b"\x93NUMPY\x09\x00" + body[8:], content_type="application/x-npy", specs=SPECS,
+                   source="api", limits=LIMITS)
+
+
 def test_npy_with_several_inputs_needs_a_name() -> None:
     body = _npy(np.ones(2, np.int8))
     with pytest.raises(InputRejected, match=r"name one with \?input\="):
