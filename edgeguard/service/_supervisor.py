@@ -374,8 +374,12 @@ class Supervisor:
         self._save()
 
     def _leave_safe_state(self, proc: subprocess.Popen[bytes]) -> None:
-        _log.info("SIGHUP in the safe state: trying to serve again")
         self._stop_worker(proc)
+        self._resume_serving()
+
+    def _resume_serving(self) -> None:
+        """SIGHUP in the safe state (with a reporting worker or during a backoff): try to serve again."""
+        _log.info("SIGHUP in the safe state: trying to serve again")
         self.mode = "serve"
         self.state.safe_state, self.state.safe_reason = False, None
         # Failures before this point no longer count towards the next crash loop.
@@ -403,8 +407,7 @@ class Supervisor:
             self._tick(self._clock())
         if self._reload and self.mode == "safe":
             self._reload = False
-            self.mode = "serve"
-            self.state.safe_state, self.state.safe_reason = False, None
+            self._resume_serving()
 
     def _stop_worker(self, proc: subprocess.Popen[bytes]) -> None:
         """Graceful stop: SIGTERM (stop accepting, finish in-flight work, flush), then SIGKILL."""
