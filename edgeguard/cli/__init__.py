@@ -57,7 +57,31 @@ def build_parser() -> argparse.ArgumentParser:
         _zoo_cmds, _init_cmd, _token_cmds, _status_cmd,
     ):
         module.register(sub)
+    _describe_defaults(parser)
     return parser
+
+
+def _describe_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append "(default: ...)" to every optional option's help that does not state its default yet.
+
+    Done once here rather than in each module, so a new option cannot ship without its default in --help
+    (tests/cli/test_help.py walks every command)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _describe_defaults(child)
+            continue
+        if (
+            not action.option_strings
+            or action.required
+            or action.help in (None, argparse.SUPPRESS)
+            or isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._StoreTrueAction))
+            or "default" in str(action.help)
+        ):
+            continue
+        value = action.default
+        shown = "none" if value in (None, [], ()) else str(value).replace("%", "%%")
+        action.help = f"{action.help} (default: {shown})"
 
 
 def _fail(code: int, message: str) -> int:

@@ -54,7 +54,11 @@ _BENCH_HELP = """\
 EdgeGuard's full path (guard + engine) against the raw library on the same work, interleaved, as ratios:
 YOLOv8n and PP-OCR det on onnxruntime, BlazeFace on LiteRT, and cold start (verify + decrypt + session +
 self-test) against creating a raw session from the plaintext file.
-Models come from PyPI wheels (edgeguard.zoo)."""
+Models come from PyPI wheels (edgeguard.zoo). Each ratio is marked against its target (✓/✗).
+
+example:
+  edgeguard bench --quick --only yolov8n
+  edgeguard bench --strict          # exit 1 when a ratio misses its target (for CI)"""
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
