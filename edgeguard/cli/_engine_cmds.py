@@ -92,6 +92,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--only", action="append", choices=("yolov8n", "yolov8n-int8", "ppocr-det", "blazeface"),
                    help="run only these models (repeatable)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a ratio misses its target")
     p.set_defaults(handler=_bench)
 
 
@@ -239,4 +240,6 @@ def _doctor_bundle(args: argparse.Namespace, profile: Profile) -> dict[str, Any]
 # --- bench --------------------------------------------------------------------------------------------------
 
 def _bench(args: argparse.Namespace) -> int:
-    return run_benchmarks(quick=args.quick, only=args.only, as_json=args.json, out=sys.stdout)
+    return run_benchmarks(
+        quick=args.quick, only=args.only, as_json=args.json, out=sys.stdout, strict=args.strict
+    )

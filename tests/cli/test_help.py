@@ -9,7 +9,9 @@ import pytest
 from edgeguard.cli import build_parser
 
 
-def _subparsers(parser: argparse.ArgumentParser, prefix: str = "") -> list[tuple[str, argparse.ArgumentParser]]:
+def _subparsers(
+    parser: argparse.ArgumentParser, prefix: str = ""
+) -> list[tuple[str, argparse.ArgumentParser]]:
     out = []
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
