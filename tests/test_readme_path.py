@@ -6,6 +6,7 @@ directory that looks like the clone (``examples/`` and ``.venv`` link to the rea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -76,10 +77,8 @@ def test_readme_newcomer_path_runs_as_written(
     try:
         out, err = proc.communicate(timeout=240)
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # the group is gone when `kill %1` stopped it
             os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
         proc.wait(30)
     assert proc.returncode == 0, f"README path failed ({proc.returncode}):\n{out[-3000:]}\n{err[-3000:]}"
 

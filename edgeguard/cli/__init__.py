@@ -1,6 +1,7 @@
 """The ``edgeguard`` command line.
 
-Each concern registers its own subcommands (``_bundle_cmds``, ``_engine_cmds``, ``_service_cmds``, ``_demo``);
+Each concern registers its own subcommands (``_bundle_cmds``, ``_engine_cmds``, ``_service_cmds``, ``_demo``,
+``_zoo_cmds``, ``_init_cmd``, ``_token_cmds``, ``_status_cmd``);
 this module only builds the parser and maps error families to the exit-code contract:
 
     0 ok · 1 runtime error · 2 usage/config error · 3 bundle rejected

