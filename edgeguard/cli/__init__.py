@@ -40,7 +40,8 @@ EXIT_REJECTED = 3
 
 _EPILOG = """\
 exit codes: 0 ok, 1 runtime error, 2 usage or config error, 3 bundle rejected.
-Start with `edgeguard demo`; `edgeguard COMMAND --help` explains each command."""
+Start with `edgeguard demo`, then `edgeguard init DIR` (README: "Your first device, step by step");
+`edgeguard COMMAND --help` explains each command and gives every option's default."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,7 +17,7 @@ from typing import Any
 
 from edgeguard import zoo
 from edgeguard._atomic import atomic_write
-from edgeguard.bundle import pack_bundle, read_model
+from edgeguard.bundle import RollbackFloor, pack_bundle, read_model
 from edgeguard.errors import ConfigError, EdgeGuardError
 from edgeguard.keys import generate_keypair, load_publisher_key, load_recipient_key
 
@@ -43,7 +43,7 @@ fleet = "dev"
 state_dir = "state"                 # outbox, rollback floors, supervisor state
 
 [model]
-bundle = "model.egm"                # {model} v1, sealed for keys/device.pub
+bundle = "model.egm"                # {model}, sealed for keys/device.pub
 trust = ["keys/publisher.pub"]      # development only: keep publisher.key offline in production
 device_key = "keys/device.key"
 {model_name_line}
@@ -141,10 +141,13 @@ def _init(args: argparse.Namespace) -> int:
         raise EdgeGuardError(str(exc)) from None
     model, model_format = read_model(model_path)
     meta = dict(zoo.META[args.model])
+    # With --force on a device that already served, its rollback floor may be above 1: seal at the floor
+    # (accepted, as floors are inclusive) so the device does not refuse its own fresh bundle.
+    version = max(1, RollbackFloor(root / "state").get(args.model))
     data = pack_bundle(
         model,
         name=args.model,
-        version=1,
+        version=version,
         sign_key=load_publisher_key(keys / "publisher.key"),
         recipients=[load_recipient_key(keys / "device.pub")],
         model_format=model_format,
@@ -156,7 +159,7 @@ def _init(args: argparse.Namespace) -> int:
     atomic_write(config, text.encode(), mode=0o600)
     q = shlex.quote
     print(f"created {root}: keys/, tokens (app: infer,status; ops: admin,status), "
-          f"model.egm ({args.model} v1), edgeguard.toml")
+          f"model.egm ({args.model} v{version}), edgeguard.toml")
     print("next:")
     print(f"  edgeguard run -c {q(str(config))}          # the service (Ctrl-C stops it)")
     print(f"  edgeguard status -c {q(str(config))}       # in another terminal")

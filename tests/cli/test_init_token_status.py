@@ -78,11 +78,14 @@ def test_init_refuses_a_non_empty_dir_unless_forced(device: Path, tmp_path: Path
     forced = tmp_path / "forced"
     forced.mkdir()
     (forced / "keep.txt").write_text("mine")
+    (forced / "state" / "rollback").mkdir(parents=True)
+    (forced / "state" / "rollback" / "ppocr-det").write_text("7")  # this device already served v7
     r = eg("init", forced, "--force", "--model", "ppocr-det", cwd=tmp_path)
     assert r.code == 0, r
     assert (forced / "keep.txt").read_text() == "mine"
     inspected = json.loads(eg("inspect", forced / "model.egm", cwd=tmp_path).out)
     assert inspected["manifest"]["name"] == "ppocr-det"
+    assert inspected["manifest"]["version"] == 7  # at the floor, so the device accepts its fresh bundle
 
 
 def test_token_add_list_revoke_keep_the_file_private_and_never_list_secrets(tmp_path: Path) -> None:
