@@ -170,8 +170,12 @@ def _from_health(code: int, h: dict[str, Any], where: str) -> Report:
     details = [
         f"api        {where} (pid {h.get('pid')})",
         f"model      {name}" + (f" sha256 {str(model.get('sha256'))[:16]}..." if model else ""),
-        f"fast path  {h.get('accelerator')} via {h.get('backend')}, profile {h.get('profile')}"
-        + (f"; not used: {', '.join(skipped)}" if skipped else ""),
+        (
+            f"fast path  {h.get('accelerator')} via {h.get('backend')}, profile {h.get('profile')}"
+            + (f"; not used: {', '.join(skipped)}" if skipped else "")
+            if h.get("backend")
+            else "fast path  none (no model loaded)"
+        ),
         f"inference  {h.get('inferences', 0)} done, p50 {_fmt_ms(lat.get('p50'))}, "
         f"p99 {_fmt_ms(lat.get('p99'))}, "
         f"rejected {h.get('rejected', 0)}",

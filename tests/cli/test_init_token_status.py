@@ -215,3 +215,37 @@ def test_status_when_down_reads_the_state_files(device: Path, tmp_path: Path) ->
         if saved is not None:
             state.write_bytes(saved)
     one_line_error(eg("status", "-c", tmp_path / "missing.toml", cwd=tmp_path), 2, "missing.toml")
+
+
+def test_status_names_why_a_running_service_is_not_ok(tmp_path: Path) -> None:
+    root = tmp_path / "dev"
+    port = free_port()
+    assert eg("init", root, "--port", port, cwd=tmp_path).code == 0
+    config = root / "edgeguard.toml"
+    config.write_text(config.read_text().replace("port = 1883", f"port = {free_port()}"))
+    bundle = bytearray((root / "model.egm").read_bytes())
+    bundle[200] ^= 0x01  # inside the signed manifest: the device must refuse it and keep serving health
+    (root / "model.egm").write_bytes(bytes(bundle))
+    ops = _secret(root / "tokens", "ops")
+    log = (root / "service.log").open("ab")
+    proc = subprocess.Popen([sys.executable, "-m", "edgeguard", "run", "-c", str(config)],
+                            stdout=log, stderr=log, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # wait for the API to answer at all (the worker runs without a model)
+            try:
+                if _request(port, "GET", "/v1/health", ops)[0] in (200, 503):
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (root / "service.log").read_text()
+            time.sleep(0.1)
+        r = eg("status", "-c", config, cwd=root)
+        assert r.code == 1, r
+        first = r.out.splitlines()[0]
+        assert first.startswith("NOT OK: ") and "no-model" in first and "bundle rejected" in first, first
+        assert "fast path  none (no model loaded)" in r.out, r.out
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        log.close()
