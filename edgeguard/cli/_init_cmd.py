@@ -111,15 +111,16 @@ def _init(args: argparse.Namespace) -> int:
         raise ConfigError(f"{root} exists and is not a directory")
     if root.is_dir() and any(root.iterdir()) and not args.force:
         raise ConfigError(f"{root} is not empty (use --force to write into it; keys there are kept)")
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # Validate the config text before anything expensive: a bad --device-id is one line, not a half-made DIR.
+    from edgeguard.service.config import DeviceSection, parse_config  # noqa: PLC0415
+
+    DeviceSection(id=args.device_id)  # checked before it goes into the TOML text (no quotes, no newlines)
+    # Validate the config text before anything is written: a bad option is one line, not a half-made DIR.
     text = CONFIG_TEMPLATE.format(
         device_id=args.device_id, model=args.model, port=args.port,
         model_name_line=_model_name_line(args.model),
     )
-    from edgeguard.service.config import parse_config  # noqa: PLC0415
-
     parse_config(tomllib.loads(text), path=root.resolve() / "edgeguard.toml")
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     keys = root / "keys"
     for kind in ("publisher", "device"):

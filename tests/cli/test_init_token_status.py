@@ -74,7 +74,9 @@ def test_init_refuses_a_non_empty_dir_unless_forced(device: Path, tmp_path: Path
     (tmp_path / "f").write_text("x")
     one_line_error(eg("init", tmp_path / "f", cwd=tmp_path), 2, "not a directory")
     one_line_error(eg("init", tmp_path / "new", "--device-id", "a b", cwd=tmp_path), 2, "device.id")
-    assert not (tmp_path / "new" / "edgeguard.toml").exists()
+    injected = 'x"\nfleet = "y'  # would add a key to the generated TOML if it were not checked first
+    one_line_error(eg("init", tmp_path / "new", "--device-id", injected, cwd=tmp_path), 2, "device.id")
+    assert not (tmp_path / "new").exists()  # refused before anything was written
     forced = tmp_path / "forced"
     forced.mkdir()
     (forced / "keep.txt").write_text("mine")
