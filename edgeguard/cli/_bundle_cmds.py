@@ -88,7 +88,20 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="PUB",
         help="a device.pub (repeat for several devices, or give a fleet key)",
     )
-    p.add_argument("--golden", type=Path, metavar="FILE.npz", help="golden vectors: '<i>/in/<name>' [+ out]")
+    golden = p.add_mutually_exclusive_group()
+    golden.add_argument(
+        "--golden",
+        type=Path,
+        metavar="FILE.npz",
+        help="golden vectors: '<i>/in/<name>' [+ out] (default: none)",
+    )
+    golden.add_argument(
+        "--golden-from",
+        type=Path,
+        metavar="DIR",
+        help="golden vectors from the PNG/JPEG images in DIR (at most 16), preprocessed as --meta declares; "
+        "outputs from a CPU reference run (default: none)",
+    )
     p.add_argument("--expires", metavar="ISO8601", help="refuse the bundle after this time (with timezone)")
     p.add_argument(
         "--meta",
@@ -103,7 +116,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help=f"plaintext bytes per AEAD chunk (default {DEFAULT_CHUNK_SIZE // 1024} KiB; "
         "chunks are opened in parallel)",
     )
-    p.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.egm")
+    p.add_argument(
+        "-o", "--output", required=True, type=Path, metavar="OUT.egm", help="the sealed bundle to write"
+    )
     p.set_defaults(handler=_pack)
 
     p = sub.add_parser(
@@ -188,6 +203,12 @@ def _pack(args: argparse.Namespace) -> int:
     if args.version < 0:
         raise ConfigError("--version must be a non-negative integer")
     model, model_format = read_model(args.model)
+    meta = load_meta(args.meta) if args.meta else None
+    golden: Any = load_golden_npz(args.golden) if args.golden else ()
+    if args.golden_from:
+        from ._golden import golden_from_images  # noqa: PLC0415 - loads the image preprocessing only here
+
+        golden = golden_from_images(args.golden_from, model=model, model_format=model_format, meta=meta or {})
     data = pack_bundle(
         model,
         name=args.name,
@@ -195,9 +216,9 @@ def _pack(args: argparse.Namespace) -> int:
         sign_key=load_publisher_key(args.sign_key),
         recipients=[load_recipient_key(p) for p in args.recipient],
         model_format=model_format,
-        golden=load_golden_npz(args.golden) if args.golden else (),
+        golden=golden,
         not_after=_parse_expiry(args.expires) if args.expires else None,
-        meta=load_meta(args.meta) if args.meta else None,
+        meta=meta,
         chunk_size=args.chunk_size,
     )
     _write_atomic(args.output, data)

@@ -54,7 +54,11 @@ _BENCH_HELP = """\
 EdgeGuard's full path (guard + engine) against the raw library on the same work, interleaved, as ratios:
 YOLOv8n and PP-OCR det on onnxruntime, BlazeFace on LiteRT, and cold start (verify + decrypt + session +
 self-test) against creating a raw session from the plaintext file.
-Models come from PyPI wheels (edgeguard.zoo)."""
+Models come from PyPI wheels (edgeguard.zoo). Each ratio is marked against its target (✓/✗).
+
+example:
+  edgeguard bench --quick --only yolov8n
+  edgeguard bench --strict          # exit 1 when a ratio misses its target (for CI)"""
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -88,6 +92,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--only", action="append", choices=("yolov8n", "yolov8n-int8", "ppocr-det", "blazeface"),
                    help="run only these models (repeatable)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a ratio misses its target")
     p.set_defaults(handler=_bench)
 
 
@@ -235,4 +240,6 @@ def _doctor_bundle(args: argparse.Namespace, profile: Profile) -> dict[str, Any]
 # --- bench --------------------------------------------------------------------------------------------------
 
 def _bench(args: argparse.Namespace) -> int:
-    return run_benchmarks(quick=args.quick, only=args.only, as_json=args.json, out=sys.stdout)
+    return run_benchmarks(
+        quick=args.quick, only=args.only, as_json=args.json, out=sys.stdout, strict=args.strict
+    )

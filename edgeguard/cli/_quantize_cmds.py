@@ -34,6 +34,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "quantization breaks agreement with fp32 on held-out data are kept in fp32 automatically, and the "
         "fastest candidate that meets the budget is written. Pre-quantized int8 .tflite models are checked "
         "and accepted as they are.",
+        epilog="example:\n  edgeguard quantize yolov8n.onnx --calibration photos/ -o yolov8n-int8.onnx \\\n"
+        "      --input-shape images=1,3,320,320\n"
+        "  (needs the [quantize] extra: pip install 'edgeguard[quantize]', or .venv/bin/pip install -e "
+        "'.[quantize]' in a clone)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", type=Path, metavar="MODEL", help="fp32 .onnx model (or a pre-quantized .tflite)")
     p.add_argument("--calibration", type=Path, metavar="DATA",

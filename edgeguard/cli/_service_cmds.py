@@ -15,6 +15,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         description="Run EdgeGuard as a service. Under systemd use Type=notify "
         "(firmware_hooks/edgeguard.service). "
         "SIGTERM stops gracefully; SIGHUP reloads the config and the model bundle.",
+        epilog="example:\n  edgeguard init mydevice && edgeguard run -c mydevice/edgeguard.toml\n"
+        "  edgeguard run -c /etc/edgeguard/edgeguard.toml --check    # validate, then exit",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "-c",
