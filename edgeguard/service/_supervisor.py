@@ -44,7 +44,7 @@ def default_worker_argv(config_path: Path, mode: WorkerMode, liveness_fd: int) -
     return [
         sys.executable,
         "-m",
-        "edgeguard.service._worker",
+        "edgeguard.service._worker_main",
         "-c",
         str(config_path),
         "--mode",
