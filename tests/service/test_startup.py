@@ -47,7 +47,7 @@ def test_failures_of_an_earlier_run_do_not_count_towards_a_crash_loop(tmp_path: 
     # in the state file. A fresh start that fails once must restart and serve, not enter the safe state.
     now = time.time()
     earlier = SupervisorState(first_start=now - 30, starts=3, failures=2)
-    earlier.history = [Failure(at=now - 5, reason="crash: exit code 2"), Failure(at=now - 2, reason="crash: x")]
+    earlier.history = [Failure(at=now - 5, reason="crash: x"), Failure(at=now - 2, reason="crash: y")]
     write_state(tmp_path / "state.json", earlier)
     settings = SupervisorSection(**FAST, crash_loop_restarts=3, crash_loop_window_s=600)
     h = Harness(tmp_path, "crash-on-start:1", settings, count=True)
