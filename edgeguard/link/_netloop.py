@@ -19,7 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edgeguard.errors import LinkError
 from edgeguard.link._config import LinkConfig
 
-__all__ = ["Waker", "SubWait", "network_pass", "new_client"]
+__all__ = ["Waker", "SubWait", "network_pass", "new_client", "tls_context"]
 
 
 class _ServerNameContext(ssl.SSLContext):
@@ -34,7 +34,7 @@ class _ServerNameContext(ssl.SSLContext):
         return super().wrap_socket(sock, *args, **kwargs)
 
 
-def _tls_context(cfg: LinkConfig) -> ssl.SSLContext:
+def tls_context(cfg: LinkConfig) -> ssl.SSLContext:
     """CERT_REQUIRED and host name checking (PROTOCOL_TLS_CLIENT's defaults) against ``ca_file``."""
     ctx: ssl.SSLContext
     if cfg.tls_server_name is not None:
@@ -136,7 +136,7 @@ def new_client(
         client.username_pw_set(cfg.username, cfg.password)
     if cfg.ca_file is not None:
         try:
-            client.tls_set_context(_tls_context(cfg))
+            client.tls_set_context(tls_context(cfg))
         except (OSError, ValueError) as exc:
             raise LinkError(f"link: TLS files unusable ({cfg.ca_file}, {cfg.client_cert}): {exc}") from None
     client.will_set(will_topic, will_payload, qos=1, retain=True)

@@ -6,7 +6,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from edgeguard.service._state import Failure, SupervisorState, read_state, write_state
 from edgeguard.service.config import SupervisorSection
@@ -61,3 +64,113 @@ def test_failures_of_an_earlier_run_do_not_count_towards_a_crash_loop(tmp_path: 
     st = read_state(tmp_path / "state.json")
     assert st.failures == 3 and len(st.history) == 3  # the record (MTBF) keeps every failure
     assert not st.safe_state
+
+
+# ------------------------------------------------------------------------------------------- run --check
+def _check(dev: Device) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgeguard", "run", "--check", "-c", str(dev.config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def _provisioned(tmp_path: Path) -> Device:
+    broker = MosquittoBroker(tmp_path, start=False)  # --check needs the broker's address, not the broker
+    dev = Device(root=tmp_path, broker=broker)
+    dev.provision(tiny_bundle(tmp_path))
+    return dev
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _link_host(dev: Device, host: str) -> None:
+    head, sep, link = dev.config.read_text().partition("[link]")
+    dev.config.write_text(head + sep + link.replace('host = "127.0.0.1"', f'host = "{host}"', 1))
+
+
+# Each case breaks one thing a start needs; --check must name the config key that points at it.
+BROKEN: list[tuple[str, Callable[[Device], None], str, str]] = [
+    ("tokens file missing", lambda d: (d.root / "tokens").unlink(), "sources.api.tokens_file", "No such"),
+    ("tokens file group-readable", lambda d: (d.root / "tokens").chmod(0o640), "sources.api.tokens_file",
+     "group"),
+    ("a short token", lambda d: (d.root / "tokens").write_text("app infer short\n"),
+     "sources.api.tokens_file",
+     "shorter than"),
+    ("bundle missing", lambda d: (d.root / "model.egm").unlink(), "model.bundle", "No such"),
+    ("bundle tampered", lambda d: _flip_a_byte(d.root / "model.egm"), "model.bundle", "bundle rejected"),
+    ("device key group-readable", lambda d: (d.root / "keys/device.key").chmod(0o640), "model.device_key",
+     "too open"),
+    ("device key missing", lambda d: (d.root / "keys/device.key").unlink(), "model.device_key", "not found"),
+    ("trust key missing", lambda d: (d.root / "keys/publisher.pub").unlink(), "model.trust", "not found"),
+    ("broker name does not resolve", lambda d: _link_host(d, "no-such-broker.invalid"), "link.host",
+     "no-such-broker.invalid"),
+]
+
+
+@pytest.mark.parametrize(("break_it", "key", "words"), [c[1:] for c in BROKEN], ids=[c[0] for c in BROKEN])
+def test_check_names_the_key_of_what_a_start_would_trip_on(
+    tmp_path: Path, break_it: Callable[[Device], None], key: str, words: str
+) -> None:
+    dev = _provisioned(tmp_path)
+    break_it(dev)
+    done = _check(dev)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert "Traceback" not in done.stderr
+    assert len(lines) == 1, lines
+    assert f": {key}: " in lines[0] and words in lines[0], lines
+
+
+def test_check_lists_every_problem_one_line_each(tmp_path: Path) -> None:
+    dev = _provisioned(tmp_path)
+    (dev.root / "tokens").chmod(0o644)
+    (dev.root / "model.egm").unlink()
+    done = _check(dev)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert any(": sources.api.tokens_file: " in ln for ln in lines)
+    assert any(": model.bundle: " in ln for ln in lines)
+
+
+def test_check_passes_a_good_config_without_committing_the_rollback_floor(tmp_path: Path) -> None:
+    dev = _provisioned(tmp_path)
+    done = _check(dev)
+    assert done.returncode == 0, done.stderr
+    assert "ok" in done.stdout and "sensor v1" in done.stdout, done.stdout
+    assert not (dev.state / "rollback").exists() or not any((dev.state / "rollback").iterdir())
+
+
+def test_check_under_and_outside_systemd_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeguard.service import load_config
+    from edgeguard.service._check import check_startup
+
+    dev = _provisioned(tmp_path)
+    text = dev.config.read_text()
+    text = text.replace('device_key = "keys/device.key"', 'device_key_credential = "device-key"')
+    dev.config.write_text(text.replace('tokens_file = "tokens"', 'tokens_credential = "api-tokens"'))
+    cfg = load_config(dev.config)
+    # From a shell: the credentials cannot be seen; said so, not reported as a problem.
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    problems, passed = check_startup(cfg)
+    assert problems == []
+    assert any("not checked: model.device_key_credential" in p for p in passed), passed
+    assert any("not checked: sources.api.tokens_credential" in p for p in passed), passed
+    # Inside the unit: the credentials are read like files, with the same checks.
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "device-key").write_bytes((tmp_path / "keys/device.key").read_bytes())
+    (creds / "device-key").chmod(0o600)
+    (creds / "api-tokens").write_bytes((tmp_path / "tokens").read_bytes())
+    (creds / "api-tokens").chmod(0o644)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    problems, passed = check_startup(cfg)
+    assert [p.key for p in problems] == ["sources.api.tokens_credential"], problems
+    assert any("sensor v1 verified" in p for p in passed), passed
