@@ -12,6 +12,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -89,8 +90,12 @@ def check_startup(cfg: ServiceConfig, *, resolve: Resolver | None = None) -> tup
         if tokens is not None:
             passed.append("api tokens parsed")
     if cfg.link.ca_file is not None:
+        tls_files = {"ca_file": cfg.link.ca_file, "client_cert": cfg.link.client_cert,
+                     "client_key": cfg.link.client_key}
+        # Each file readable (its own key named), then all together as the link loads them (PEM, key pair).
+        readable = [attempt(f"link.{k}", partial(_readable, p)) for k, p in tls_files.items() if p]
         tls_key = "link.client_cert" if cfg.link.client_cert is not None else "link.ca_file"
-        if attempt(tls_key, lambda: tls_context(cfg.link)) is not None:
+        if all(readable) and attempt(tls_key, lambda: tls_context(cfg.link)) is not None:
             passed.append("TLS files loaded")
     resolver = resolve or socket.getaddrinfo
     try:
@@ -101,6 +106,11 @@ def check_startup(cfg: ServiceConfig, *, resolve: Resolver | None = None) -> tup
         problems.append(Problem("link.host", f"cannot resolve broker host {cfg.link.host!r} ({reason})"))
     _check_devices(cfg, problems)
     return problems, passed
+
+
+def _readable(path: Path) -> bool:
+    with path.open("rb"):
+        return True
 
 
 def _no_credentials() -> bool:

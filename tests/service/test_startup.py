@@ -109,6 +109,8 @@ BROKEN: list[tuple[str, Callable[[Device], None], str, str]] = [
      "too open"),
     ("device key missing", lambda d: (d.root / "keys/device.key").unlink(), "model.device_key", "not found"),
     ("trust key missing", lambda d: (d.root / "keys/publisher.pub").unlink(), "model.trust", "not found"),
+    ("TLS CA file missing", lambda d: d.config.write_text(d.config.read_text() + '\nca_file = "nope.pem"\n'),
+     "link.ca_file", "nope.pem"),
     ("broker name does not resolve", lambda d: _link_host(d, "no-such-broker.invalid"), "link.host",
      "no-such-broker.invalid"),
 ]
