@@ -116,6 +116,7 @@ def test_pack_expires_a_date_is_midnight_utc_and_the_hint_is_valid(
     cwd: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert _pack(cwd, capsys, "--expires", "2099-06-30") == (0, "")
+    assert _pack(cwd, capsys, "--expires", "2099-06-30Z") == (0, "")  # what the old hint suggested
     code, _ = run(["verify", "o.egm", *TRUST, "--json"], capsys)
     assert code == 0
     code, err = run(["inspect", "o.egm"], capsys)
