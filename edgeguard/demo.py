@@ -398,7 +398,7 @@ def _service_session(steps: _Steps, console: Console, root: Path, keys: DemoKeys
                 if heartbeats.payloads:
                     beat = heartbeats.payloads[-1]
                     console.print(f"   heartbeat on MQTT: uptime {beat.get('uptime_s')} s, "
-                                  f"inferences {beat.get('engine', {}).get('count')}, "
+                                  f"inferences {beat.get('inferences')}, "
                                   f"outbox depth {beat.get('outbox', {}).get('depth')}")
                     out["heartbeats"] = len(heartbeats.payloads)
         finally:

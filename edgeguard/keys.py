@@ -46,6 +46,8 @@ KeyKind = Literal["publisher", "device"]
 _MAX_KEY_FILE = 16 * 1024
 _STORAGE_KEY_INFO = b"edgeguard/v1 outbox storage key"
 _RAW = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+_PUBLIC_PEM = b"-----BEGIN PUBLIC KEY-----"
+_PRIVATE_PEM = b"PRIVATE KEY-----"  # PKCS#8 "BEGIN PRIVATE KEY" and the older "BEGIN <ALG> PRIVATE KEY"
 
 
 def public_key_id(key: Ed25519PublicKey | X25519PublicKey) -> str:
@@ -110,7 +112,7 @@ def generate_keypair(kind: KeyKind, out_dir: Path) -> tuple[Path, Path, str]:
     return key_path, pub_path, public_key_id(pub)
 
 
-def _read_key_file(path: Path, *, private: bool) -> bytes:
+def _read_key_file(path: Path, *, private: bool, kind: KeyKind) -> bytes:
     # Open once, then check and read that same open file (fstat, bounded read): a path swapped or grown
     # after a stat() cannot slip in another file, and a device or FIFO is never read at all.
     try:
@@ -127,19 +129,25 @@ def _read_key_file(path: Path, *, private: bool) -> bytes:
             raise KeyFileError(f"{path} is a directory, not a key file")
         if not stat.S_ISREG(st.st_mode):
             raise KeyFileError(f"{path} is not a regular file")
-        if private and st.st_mode & 0o077:
-            raise KeyFileError(
-                f"permissions {stat.S_IMODE(st.st_mode):04o} for '{path}' are too open: a private key must "
-                f"not be accessible by group or others (run: chmod 600 {path})"
-            )
         data = f.read(_MAX_KEY_FILE + 1)
     if len(data) > _MAX_KEY_FILE:
         raise KeyFileError(f"{path}: more than {_MAX_KEY_FILE} bytes is too large for a key file")
+    # The kind of key first, then its mode: advising `chmod 600` on a public key handed over by mistake
+    # would send the user the wrong way.
+    if private and _PUBLIC_PEM in data:
+        raise KeyFileError(f"{path} is a public key; pass the {kind}'s private key ({kind}.key)")
+    if not private and _PRIVATE_PEM in data:
+        raise KeyFileError(f"{path} is a private key; pass the {kind}'s public key ({kind}.pub)")
+    if private and st.st_mode & 0o077:
+        raise KeyFileError(
+            f"permissions {stat.S_IMODE(st.st_mode):04o} for '{path}' are too open: a private key must "
+            f"not be accessible by group or others (run: chmod 600 {path})"
+        )
     return data
 
 
-def _load_private(path: Path) -> Ed25519PrivateKey | X25519PrivateKey:
-    data = _read_key_file(path, private=True)
+def _load_private(path: Path, kind: KeyKind) -> Ed25519PrivateKey | X25519PrivateKey:
+    data = _read_key_file(path, private=True, kind=kind)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
@@ -149,8 +157,8 @@ def _load_private(path: Path) -> Ed25519PrivateKey | X25519PrivateKey:
     return key
 
 
-def _load_public(path: Path) -> Ed25519PublicKey | X25519PublicKey:
-    data = _read_key_file(path, private=False)
+def _load_public(path: Path, kind: KeyKind) -> Ed25519PublicKey | X25519PublicKey:
+    data = _read_key_file(path, private=False, kind=kind)
     try:
         key = serialization.load_pem_public_key(data)
     except (ValueError, TypeError) as exc:
@@ -161,28 +169,28 @@ def _load_public(path: Path) -> Ed25519PublicKey | X25519PublicKey:
 
 
 def load_publisher_key(path: Path) -> PublisherKey:
-    key = _load_private(path)
+    key = _load_private(path, "publisher")
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyFileError(f"{path}: expected a publisher (Ed25519) private key, found a device key")
     return PublisherKey(private_key=key, key_id=public_key_id(key.public_key()))
 
 
 def load_device_key(path: Path) -> DeviceKey:
-    key = _load_private(path)
+    key = _load_private(path, "device")
     if not isinstance(key, X25519PrivateKey):
         raise KeyFileError(f"{path}: expected a device (X25519) private key, found a publisher key")
     return DeviceKey(private_key=key, key_id=public_key_id(key.public_key()))
 
 
 def load_recipient_key(path: Path) -> RecipientKey:
-    key = _load_public(path)
+    key = _load_public(path, "device")
     if not isinstance(key, X25519PublicKey):
         raise KeyFileError(f"{path}: expected a device (X25519) public key, found a publisher key")
     return RecipientKey(public_key=key, key_id=public_key_id(key))
 
 
 def load_trusted_key(path: Path) -> Ed25519PublicKey:
-    key = _load_public(path)
+    key = _load_public(path, "publisher")
     if not isinstance(key, Ed25519PublicKey):
         raise KeyFileError(f"{path}: expected a publisher (Ed25519) public key, found a device key")
     return key

@@ -58,3 +58,12 @@ def coffee_png() -> Path:
 @pytest.fixture(scope="session")
 def text_png() -> Path:
     return _zoo("text.png")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    # pytest-randomly names its seed only in the header, which -q hides: repeat it at the end, next to the
+    # failures, so an order-dependent failure can be replayed in the same order.
+    if config.pluginmanager.hasplugin("randomly") and config.getoption("randomly_reorganize", True):
+        seed = config.getoption("randomly_seed", None)
+        if isinstance(seed, int):
+            terminalreporter.write_line(f"random order: replay with -p randomly --randomly-seed={seed}")

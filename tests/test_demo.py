@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,10 @@ def test_demo_cli_delivers_to_a_broker(tmp_path: Path) -> None:
     assert '"buffered": 3, "delivered": 3' in done.stdout, done.stdout[-3000:]
     assert '"service_exit": 0' in done.stdout and '"heartbeats": ' in done.stdout
     assert "outbox depth now 0" in done.stdout
+    # Every figure the demo prints is a figure: a field read under the wrong name would print "None".
+    heartbeat = next(ln for ln in done.stdout.splitlines() if "heartbeat on MQTT" in ln)
+    assert re.search(r"inferences \d+,", heartbeat), heartbeat
+    assert "None" not in done.stdout, [ln for ln in done.stdout.splitlines() if "None" in ln]
 
 
 def test_demo_refuses_a_non_empty_workdir(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ A failure prints one line on stderr and no traceback (``EDGEGUARD_DEBUG=1`` show
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Sequence
@@ -37,6 +38,12 @@ EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 EXIT_REJECTED = 3
+
+# An input the user named that cannot be read (or an output directory that is not there) is a usage error
+# (2), like every other bad argument; other OS errors (a full disk, an I/O error) stay runtime errors (1).
+_USAGE_ERRNOS = frozenset(
+    {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG}
+)
 
 _EPILOG = """\
 exit codes: 0 ok, 1 runtime error, 2 usage or config error, 3 bundle rejected.
@@ -116,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if debug:
             raise
-        return _fail(EXIT_RUNTIME, f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+        code = EXIT_USAGE if exc.errno in _USAGE_ERRNOS else EXIT_RUNTIME
+        return _fail(code, f"{exc.filename}: {exc.strerror or exc}" if exc.filename else str(exc))
 
 
 if __name__ == "__main__":  # pragma: no cover

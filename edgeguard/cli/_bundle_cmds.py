@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime
+from datetime import date, datetime, time, timezone
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,15 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="golden vectors from the PNG/JPEG images in DIR (at most 16), preprocessed as --meta declares; "
         "outputs from a CPU reference run (default: none)",
     )
-    p.add_argument("--expires", metavar="ISO8601", help="refuse the bundle after this time (with timezone)")
+    p.add_argument(
+        "--expires",
+        metavar="ISO8601",
+        help="devices refuse the bundle after this time: 2027-06-30T12:00:00Z, 2027-06-30T14:00+02:00, or a "
+        "date alone, 2027-06-30, meaning 00:00 UTC that day (default: never expires)",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="pack even when --expires is already in the past (tests only)"
+    )
     p.add_argument(
         "--meta",
         type=Path,
@@ -186,22 +194,54 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _parse_expiry(text: str) -> datetime:
+    """``--expires``: an ISO 8601 time with a timezone, or a date alone, which means 00:00 UTC that day
+    (a device compares against its UTC clock; a local time without offset would mean a different instant on
+    the publisher's and on each device's machine, so it is refused)."""
+    value = text.strip()
+    if "T" not in value and " " not in value:  # a date alone (a trailing Z is harmless there)
+        try:
+            day = date.fromisoformat(value.removesuffix("Z").removesuffix("z"))
+        except ValueError:
+            raise ConfigError(f"--expires {text!r} is not an ISO 8601 date or time") from None
+        return datetime.combine(day, time(0, 0), tzinfo=timezone.utc)
     try:
-        t = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+        # Python 3.10's fromisoformat does not take the "Z" suffix: spell it as the offset it stands for.
+        t = datetime.fromisoformat(value[:-1] + "+00:00" if value[-1:] in ("Z", "z") else value)
     except ValueError:
-        raise ConfigError(f"--expires {text!r} is not an ISO 8601 time") from None
+        raise ConfigError(f"--expires {text!r} is not an ISO 8601 date or time") from None
     if t.tzinfo is None:
-        raise ConfigError(f"--expires {text!r} needs a timezone (e.g. {text}Z)")
+        raise ConfigError(
+            f"--expires {text!r} needs a timezone: {value}Z for UTC, or an offset such as {value}+02:00"
+        )
     return t
 
 
+def _checked_expiry(args: argparse.Namespace, now: datetime) -> datetime | None:
+    if not args.expires:
+        return None
+    not_after = _parse_expiry(args.expires)
+    if not_after <= now and not args.force:
+        raise ConfigError(
+            f"--expires {args.expires!r} is in the past ({not_after.isoformat()}): every device would refuse "
+            "the bundle as expired (--force packs it anyway)"
+        )
+    return not_after
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
-    atomic_write(path, data, mode=0o644)  # a bundle is encrypted and signed: readable like any package
+    try:
+        atomic_write(path, data, mode=0o644)  # a bundle is encrypted and signed: readable like any package
+    except OSError as exc:
+        # The error names atomic_write's temporary file, which the user never asked for: name their path.
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
 
 
 def _pack(args: argparse.Namespace) -> int:
     if args.version < 0:
         raise ConfigError("--version must be a non-negative integer")
+    not_after = _checked_expiry(args, datetime.now(timezone.utc))
+    if not args.output.parent.is_dir():  # before the sealing work, not after it
+        raise ConfigError(f"-o {args.output}: directory {args.output.parent} does not exist")
     model, model_format = read_model(args.model)
     meta = load_meta(args.meta) if args.meta else None
     golden: Any = load_golden_npz(args.golden) if args.golden else ()
@@ -217,7 +257,7 @@ def _pack(args: argparse.Namespace) -> int:
         recipients=[load_recipient_key(p) for p in args.recipient],
         model_format=model_format,
         golden=golden,
-        not_after=_parse_expiry(args.expires) if args.expires else None,
+        not_after=not_after,
         meta=meta,
         chunk_size=args.chunk_size,
     )

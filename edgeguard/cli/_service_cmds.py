@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="CONFIG.toml",
         help="service configuration (see examples/edgeguard.toml)",
     )
-    p.add_argument("--check", action="store_true", help="only validate the configuration and exit")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="check everything a start would load (files and modes, keys, tokens, the bundle verified and "
+        "self-tested without raising the rollback floor, the broker's address) and exit: 0, or 2 with one "
+        "line per problem naming its config key",
+    )
     p.add_argument(
         "--no-supervisor",
         action="store_true",
@@ -41,7 +48,14 @@ def _run(args: argparse.Namespace) -> int:
     from edgeguard.service import load_config, run_service  # noqa: PLC0415
 
     if args.check:
+        from edgeguard.service._check import check_startup  # noqa: PLC0415
+
         cfg = load_config(args.config)
-        print(f"{cfg.path}: ok (device {cfg.device.id}, fleet {cfg.device.fleet})")
+        problems, passed = check_startup(cfg)
+        for problem in problems:  # every problem, one line each, naming the config key
+            print(f"edgeguard: {cfg.path}: {problem}", file=sys.stderr)
+        if problems:
+            return 2
+        print(f"{cfg.path}: ok (device {cfg.device.id}, fleet {cfg.device.fleet}): {'; '.join(passed)}")
         return 0
     return run_service(args.config, supervise=not args.no_supervisor)

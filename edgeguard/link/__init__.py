@@ -7,5 +7,6 @@ from __future__ import annotations
 
 from edgeguard.link._config import Backoff, LinkConfig, LinkState
 from edgeguard.link._link import MqttLink
+from edgeguard.link._netloop import tls_context
 
-__all__ = ["MqttLink", "LinkConfig", "LinkState", "Backoff"]
+__all__ = ["MqttLink", "LinkConfig", "LinkState", "Backoff", "tls_context"]

@@ -16,6 +16,9 @@ __all__ = ["LinkConfig", "LinkState", "Backoff", "TOPIC_SEGMENT"]
 
 # A topic level we build or accept: no wildcards, no empty levels, nothing MQTT treats specially.
 TOPIC_SEGMENT = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+# A DNS name as certificates carry it (RFC 1123 labels); IP addresses need no tls_server_name.
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
 
 
 def _check(ok: bool, key: str, why: str) -> None:
@@ -31,7 +34,9 @@ class LinkConfig:
         "5" or "3.1.1".
     username / password: optional credentials. ca_file: enables TLS, verifying the broker against this CA.
     client_cert / client_key: mutual TLS (both or neither; needs ca_file). The broker certificate must name
-        ``host`` (DNS name or IP address).
+        ``host`` (DNS name or IP address), or ``tls_server_name`` when that is set.
+    tls_server_name: the name sent as SNI and checked against the broker certificate instead of ``host``
+        (a broker reached by IP address whose certificate names only its DNS name; needs ca_file).
     keepalive_s: MQTT keepalive. session_expiry_s: how long the broker keeps our session (MQTT 5).
     heartbeat_s: heartbeat period. inflight_window: results published and not yet acknowledged (paho scans
         its in-flight list on every ack, so a small window is faster; see docs/link.md).
@@ -52,6 +57,7 @@ class LinkConfig:
     ca_file: Path | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
+    tls_server_name: str | None = None
     keepalive_s: int = 30
     session_expiry_s: int = 7 * 24 * 3600
     heartbeat_s: float = 30.0
@@ -81,6 +87,14 @@ class LinkConfig:
         )
         _check(
             self.client_cert is None or self.ca_file is not None, "client_cert", "mutual TLS needs ca_file"
+        )
+        _check(
+            self.tls_server_name is None or self.ca_file is not None, "tls_server_name", "needs ca_file (TLS)"
+        )
+        _check(
+            self.tls_server_name is None or _HOST_NAME.match(self.tls_server_name) is not None,
+            "tls_server_name",
+            "must be a host name (letters, digits, '-', dot-separated)",
         )
         _check(5 <= self.keepalive_s <= 3600, "keepalive_s", "must be 5..3600 s")
         _check(0 <= self.session_expiry_s <= 0xFFFFFFFF, "session_expiry_s", "must be 0..4294967295 s")

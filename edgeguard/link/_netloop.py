@@ -19,7 +19,34 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edgeguard.errors import LinkError
 from edgeguard.link._config import LinkConfig
 
-__all__ = ["Waker", "SubWait", "network_pass", "new_client"]
+__all__ = ["Waker", "SubWait", "network_pass", "new_client", "tls_context"]
+
+
+class _ServerNameContext(ssl.SSLContext):
+    """A client context that sends ``server_name`` as SNI and checks the certificate against it, whatever
+    host paho connects to: paho passes its connect host as ``server_hostname`` and has no option for
+    another name, and this is the one call through which every TLS socket it makes is created."""
+
+    server_name: str
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["server_hostname"] = self.server_name
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
+def tls_context(cfg: LinkConfig) -> ssl.SSLContext:
+    """CERT_REQUIRED and host name checking (PROTOCOL_TLS_CLIENT's defaults) against ``ca_file``."""
+    ctx: ssl.SSLContext
+    if cfg.tls_server_name is not None:
+        named = _ServerNameContext(ssl.PROTOCOL_TLS_CLIENT)
+        named.server_name = cfg.tls_server_name
+        ctx = named
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cafile=str(cfg.ca_file))
+    if cfg.client_cert is not None:
+        ctx.load_cert_chain(str(cfg.client_cert), None if cfg.client_key is None else str(cfg.client_key))
+    return ctx
 
 
 class Waker:
@@ -109,13 +136,7 @@ def new_client(
         client.username_pw_set(cfg.username, cfg.password)
     if cfg.ca_file is not None:
         try:
-            client.tls_set(
-                ca_certs=str(cfg.ca_file),
-                certfile=None if cfg.client_cert is None else str(cfg.client_cert),
-                keyfile=None if cfg.client_key is None else str(cfg.client_key),
-                cert_reqs=ssl.CERT_REQUIRED,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
+            client.tls_set_context(tls_context(cfg))
         except (OSError, ValueError) as exc:
             raise LinkError(f"link: TLS files unusable ({cfg.ca_file}, {cfg.client_cert}): {exc}") from None
     client.will_set(will_topic, will_payload, qos=1, retain=True)

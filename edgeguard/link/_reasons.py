@@ -16,7 +16,9 @@ def connect_error_reason(exc: BaseException, config: LinkConfig) -> tuple[str, s
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve broker host {config.host!r} ({exc.strerror})", "dns"
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS: broker certificate rejected ({exc.verify_message})", "tls"
+        name = config.tls_server_name
+        checked = f" for link.tls_server_name {name!r}" if name is not None else ""
+        return f"TLS: broker certificate rejected{checked} ({exc.verify_message})", "tls"
     if isinstance(exc, ssl.SSLError):
         return f"TLS handshake with {where} failed ({exc.reason or exc})", "tls"
     if isinstance(exc, (ConnectionResetError, BrokenPipeError)) and config.ca_file is not None:

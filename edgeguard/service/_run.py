@@ -11,7 +11,6 @@ from edgeguard.watchdog import DevWatchdog, McuWatchdog, SystemdNotifier, Watchd
 
 from ._hooks import HookRunner
 from ._supervisor import Supervisor
-from ._worker import main as worker_main
 from .config import ServiceConfig, load_config
 
 __all__ = ["run_service", "build_chain"]
@@ -37,6 +36,9 @@ def run_service(config_path: Path, *, supervise: bool = True) -> int:
         format="edgeguard[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
     if not supervise:
+        # Imported only here: the supervisor process never loads the worker's stack (it spawns it).
+        from ._worker import main as worker_main  # noqa: PLC0415
+
         return worker_main(["-c", str(cfg.path)])
     cfg.device.state_dir.mkdir(parents=True, exist_ok=True)
     sup = Supervisor(

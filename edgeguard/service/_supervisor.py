@@ -44,7 +44,7 @@ def default_worker_argv(config_path: Path, mode: WorkerMode, liveness_fd: int) -
     return [
         sys.executable,
         "-m",
-        "edgeguard.service._worker",
+        "edgeguard.service._worker_main",
         "-c",
         str(config_path),
         "--mode",
@@ -94,6 +94,7 @@ class Supervisor:
         self._reload = False
         self._consecutive = 0
         self._recovery_since: float | None = None  # set while no worker is ready
+        self._run_started = 0.0  # wall clock of this run's start: the crash-loop window begins no earlier
         self._pending_repair: Failure | None = None
         self._pending_events: list[dict[str, Any]] = []
         self._ready_at: float | None = None
@@ -139,6 +140,7 @@ class Supervisor:
         if not self.state.first_start:
             self.state.first_start = self._wall()
         self.state.safe_state, self.state.safe_reason = False, None  # a fresh service start tries to serve
+        self._run_started = self._wall()
         self.state.watchdogs = self.chain.kinds
         self.chain.open()
         self._recovery_since = self._clock()
@@ -358,7 +360,10 @@ class Supervisor:
         event = {"reason": outcome.reason, "restarts": self.state.starts, "mode": self.mode}
         self.hooks.fire("restart", event)
         self._pending_events.append({"t": "event", "kind": "restart", "data": event})
-        window_start = self._wall() - self.s.crash_loop_window_s
+        # Only this run's failures count: those an earlier, separate run left in the state file (say, a crash
+        # loop on a config fixed since) stay in the record for MTBF but must not put a fresh start straight
+        # into the safe state.
+        window_start = max(self._wall() - self.s.crash_loop_window_s, self._run_started)
         recent = [f for f in self.state.history if f.at >= window_start]
         if self.mode == "serve" and len(recent) >= self.s.crash_loop_restarts:
             self.mode = "safe"

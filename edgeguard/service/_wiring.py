@@ -3,21 +3,40 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from edgeguard.bundle.manifest import TensorSpec
 from edgeguard.errors import ServiceUnavailable
+from edgeguard.link import MqttLink
+from edgeguard.outbox import Outbox
 from edgeguard.sources import ApiSource, DirectorySource, MqttInputSource, SerialSource
 
+from ._faults import FaultInjector
 from ._loader import load_tokens
+from ._pipeline import Pipeline
+from .config import ServiceConfig
 
-if TYPE_CHECKING:
-    from ._worker import Worker
-
-__all__ = ["build_sources"]
+__all__ = ["build_sources", "WorkerView"]
 
 
-def build_sources(worker: Worker) -> tuple[ApiSource | None, list[Any]]:
+class WorkerView(Protocol):
+    """What the sources need from the worker that owns them. A Protocol, so that this module and
+    ``_worker`` (which calls :func:`build_sources`) do not import each other."""
+
+    cfg: ServiceConfig
+    pipeline: Pipeline
+    link: MqttLink
+    outbox: Outbox
+    faults: FaultInjector
+
+    def request_reload(self) -> bool: ...
+
+    def verdict(self) -> dict[str, Any]: ...
+
+    def health(self) -> dict[str, Any]: ...
+
+
+def build_sources(worker: WorkerView) -> tuple[ApiSource | None, list[Any]]:
     cfg = worker.cfg
     pipeline = worker.pipeline
 
@@ -73,7 +92,7 @@ def build_sources(worker: Worker) -> tuple[ApiSource | None, list[Any]]:
     return api, sources
 
 
-def _api_health(worker: Worker) -> dict[str, Any]:
+def _api_health(worker: WorkerView) -> dict[str, Any]:
     """``GET /v1/health``: the worker's health plus the states a local client cannot see elsewhere while the
     broker is unreachable (heartbeats then go nowhere): the link with its last error, the outbox figures."""
     verdict = worker.verdict()

@@ -308,7 +308,3 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeGuardError as exc:
         print(f"edgeguard worker: {exc}", file=sys.stderr)
         return 3 if isinstance(exc, BundleRejected) else 2 if isinstance(exc, ConfigError) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

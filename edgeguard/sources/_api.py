@@ -116,7 +116,8 @@ class ApiSource:
     # -- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
         app = web.Application(
-            client_max_size=self.config.limits.max_body_bytes, middlewares=[self._auth_middleware]
+            client_max_size=self.config.limits.max_body_bytes,
+            middlewares=[self._json_errors_middleware, self._auth_middleware],  # first is outermost
         )
         app.router.add_post("/v1/infer", self._infer)
         app.router.add_get("/v1/health", self._get_health)
@@ -163,6 +164,25 @@ class ApiSource:
 
     def snapshot(self) -> dict[str, Any]:
         return {"bound": list(self.bound), "in_flight": self._in_flight, "responses": dict(self.counts)}
+
+    # -- error bodies ----------------------------------------------------------------------------------
+    @web.middleware
+    async def _json_errors_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        # aiohttp's router answers an unknown path (404) or method (405) by raising an HTTPException whose
+        # body is plain text; the API documents one error body for every refusal, so convert them here.
+        try:
+            response: web.StreamResponse = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise  # redirects and the like are not errors
+            if isinstance(exc, web.HTTPMethodNotAllowed):
+                allowed = ", ".join(sorted(exc.allowed_methods))
+                reason = f"method {request.method} not allowed here; allowed: {allowed}"
+                return self._count(_error(exc.status, reason, Allow=allowed))
+            if isinstance(exc, web.HTTPNotFound):
+                return self._count(_error(exc.status, "no such endpoint (see GET /v1/openapi.json)"))
+            return self._count(_error(exc.status, exc.reason))
+        return response
 
     # -- access control --------------------------------------------------------------------------------
     @web.middleware

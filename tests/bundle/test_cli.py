@@ -82,6 +82,7 @@ def work(tmp_path_factory: pytest.TempPathFactory, yolov8n_path: Path, tiny_mode
         "dev/device.pub",
         "--expires",
         "2020-01-01T00:00:00Z",
+        "--force",  # an expired bundle on purpose: pack refuses one without it
         "-o",
         "old.egm",
         cwd=d,

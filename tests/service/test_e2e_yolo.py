@@ -93,7 +93,10 @@ def test_yolo_service_end_to_end(
             )
             hb = json.loads(rec.on_topic("/heartbeat")[-1])
             assert hb["state"] == "serving" and hb["model"]["name"] == "yolov8n"
-            assert hb["supervisor"]["restarts"] == 0 and "systemd" in hb["supervisor"]["watchdogs"]
+            # On failure, say why the worker restarted (seen once on a machine at load ~8 on 2 cores; the
+            # supervisor's recent failures name the cause, e.g. a hang or a stalled inference).
+            assert hb["supervisor"]["restarts"] == 0, hb["supervisor"]
+            assert "systemd" in hb["supervisor"]["watchdogs"]
             assert {"api", "mqtt", "directory"} <= set(hb["sources"])
 
             # 6. kill -9 the worker right after a burst of acknowledged results: all of them arrive anyway.
