@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
-from edgeguard.bundle import open_bundle
+from edgeguard.bundle import Manifest, open_bundle
 from edgeguard.engine import Engine
+from edgeguard.errors import BundleRejected
 from edgeguard.keys import DeviceKey, TrustStore, derive_storage_key, load_device_key
 from edgeguard.profiles import get_profile
 from edgeguard.sources import TokenStore, credential_path
@@ -13,7 +15,7 @@ from edgeguard.sources import TokenStore, credential_path
 from ._pipeline import EngineLike
 from .config import ServiceConfig
 
-__all__ = ["load_keys", "load_tokens", "load_engine"]
+__all__ = ["load_keys", "load_tokens", "load_engine", "serving_problem"]
 
 
 def _device_key_path(cfg: ServiceConfig) -> Path:
@@ -24,6 +26,8 @@ def _device_key_path(cfg: ServiceConfig) -> Path:
 
 
 def load_keys(cfg: ServiceConfig) -> tuple[TrustStore, DeviceKey, bytes]:
+    """Read from the files' contents every time (start and every reload): an edited revocation list or
+    trusted ``.pub`` at the same path takes effect at the next reload."""
     trust = TrustStore.from_files(cfg.model.trust, revocation_list=cfg.model.revocations)
     device_key = load_device_key(_device_key_path(cfg))
     return trust, device_key, derive_storage_key(device_key)
@@ -38,8 +42,43 @@ def load_tokens(cfg: ServiceConfig) -> TokenStore:
     return TokenStore.from_file(credential_path(api.tokens_credential))
 
 
-def load_engine(cfg: ServiceConfig, *, trust: TrustStore, device_key: DeviceKey) -> EngineLike:
-    """open_bundle (all checks) -> Engine.load (fast path + golden self-test); BundleRejected if any fails."""
-    opened = open_bundle(cfg.model.bundle, trust=trust, device_key=device_key, state_dir=cfg.device.state_dir)
+def load_engine(cfg: ServiceConfig, *, trust: TrustStore, device_key: DeviceKey, now: datetime) -> EngineLike:
+    """open_bundle (all checks; floor not yet moved) -> Engine.load (fast path + golden self-test) -> commit
+    the rollback floor and slot. BundleRejected if any fails.
+
+    The floor moves only once the engine has passed its self-test (docs/bundle.md): a bundle that cannot run
+    here must not lock the device out of the version that does. The commit re-checks the floor in the same
+    critical section, so a floor raised meanwhile (``verify --commit``) still refuses this version.
+    """
+    opened = open_bundle(
+        cfg.model.bundle,
+        trust=trust,
+        device_key=device_key,
+        state_dir=cfg.device.state_dir,
+        now=now,
+        commit_floor=False,
+        model_name=cfg.model.name,
+    )
     profile = get_profile(cfg.model.profile) if cfg.model.profile else None
-    return Engine.load(opened, profile=profile)
+    engine = Engine.load(opened, profile=profile)  # wipes the plaintext, whether it loads or not
+    try:
+        opened.commit_rollback_floor()
+    except BaseException:
+        engine.close()
+        raise
+    return engine
+
+
+def serving_problem(manifest: Manifest, *, trust: TrustStore, now: datetime) -> BundleRejected | None:
+    """Why a model that is already serving must stop now, or None: its signer was revoked or is no longer
+    trusted (the trust store was rebuilt at a reload), or it is past ``not_after``. The same checks and
+    names as opening it would fail with."""
+    try:
+        trust.signer(manifest.publisher_key_id)
+    except BundleRejected as exc:
+        return exc
+    expires = manifest.expires_at()
+    if expires is not None and now > expires:  # valid up to not_after, as when opening it
+        what = f"{manifest.name} v{manifest.version}"
+        return BundleRejected("expired", f"{what} expired at {manifest.not_after}")
+    return None
