@@ -91,6 +91,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.reloads = 0
+        self._stopping_model: Any = None  # the engine the expiry timer is unloading (at most one at a time)
 
     # -- health
     # ------------------------------------------------------------------------------------------------
@@ -214,13 +215,22 @@ class Worker:
         self._degraded = degraded
 
     def _check_serving(self) -> None:
-        """The expiry timer (every liveness tick): a model past its not_after stops serving now."""
+        """The expiry timer (every liveness tick, on the loop: a clock read and a comparison): a model past
+        its not_after stops serving now. Unloading (closing the engine, hooks) runs off the loop."""
         engine = self.pipeline.engine
-        if engine is None:
+        if engine is None or self._stopping_model is not None or self._loop is None:
             return
         problem = serving_problem(engine.manifest, trust=self.trust, now=self._now())
         if problem is not None:
-            self._unload("bundle-rejected", str(problem), check=problem.check, reload=False)
+            self._stopping_model = engine
+            self._loop.run_in_executor(None, self._stop_serving, engine, problem)
+
+    def _stop_serving(self, engine: Any, problem: BundleRejected) -> None:
+        try:
+            if self.pipeline.engine is engine:  # not replaced by a reload meanwhile
+                self._unload("bundle-rejected", str(problem), check=problem.check, reload=False)
+        finally:
+            self._stopping_model = None
 
     def _unload(self, kind: str, reason: str, *, check: str | None, reload: bool) -> None:
         engine = self.pipeline.engine
