@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
-from edgeguard.bundle import Manifest, open_bundle
+from edgeguard.bundle import Manifest, check_model_name, open_bundle
 from edgeguard.engine import Engine
 from edgeguard.errors import BundleRejected
 from edgeguard.keys import DeviceKey, TrustStore, derive_storage_key, load_device_key
@@ -69,12 +69,15 @@ def load_engine(cfg: ServiceConfig, *, trust: TrustStore, device_key: DeviceKey,
     return engine
 
 
-def serving_problem(manifest: Manifest, *, trust: TrustStore, now: datetime) -> BundleRejected | None:
+def serving_problem(
+    manifest: Manifest, *, trust: TrustStore, now: datetime, model_name: str | None = None
+) -> BundleRejected | None:
     """Why a model that is already serving must stop now, or None: its signer was revoked or is no longer
-    trusted (the trust store was rebuilt at a reload), or it is past ``not_after``. The same checks and
-    names as opening it would fail with."""
+    trusted (the trust store was rebuilt at a reload), ``model.name`` now names another model, or it is past
+    ``not_after``. The same checks and names as opening it would fail with."""
     try:
         trust.signer(manifest.publisher_key_id)
+        check_model_name(manifest.name, model_name)
     except BundleRejected as exc:
         return exc
     expires = manifest.expires_at()

@@ -220,7 +220,9 @@ class Worker:
         engine = self.pipeline.engine
         if engine is None or self._stopping_model is not None or self._loop is None:
             return
-        problem = serving_problem(engine.manifest, trust=self.trust, now=self._now())
+        problem = serving_problem(
+            engine.manifest, trust=self.trust, now=self._now(), model_name=self.cfg.model.name
+        )
         if problem is not None:
             self._stopping_model = engine
             self._loop.run_in_executor(None, self._stop_serving, engine, problem)
@@ -272,7 +274,9 @@ class Worker:
             return
         # The new bundle was refused; the one serving keeps serving only if it still passes the trust store
         # just rebuilt and its expiry (a revoked signer's model must not run on because the file is the same).
-        problem = serving_problem(engine.manifest, trust=self.trust, now=self._now())
+        problem = serving_problem(
+            engine.manifest, trust=self.trust, now=self._now(), model_name=self.cfg.model.name
+        )
         if problem is not None:
             # One event per cause: the refusal above already named it when it was the same check.
             if problem.check == check:

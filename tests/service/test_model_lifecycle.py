@@ -75,6 +75,9 @@ def test_serving_problem_under_a_controlled_clock(tmp_path: Path) -> None:
     generate_keypair("publisher", tmp_path / "other")
     untrusted = serving_problem(m, trust=TrustStore.from_files([tmp_path / "other/publisher.pub"]), now=T0)
     assert untrusted is not None and untrusted.check == "untrusted signer"
+    renamed = serving_problem(m, trust=trust, now=T0, model_name="thermal")  # model.name changed at a reload
+    assert renamed is not None and renamed.check == "wrong model"
+    assert serving_problem(m, trust=trust, now=T0, model_name="sensor") is None
 
 
 def test_model_name_is_validated(tmp_path: Path) -> None:
