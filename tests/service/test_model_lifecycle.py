@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -14,6 +16,7 @@ from edgeguard.bundle import Manifest, RollbackFloor
 from edgeguard.errors import BundleRejected, ConfigError, EdgeGuardError
 from edgeguard.keys import TrustStore, generate_keypair, load_publisher_key
 from edgeguard.service._loader import load_engine, load_keys, serving_problem
+from edgeguard.service._worker import Worker
 from edgeguard.service.config import ServiceConfig, parse_config
 from tests.service._env import ensure_keys, tiny_bundle
 
@@ -85,3 +88,34 @@ def test_model_name_is_validated(tmp_path: Path) -> None:
         _config(tmp_path, name="../x")
     with pytest.raises(ConfigError, match=r"model\.name"):
         _config(tmp_path, name="ok\n")
+
+
+def test_worker_expiry_timer_follows_the_injected_clock(tmp_path: Path) -> None:
+    """The worker's expiry check on a real engine, outbox and (unconnected) link, with the test's clock."""
+    cfg = _config(tmp_path)
+    clock = [datetime.now(timezone.utc)]
+    not_after = clock[0] + timedelta(days=30)
+    (tmp_path / "model.egm").write_bytes(tiny_bundle(tmp_path, not_after=not_after))
+    worker = Worker(config=cfg, mode="serve", liveness_fd=-1, now=lambda: clock[0])
+
+    async def scenario() -> None:
+        worker._loop = asyncio.get_running_loop()
+        assert worker._load_model(False) and worker.pipeline.engine is not None
+        clock[0] = not_after  # valid up to not_after
+        worker._check_serving()
+        assert worker.pipeline.engine is not None
+        clock[0] = not_after + timedelta(seconds=1)
+        worker._check_serving()
+        while worker.pipeline.engine is not None or worker._stopping_model is not None:
+            await asyncio.sleep(0.01)
+
+    try:
+        asyncio.run(scenario())
+        health = worker.health()
+        assert health["state"] == "no-model" and "expired at" in health["degraded_reason"]
+        assert "expired" in worker.pipeline.unavailable_reason
+        events = [json.loads(e) for e in worker.link._events]
+        kinds = [(e["kind"], e["check"], e["reload"]) for e in events]
+        assert kinds == [("bundle-rejected", "expired", False)]
+    finally:
+        worker.outbox.close()
