@@ -175,12 +175,14 @@ class RollbackFloor:
     def _write(self, name: str, version: int, *, pin: bool) -> bool:
         # Under the lock. The floor file first, then the second record: a crash in between leaves the file
         # ahead of the record, and the higher of the two counts.
-        moved = version > self.get(name)
+        current = self.get(name)
+        moved = version > current
         if moved:
             atomic_write(self._path(name), f"{version}\n".encode("ascii"), mode=0o644)
+        floor = max(version, current)
         record = self._record()
-        if record.get(name, -1) < max(version, self.get(name)):
-            record[name] = max(version, self.get(name))
+        if record.get(name, -1) < floor:
+            record[name] = floor
             body = json.dumps({"floors": dict(sorted(record.items()))}, indent=1) + "\n"
             atomic_write(self._record_path, body.encode("ascii"), mode=0o644)
         if pin and self.slot() != name:
