@@ -114,6 +114,7 @@ def test_renamed_older_bundle_and_vanished_floor_are_refused(tmp_path: Path) -> 
         # must not read the missing floor as 0.
         (tmp_path / "state/rollback/sensor").unlink()
         (tmp_path / "model.egm").write_bytes(tiny_bundle(tmp_path, version=1))
+        dev.notes.clear()  # READY=1 of the first run must not count as the second one's
         dev.start()
         try:
             dev.wait_ready()
