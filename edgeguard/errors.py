@@ -30,6 +30,7 @@ BundleCheck = Literal[
     "untrusted signer",
     "revoked",
     "rollback",
+    "wrong model",
     "expired",
     "not a recipient",
     "integrity",

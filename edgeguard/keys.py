@@ -44,6 +44,7 @@ __all__ = [
 
 KeyKind = Literal["publisher", "device"]
 _MAX_KEY_FILE = 16 * 1024
+_MAX_REVOCATION_LIST = 1024 * 1024  # ~58,000 key ids
 _STORAGE_KEY_INFO = b"edgeguard/v1 outbox storage key"
 _RAW = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 _PUBLIC_PEM = b"-----BEGIN PUBLIC KEY-----"
@@ -112,31 +113,41 @@ def generate_keypair(kind: KeyKind, out_dir: Path) -> tuple[Path, Path, str]:
     return key_path, pub_path, public_key_id(pub)
 
 
-def _read_key_file(path: Path, *, private: bool, kind: KeyKind) -> bytes:
+def _read_key_file(
+    path: Path,
+    *,
+    private: bool,
+    kind: KeyKind | None = None,
+    what: str = "key file",
+    limit: int = _MAX_KEY_FILE,
+) -> bytes:
     # Open once, then check and read that same open file (fstat, bounded read): a path swapped or grown
     # after a stat() cannot slip in another file, and a device or FIFO is never read at all.
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not hang
     except FileNotFoundError:
-        raise KeyFileError(f"key file not found: {path}") from None
+        raise KeyFileError(f"{what} not found: {path}") from None
     except IsADirectoryError:
-        raise KeyFileError(f"{path} is a directory, not a key file") from None
+        raise KeyFileError(f"{path} is a directory, not a {what}") from None
     except PermissionError:
-        raise KeyFileError(f"cannot read key file {path}: permission denied") from None
+        raise KeyFileError(f"cannot read {what} {path}: permission denied") from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):  # checked before fdopen, which refuses a directory with an OSError
+        os.close(fd)
+        raise KeyFileError(f"{path} is a directory, not a {what}")
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if stat.S_ISDIR(st.st_mode):
-            raise KeyFileError(f"{path} is a directory, not a key file")
         if not stat.S_ISREG(st.st_mode):
             raise KeyFileError(f"{path} is not a regular file")
-        data = f.read(_MAX_KEY_FILE + 1)
-    if len(data) > _MAX_KEY_FILE:
-        raise KeyFileError(f"{path}: more than {_MAX_KEY_FILE} bytes is too large for a key file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise KeyFileError(f"{path}: more than {limit} bytes is too large for a {what}")
     # The kind of key first, then its mode: advising `chmod 600` on a public key handed over by mistake
     # would send the user the wrong way.
-    if private and _PUBLIC_PEM in data:
+    if kind is not None and private and _PUBLIC_PEM in data:
         raise KeyFileError(f"{path} is a public key; pass the {kind}'s private key ({kind}.key)")
-    if not private and _PRIVATE_PEM in data:
+    if kind is not None and not private and _PRIVATE_PEM in data:
         raise KeyFileError(f"{path} is a private key; pass the {kind}'s public key ({kind}.pub)")
     if private and st.st_mode & 0o077:
         raise KeyFileError(
@@ -204,14 +215,14 @@ def _check_key_id(text: str, origin: str) -> str:
 
 
 def read_revocation_list(path: Path) -> frozenset[str]:
-    """One key id (16 hex digits) per line; blank lines and text after '#' are ignored."""
+    """One key id (16 hex digits) per line; blank lines and text after '#' are ignored. Read like a key file
+    (one open, regular file only, at most 1 MiB): a FIFO or device put in its place must not hang or flood a
+    reload."""
+    data = _read_key_file(path, private=False, what="revocation list", limit=_MAX_REVOCATION_LIST)
     try:
-        with path.open("r", encoding="utf-8") as f:
-            text = f.read(1024 * 1024 + 1)
-    except OSError as exc:
-        raise KeyFileError(f"cannot read revocation list {path}: {exc.strerror or exc}") from None
-    if len(text) > 1024 * 1024:
-        raise KeyFileError(f"revocation list {path} is larger than 1 MiB")
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise KeyFileError(f"revocation list {path} is not UTF-8 text") from None
     ids = set()
     for n, line in enumerate(text.splitlines(), 1):
         entry = line.split("#", 1)[0].strip()

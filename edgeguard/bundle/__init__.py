@@ -9,7 +9,7 @@ from __future__ import annotations
 from edgeguard.bundle._format import DEFAULT_CHUNK_SIZE, BundleLimits
 from edgeguard.bundle._open import OpenedBundle, VerifiedBundle, inspect_bundle, open_bundle, verify_bundle
 from edgeguard.bundle._pack import detect_format, load_golden_npz, load_meta, pack_bundle, read_model
-from edgeguard.bundle._rollback import RollbackFloor
+from edgeguard.bundle._rollback import MODEL_NAME_RE, RollbackFloor, check_model_name
 from edgeguard.bundle.manifest import GoldenSample, Manifest, TensorSpec, Tolerance
 from edgeguard.keys import DeviceKey, PublisherKey, RecipientKey, TrustStore
 
@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "DeviceKey",
     "GoldenSample",
+    "MODEL_NAME_RE",
     "Manifest",
     "OpenedBundle",
     "PublisherKey",
@@ -27,6 +28,7 @@ __all__ = [
     "Tolerance",
     "TrustStore",
     "VerifiedBundle",
+    "check_model_name",
     "detect_format",
     "inspect_bundle",
     "load_golden_npz",

@@ -8,14 +8,14 @@ Checks run in a fixed order, each one before anything that depends on it (docs/b
 3. signature: Ed25519 over header || manifest; the header carries SHA-256 of the index (wrapped keys and the
    table of per-chunk ciphertext digests), so this covers every byte;
 4. manifest: strict JSON schema, lengths consistent with the file, sizes within limits;
-5. expiry, then the rollback floor for the model name;
+5. expiry, then the model name (``model.name`` or the pinned slot) and the rollback floor for it;
 6. recipient: this device's key id is listed;
 7. index: read once, its SHA-256 equals the signed one;
 8. unwrap the content key (HPKE, info bound to this manifest) and check it against the signed key commitment;
    then ONE pass over the chunks: each is read once into a private buffer, its SHA-256 compared with the
    table, and only then that same buffer is decrypted (GCM; nonce and AAD bind stream, index and final flag)
    straight into one preallocated plaintext buffer. Only then is the buffer handed out and the rollback
-   floor raised.
+   floor raised (re-checked and raised in one critical section: a floor committed meanwhile still wins).
 
 Every byte is read from the source exactly once, and what is checked is what is used: a file rewritten while
 it is being opened cannot slip in bytes that were not checked. Every failure is ``BundleRejected(check,
@@ -48,7 +48,7 @@ from edgeguard._memory import wipe
 from edgeguard.bundle import _format as fmt
 from edgeguard.bundle._golden import decode_golden
 from edgeguard.bundle._opened import OpenedBundle, VerifiedBundle
-from edgeguard.bundle._rollback import MODEL_NAME_RE, RollbackFloor
+from edgeguard.bundle._rollback import MODEL_NAME_RE, RollbackFloor, check_model_name
 from edgeguard.bundle.manifest import TENSOR_DTYPES, Manifest, TensorSpec, Tolerance
 from edgeguard.errors import BundleRejected
 from edgeguard.keys import DeviceKey, TrustStore
@@ -397,6 +397,7 @@ def _verify(
     now: datetime | None,
     limits: fmt.BundleLimits,
     device_key_id: str | None,
+    model_name: str | None,
 ) -> _Checked:
     head = src.read(0, min(src.size, fmt.HEADER_SIZE))  # 64 bytes at most
     header = _parse_unverified_header(head, src.size, limits)
@@ -425,11 +426,9 @@ def _verify(
             "expired", f"{manifest.name} v{manifest.version} expired at {manifest.not_after}"
         )
     if state_dir is not None:
-        floor = RollbackFloor(state_dir).get(manifest.name)
-        if manifest.version < floor:
-            raise BundleRejected(
-                "rollback", f"{manifest.name} v{manifest.version} is below this device's floor v{floor}"
-            )
+        RollbackFloor(state_dir).check(manifest.name, manifest.version, model_name=model_name)
+    else:
+        check_model_name(manifest.name, model_name)
     # Step 6: recipient (cheap) before reading anything proportional to the body.
     if device_key_id is not None and device_key_id not in manifest.recipient_key_ids:
         raise BundleRejected("not a recipient", f"bundle is not sealed for device key {device_key_id}")
@@ -537,9 +536,10 @@ def verify_bundle(
     now: datetime | None = None,
     limits: fmt.BundleLimits | None = None,
     device_key: DeviceKey | None = None,
+    model_name: str | None = None,
 ) -> VerifiedBundle:
     """Steps 1-7 and every chunk's digest against the signed table (everything but decryption). Never
-    writes the rollback floor."""
+    writes the rollback floor. ``model_name``: the only model name accepted (``model.name``)."""
     limits = limits or fmt.BundleLimits()
     src = _Source(source)
     try:
@@ -550,6 +550,7 @@ def verify_bundle(
             now=now,
             limits=limits,
             device_key_id=device_key.key_id if device_key else None,
+            model_name=model_name,
         )
         _ChunkPass(src, checked, content_key=None, outs={}).run(limits.open_threads())
         return checked.verified
@@ -582,14 +583,23 @@ def open_bundle(
     now: datetime | None = None,
     limits: fmt.BundleLimits | None = None,
     commit_floor: bool = True,
+    model_name: str | None = None,
 ) -> OpenedBundle:
     """Verify, unwrap and decrypt a bundle into memory. With ``state_dir`` and ``commit_floor`` the rollback
-    floor is raised to this version after every check has passed, just before returning."""
+    floor is raised to this version after every check has passed, just before returning (and the open is
+    refused if a floor committed meanwhile is higher). ``model_name``: the only model name accepted
+    (``model.name``); without it a state dir's pinned slot decides."""
     limits = limits or fmt.BundleLimits()
     src = _Source(source)
     try:
         checked = _verify(
-            src, trust=trust, state_dir=state_dir, now=now, limits=limits, device_key_id=device_key.key_id
+            src,
+            trust=trust,
+            state_dir=state_dir,
+            now=now,
+            limits=limits,
+            device_key_id=device_key.key_id,
+            model_name=model_name,
         )
         m = checked.verified.manifest
         content_key = _unwrap(checked, device_key)
@@ -605,7 +615,7 @@ def open_bundle(
             wipe(golden_buf)
             raise
         wipe(golden_buf)  # decoded into arrays of their own: the archive's plaintext is not handed out
-        opened = OpenedBundle(m, model, golden, state_dir)
+        opened = OpenedBundle(m, model, golden, state_dir, model_name=model_name)
         if commit_floor:
             try:
                 opened.commit_rollback_floor()

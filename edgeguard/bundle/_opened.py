@@ -33,12 +33,19 @@ class OpenedBundle:
     """
 
     def __init__(
-        self, manifest: Manifest, model: bytearray, golden: tuple[GoldenSample, ...], state_dir: Path | None
+        self,
+        manifest: Manifest,
+        model: bytearray,
+        golden: tuple[GoldenSample, ...],
+        state_dir: Path | None,
+        *,
+        model_name: str | None = None,
     ) -> None:
         self.manifest = manifest
         self.model = model
         self.golden = golden
         self._state_dir = state_dir
+        self._model_name = model_name
 
     def wipe(self) -> None:
         """Overwrite the plaintext with zeros (best effort; see the class docstring)."""
@@ -60,7 +67,11 @@ class OpenedBundle:
             raise BundleRejected("integrity", "decrypted model does not match the manifest's SHA-256")
 
     def commit_rollback_floor(self) -> bool:
-        """Raise this model name's rollback floor to this version; True when it moved. Idempotent."""
+        """Raise this model name's rollback floor to this version and pin the slot to it; True when the floor
+        moved. Idempotent. The floor and slot are re-checked in the same critical section as the write:
+        ``BundleRejected`` ("rollback", "wrong model") when another commit since this bundle was opened makes
+        it unacceptable now."""
         if self._state_dir is None:
             return False
-        return RollbackFloor(self._state_dir).raise_to(self.manifest.name, self.manifest.version)
+        m = self.manifest
+        return RollbackFloor(self._state_dir).commit(m.name, m.version, model_name=self._model_name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 import numpy as np
@@ -91,6 +92,13 @@ class Manifest:
     # hex SHA-256 of a label and the content key: every recipient checks it unwrapped this same key
     key_commitment: str = ""
     bundle_id: str = ""  # 32 random hex digits: makes every manifest (hashed into HPKE info and AAD) unique
+
+    def expires_at(self) -> datetime | None:
+        """``not_after`` as an aware datetime (None: never expires). ``_open`` checked its format already."""
+        if self.not_after is None:
+            return None
+        text = self.not_after
+        return datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as the JSON object stored in a bundle (and printed by ``edgeguard inspect``)."""

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgeguard.bundle import open_bundle
-from edgeguard.engine import Engine, unavailable_reason
+from edgeguard.engine import Engine, profile_cache_dirs, unavailable_reason
 from edgeguard.engine._bench import run_benchmarks
 from edgeguard.engine._litert import DEFAULT_DELEGATE_LIBRARIES
 from edgeguard.errors import ConfigError, InputRejected
@@ -195,6 +195,8 @@ def _doctor(args: argparse.Namespace) -> int:
             {"label": a.label, "kind": a.kind, "present": (r := _presence(fmt, a)) is None, "reason": r}
             for a in profile.candidates(fmt)
         ]
+    # Where a cache that holds the model (TensorRT engines, OpenVINO blobs) would live: RAM only.
+    report["model_caches"] = [c.to_json() for c in profile_cache_dirs(profile)]
     if args.bundle is not None:
         report["model"] = _doctor_bundle(args, profile)
     if args.json:
@@ -211,6 +213,12 @@ def _doctor(args: argparse.Namespace) -> int:
             table.add_row(str(i + 1), row["label"], row["kind"], "yes" if row["present"] else "no",
                           row["reason"] or "")
         console.print(table)
+    caches = profile_cache_dirs(profile)
+    if not caches:
+        console.print("[bold]model caches[/]: none (no accelerator writes a serialized model anywhere)")
+    for c in caches:
+        verdict = "in RAM" if c.in_ram else "REFUSED: not a RAM filesystem, this accelerator will not be used"
+        console.print(f"[bold]model cache[/]: {c.label} {c.option} = {c.path} ({c.filesystem}; {verdict})")
     if "model" in report:
         m = report["model"]
         table = Table("accelerator", "status", "reason",

@@ -10,6 +10,7 @@ See docs/engine.md.
 from __future__ import annotations
 
 from ._backend import Backend, TensorInfo
+from ._cache_dirs import CacheDir, profile_cache_dirs
 from ._engine import Engine, InferenceResult, ModelSource
 from ._fastpath import CandidateReport, FastPath
 from ._open import BackendOpener, open_backend, reference_accelerator, unavailable_reason
@@ -19,6 +20,7 @@ from .guard import GuardLimits, InputGuard
 __all__ = [
     "Backend",
     "BackendOpener",
+    "CacheDir",
     "CandidateReport",
     "Engine",
     "FastPath",
@@ -28,6 +30,7 @@ __all__ = [
     "ModelSource",
     "Sample",
     "TensorInfo",
+    "profile_cache_dirs",
     "compare_outputs",
     "open_backend",
     "reference_accelerator",

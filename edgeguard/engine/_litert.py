@@ -17,6 +17,7 @@ from edgeguard.errors import BackendError
 from edgeguard.profiles import Accelerator
 
 from ._backend import Backend, TensorInfo, one_line, scrub_bytes
+from ._cache_dirs import check_cache_dirs
 
 __all__ = ["DEFAULT_DELEGATE_LIBRARIES", "LiteRTBackend", "litert_module", "litert_unavailable"]
 
@@ -71,6 +72,7 @@ class LiteRTBackend(Backend):
         if kind == "builtin":
             kwargs["experimental_op_resolver_type"] = mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         elif kind in ("edgetpu", "gpu", "external"):
+            check_cache_dirs(accelerator)  # a delegate's serialization cache holds the weights: RAM only
             library = str(opts.get("library", DEFAULT_DELEGATE_LIBRARIES.get(kind, "")))
             raw_opts = dict(opts.get("delegate_options", {}))
             delegate_opts: dict[str, str] = {k: str(v) for k, v in raw_opts.items()}

@@ -12,6 +12,7 @@ from edgeguard.errors import BackendError
 from edgeguard.profiles import Accelerator
 
 from ._backend import Backend, TensorInfo, one_line, scrub_bytes
+from ._cache_dirs import check_cache_dirs
 
 __all__ = ["OnnxBackend", "PROVIDERS", "onnx_unavailable", "provider_options"]
 
@@ -50,7 +51,9 @@ def onnx_unavailable(accelerator: Accelerator) -> str | None:
 
 
 def provider_options(accelerator: Accelerator, threads: int) -> dict[str, str]:
-    """Translate EdgeGuard's option names into the provider's own (all values as strings, as ORT wants)."""
+    """Translate EdgeGuard's option names into the provider's own (all values as strings, as ORT wants).
+    ``BackendError`` when a cache that holds the model would be written anywhere but to RAM."""
+    check_cache_dirs(accelerator)
     o = accelerator.options
     out: dict[str, str] = {}
     kind = accelerator.kind

@@ -12,6 +12,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -76,7 +77,9 @@ def check_startup(cfg: ServiceConfig, *, resolve: Resolver | None = None) -> tup
     profile_ok = profile is None or attempt("model.profile", lambda: get_profile(profile)) is not None
     if trust is not None and device_key is not None and profile_ok:
         engine = attempt(
-            "model.bundle", lambda: load_engine(cfg, trust=trust, device_key=device_key, commit_floor=False)
+            "model.bundle", lambda: load_engine(
+                cfg, trust=trust, device_key=device_key, now=datetime.now(timezone.utc), commit_floor=False
+            ),
         )
         if engine is not None:
             m, accelerator = engine.manifest, engine.health().get("accelerator")

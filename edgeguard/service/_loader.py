@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
-from edgeguard.bundle import open_bundle
+from edgeguard.bundle import Manifest, check_model_name, open_bundle
 from edgeguard.engine import Engine
+from edgeguard.errors import BundleRejected
 from edgeguard.keys import DeviceKey, TrustStore, derive_storage_key, load_device_key
 from edgeguard.profiles import get_profile
 from edgeguard.sources import TokenStore, credential_path
@@ -13,7 +15,7 @@ from edgeguard.sources import TokenStore, credential_path
 from ._pipeline import EngineLike
 from .config import ServiceConfig
 
-__all__ = ["load_keys", "load_trust", "load_device_key_of", "load_tokens", "load_engine"]
+__all__ = ["load_keys", "load_trust", "load_device_key_of", "load_tokens", "load_engine", "serving_problem"]
 
 
 def _device_key_path(cfg: ServiceConfig) -> Path:
@@ -32,6 +34,8 @@ def load_device_key_of(cfg: ServiceConfig) -> DeviceKey:
 
 
 def load_keys(cfg: ServiceConfig) -> tuple[TrustStore, DeviceKey, bytes]:
+    """Read from the files' contents every time (start and every reload): an edited revocation list or
+    trusted ``.pub`` at the same path takes effect at the next reload."""
     trust = load_trust(cfg)
     device_key = load_device_key_of(cfg)
     return trust, device_key, derive_storage_key(device_key)
@@ -47,16 +51,48 @@ def load_tokens(cfg: ServiceConfig) -> TokenStore:
 
 
 def load_engine(
-    cfg: ServiceConfig, *, trust: TrustStore, device_key: DeviceKey, commit_floor: bool = True
+    cfg: ServiceConfig, *, trust: TrustStore, device_key: DeviceKey, now: datetime, commit_floor: bool = True
 ) -> EngineLike:
-    """open_bundle (all checks) -> Engine.load (fast path + golden self-test); BundleRejected if any fails.
-    ``commit_floor=False`` (``run --check``) verifies against the rollback floor without raising it."""
+    """open_bundle (all checks; floor not yet moved) -> Engine.load (fast path + golden self-test) -> commit
+    the rollback floor and slot. BundleRejected if any fails.
+
+    The floor moves only once the engine has passed its self-test (docs/bundle.md): a bundle that cannot run
+    here must not lock the device out of the version that does. The commit re-checks the floor in the same
+    critical section, so a floor raised meanwhile (``verify --commit``) still refuses this version.
+    ``commit_floor=False`` (``run --check``) verifies against the floor and the slot without moving them.
+    """
     opened = open_bundle(
         cfg.model.bundle,
         trust=trust,
         device_key=device_key,
         state_dir=cfg.device.state_dir,
-        commit_floor=commit_floor,
+        now=now,
+        commit_floor=False,
+        model_name=cfg.model.name,
     )
     profile = get_profile(cfg.model.profile) if cfg.model.profile else None
-    return Engine.load(opened, profile=profile)
+    engine = Engine.load(opened, profile=profile)  # wipes the plaintext, whether it loads or not
+    try:
+        opened.commit_rollback_floor()
+    except BaseException:
+        engine.close()
+        raise
+    return engine
+
+
+def serving_problem(
+    manifest: Manifest, *, trust: TrustStore, now: datetime, model_name: str | None = None
+) -> BundleRejected | None:
+    """Why a model that is already serving must stop now, or None: its signer was revoked or is no longer
+    trusted (the trust store was rebuilt at a reload), ``model.name`` now names another model, or it is past
+    ``not_after``. The same checks and names as opening it would fail with."""
+    try:
+        trust.signer(manifest.publisher_key_id)
+        check_model_name(manifest.name, model_name)
+    except BundleRejected as exc:
+        return exc
+    expires = manifest.expires_at()
+    if expires is not None and now > expires:  # valid up to not_after, as when opening it
+        what = f"{manifest.name} v{manifest.version}"
+        return BundleRejected("expired", f"{what} expired at {manifest.not_after}")
+    return None

@@ -123,6 +123,16 @@ class Pipeline:
                 self._retired.append(old)
             self._close_idle_retired()
 
+    def unload(self, reason: str) -> None:
+        """Stop serving the current engine (revoked signer, expired): new requests get ``reason``; requests
+        already running on it finish, then it closes."""
+        with self._lock:
+            old, self._engine = self._engine, None
+            self.accepting, self.unavailable_reason = False, reason
+            if old is not None:
+                self._retired.append(old)
+            self._close_idle_retired()
+
     def _close_idle_retired(self) -> None:
         for old in list(self._retired):
             if self._users.get(id(old), 0) == 0:

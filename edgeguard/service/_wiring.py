@@ -97,7 +97,8 @@ def _api_health(worker: WorkerView) -> dict[str, Any]:
     broker is unreachable (heartbeats then go nowhere): the link with its last error, the outbox figures."""
     verdict = worker.verdict()
     return {
-        "ok": verdict["healthy"] and not verdict.get("degraded"),
+        # Not ok while no model serves (rejected, expired, missing bundle, safe state): a probe must see it.
+        "ok": verdict["healthy"] and not verdict.get("degraded") and worker.pipeline.engine is not None,
         "alarm": verdict.get("degraded") or None,  # device-level, e.g. the outbox's disk is full
         **worker.health(),
         "link": worker.link.state.to_json(),

@@ -4,8 +4,12 @@ supervisor.
 Run by the supervisor as ``python -m edgeguard.service._worker -c CONFIG --mode serve|safe --liveness-fd N``.
 Liveness lines are written from the event loop, so a blocked loop stops them; a stalled inference is reported
 explicitly. SIGTERM: stop accepting, finish in-flight work, flush the outbox, publish the offline status.
-SIGHUP: re-read the config, reload API tokens and the bundle (verified like any bundle) without dropping
-requests.
+SIGHUP: re-read the config, rebuild the trust store from the key files, reload API tokens and the bundle
+(verified like any bundle) without dropping requests.
+
+A serving model stops serving (state "no-model", API 503 with the reason, event ``bundle-rejected``) when a
+reload finds its signer revoked or no longer trusted, and when it passes its ``not_after`` (checked on every
+liveness tick against the injected wall clock, so expiry does not wait for a reload).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +34,7 @@ from edgeguard.outbox import Outbox
 
 from ._faults import FaultInjector
 from ._hooks import HookRunner
-from ._loader import load_engine, load_keys, load_tokens
+from ._loader import load_engine, load_keys, load_tokens, serving_problem
 from ._pipeline import Pipeline
 from ._state import read_state
 from ._sysinfo import system_facts
@@ -40,9 +46,22 @@ __all__ = ["main", "Worker"]
 _log = logging.getLogger("edgeguard.worker")
 
 
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _unreadable(path: Path, exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return f"bundle file not found: {path}"
+    return f"cannot read bundle {path}: {exc.strerror or type(exc).__name__}"
+
+
 class Worker:
-    def __init__(self, *, config: ServiceConfig, mode: str, liveness_fd: int) -> None:
+    def __init__(
+        self, *, config: ServiceConfig, mode: str, liveness_fd: int, now: Callable[[], datetime] = _utc_now
+    ) -> None:
         self.cfg = config
+        self._now = now  # wall clock for expiry (bundle not_after); tests pass their own
         self.mode = mode
         self._fd = liveness_fd
         self._started = time.monotonic()
@@ -72,6 +91,7 @@ class Worker:
         self._stop = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.reloads = 0
+        self._stopping_model: Any = None  # the engine the expiry timer is unloading (at most one at a time)
 
     # -- health
     # ------------------------------------------------------------------------------------------------
@@ -178,6 +198,7 @@ class Worker:
 
     async def _liveness(self) -> None:
         while True:
+            self._check_serving()
             self._send({"t": "alive", **self.verdict(), "status": self.status_line()})
             self._check_degraded()
             await asyncio.sleep(self.cfg.service.liveness_s)
@@ -193,13 +214,47 @@ class Worker:
             self.link.publish_event(kind, {"reason": reason})
         self._degraded = degraded
 
+    def _check_serving(self) -> None:
+        """The expiry timer (every liveness tick, on the loop: a clock read and a comparison): a model past
+        its not_after stops serving now. Unloading (closing the engine, hooks) runs off the loop."""
+        engine = self.pipeline.engine
+        if engine is None or self._stopping_model is not None or self._loop is None:
+            return
+        problem = serving_problem(
+            engine.manifest, trust=self.trust, now=self._now(), model_name=self.cfg.model.name
+        )
+        if problem is not None:
+            self._stopping_model = engine
+            self._loop.run_in_executor(None, self._stop_serving, engine, problem)
+
+    def _stop_serving(self, engine: Any, problem: BundleRejected) -> None:
+        try:
+            if self.pipeline.engine is engine:  # not replaced by a reload meanwhile
+                self._unload("bundle-rejected", str(problem), check=problem.check, reload=False)
+        finally:
+            self._stopping_model = None
+
+    def _unload(self, kind: str, reason: str, *, check: str | None, reload: bool) -> None:
+        engine = self.pipeline.engine
+        name = engine.manifest.name if engine is not None else "the model"
+        _log.error("stopped serving %s: %s", name, reason)
+        self.model_error = reason
+        self.pipeline.unload(f"not serving: {reason}")
+        data = {"reason": reason, "check": check, "bundle": str(self.cfg.model.bundle), "reload": reload}
+        self.hooks.fire(kind, data)
+        self.link.publish_event(kind, data)
+
     def _load_model(self, reload: bool) -> bool:
         try:
-            engine = load_engine(self.cfg, trust=self.trust, device_key=self.device_key)
+            engine = load_engine(self.cfg, trust=self.trust, device_key=self.device_key, now=self._now())
         except BundleRejected as exc:
             self._model_failed("bundle-rejected", str(exc), check=exc.check, reload=reload)
             return False
-        except EdgeGuardError as exc:  # backend failed its self-test, unreadable bundle file, ...
+        except OSError as exc:  # a missing or unreadable bundle file: no model, like a rejected bundle
+            self._model_failed("bundle-rejected", _unreadable(self.cfg.model.bundle, exc), check=None,
+                               reload=reload)
+            return False
+        except EdgeGuardError as exc:  # backend failed its self-test, ...
             self._model_failed("degraded", str(exc), check=None, reload=reload)
             return False
         self.pipeline.swap(self.faults.wrap(engine))
@@ -212,9 +267,23 @@ class Worker:
         data = {"reason": reason, "check": check, "bundle": str(self.cfg.model.bundle), "reload": reload}
         self.hooks.fire(kind, data)
         self.link.publish_event(kind, data)
-        if self.pipeline.engine is None:
+        engine = self.pipeline.engine
+        if engine is None:
             self.model_error = reason
             self.pipeline.stop_accepting(f"not serving: {reason}")
+            return
+        # The new bundle was refused; the one serving keeps serving only if it still passes the trust store
+        # just rebuilt and its expiry (a revoked signer's model must not run on because the file is the same).
+        problem = serving_problem(
+            engine.manifest, trust=self.trust, now=self._now(), model_name=self.cfg.model.name
+        )
+        if problem is not None:
+            # One event per cause: the refusal above already named it when it was the same check.
+            if problem.check == check:
+                self.model_error = str(problem)
+                self.pipeline.unload(f"not serving: {problem}")
+            else:
+                self._unload("bundle-rejected", str(problem), check=problem.check, reload=reload)
 
     def _build_sources(self) -> None:
         self.api, self.sources = build_sources(self)
@@ -222,6 +291,7 @@ class Worker:
     async def _start_sources(self) -> None:
         if self.api is not None:
             await self.api.start()
+            _log.info("API listening on %s", ", ".join(self.api.bound))
         for s in self.sources:
             if s is not self.api:
                 s.start()
@@ -243,15 +313,29 @@ class Worker:
             _log.error("reload refused, keeping the running config: %s", exc)
             self.link.publish_event("reload-failed", {"reason": str(exc)})
             return
-        old_model = self.cfg.model
         self.cfg = new
         if self.api is not None and new.api.enabled:
             try:
                 self.api.replace_tokens(load_tokens(new))
             except ConfigError as exc:
                 _log.error("reload: keeping the old API tokens: %s", exc)
-        if new.model != old_model:
-            self.trust, self.device_key, _ = load_keys(new)
+        try:
+            # From the files' contents on every reload, whether or not the paths changed: a revocation or a
+            # replaced .pub must take effect now.
+            self.trust, self.device_key, _ = await loop.run_in_executor(None, load_keys, new)
+        except EdgeGuardError as exc:
+            # Fail closed: a revocation list that cannot be read must not mean "nothing is revoked".
+            reason = f"trust store or device key unreadable: {exc}"
+            _log.error("reload: %s", reason)
+            self.link.publish_event("reload-failed", {"reason": reason})
+            if self.pipeline.engine is not None:
+                await loop.run_in_executor(
+                    None, lambda: self._unload("bundle-rejected", reason, check=None, reload=True)
+                )
+            else:
+                self.model_error = reason
+                self.pipeline.stop_accepting(f"not serving: {reason}")
+            return
         ok = await loop.run_in_executor(None, self._load_model, True)
         if ok:
             self.reloads += 1

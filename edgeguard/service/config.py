@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from edgeguard.bundle import MODEL_NAME_RE
 from edgeguard.errors import ConfigError
 from edgeguard.link._config import LinkConfig
 from edgeguard.outbox import OutboxConfig
@@ -65,9 +66,17 @@ class ModelSection:
     device_key: Path | None = None
     device_key_credential: str | None = None  # name under $CREDENTIALS_DIRECTORY (systemd LoadCredential=)
     profile: str | None = None
+    # The only model name this device serves. Unset: the slot is pinned to the first name served (kept with
+    # the rollback floor in the state dir), so a renamed older bundle cannot slip under a floor of 0.
+    name: str | None = None
 
     def __post_init__(self) -> None:
         _check(len(self.trust) >= 1, "model.trust", "needs at least one publisher key")
+        _check(
+            self.name is None or bool(MODEL_NAME_RE.match(self.name)),
+            "model.name",
+            f"must match {MODEL_NAME_RE.pattern.removesuffix(chr(92) + 'Z')}",
+        )
         _check(
             (self.device_key is None) != (self.device_key_credential is None),
             "model.device_key",

@@ -195,3 +195,15 @@ def test_usage_errors_exit_2_with_one_line(work: Path) -> None:
     assert r.code == 2 and "--commit needs" in r.err, r
     r = eg("pack", "--help", cwd=work)
     assert r.code == 0 and "example:" in r.out and "--recipient" in r.out
+
+
+def test_another_model_name_is_refused_by_a_pinned_slot(work: Path) -> None:
+    for name in ("slot-a", "slot-b"):
+        r = eg(
+            "pack", "tiny.onnx", "--name", name, "--version", 1, "--sign-key", "pub/publisher.key",
+            "--recipient", "dev/device.pub", "-o", f"{name}.egm", cwd=work,
+        )
+        assert r.code == 0, r
+    r = verify(work, "slot-a.egm", "--device-key", "dev/device.key", "--state", "st4", "--commit")
+    assert r.code == 0, r
+    rejected(verify(work, "slot-b.egm", "--state", "st4"), "wrong model")

@@ -96,6 +96,24 @@ def test_revocation_list_format(tmp_path: Path) -> None:
         read_revocation_list(f)
 
 
+def test_revocation_list_read_like_a_key_file(tmp_path: Path) -> None:
+    # Read at every reload: a FIFO in its place must not hang the reload, a device must not flood it.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(KeyFileError, match="not a regular file"):
+        read_revocation_list(fifo)
+    with pytest.raises(KeyFileError, match="not a regular file"):
+        read_revocation_list(Path("/dev/zero"))
+    with pytest.raises(KeyFileError, match="directory"):
+        read_revocation_list(tmp_path)
+    big = tmp_path / "big"
+    big.write_bytes(b"#" * (1024 * 1024 + 1))
+    with pytest.raises(KeyFileError, match="too large for a revocation list"):
+        read_revocation_list(big)
+    with pytest.raises(KeyFileError, match="revocation list not found"):
+        read_revocation_list(tmp_path / "missing")
+
+
 def test_storage_key_is_stable_per_device_and_distinct(tmp_path: Path) -> None:
     generate_keypair("device", tmp_path / "a")
     generate_keypair("device", tmp_path / "b")

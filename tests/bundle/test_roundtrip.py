@@ -146,12 +146,16 @@ def test_floor_raised_only_after_full_verification(party: Party, tiny_model: byt
     with pytest.raises(BundleRejected) as exc:
         open_bundle(b4, trust=party.trust, device_key=party.device, state_dir=state)
     assert exc.value.check == "rollback"
-    # Floors are per model name.
+    # Another name is refused while the slot is pinned to the name served; model.name re-pins it. Floors
+    # are per model name.
     b1 = pack_bundle(
         tiny_model, name="other", version=1, sign_key=party.publisher, recipients=[party.recipient]
     )
-    open_bundle(b1, trust=party.trust, device_key=party.device, state_dir=state)
-    assert (floor.get("t"), floor.get("other")) == (5, 1)
+    with pytest.raises(BundleRejected) as exc:
+        open_bundle(b1, trust=party.trust, device_key=party.device, state_dir=state)
+    assert exc.value.check == "wrong model"
+    open_bundle(b1, trust=party.trust, device_key=party.device, state_dir=state, model_name="other")
+    assert (floor.get("t"), floor.get("other"), floor.slot()) == (5, 1, "other")
 
 
 def test_inspect_shows_manifest_without_secrets(party: Party, tiny_bundle: bytes, tiny_model: bytes) -> None:

@@ -61,10 +61,11 @@ def test_corrupt_tflite_model_is_a_backend_error() -> None:
 
 
 def test_provider_options_translation() -> None:
-    trt = Accelerator(kind="tensorrt", label="t", options={"fp16": True, "engine_cache_path": "/c",
+    trt = Accelerator(kind="tensorrt", label="t", options={"fp16": True, "engine_cache_path": "/dev/shm/c",
                                                           "workspace_mb": 2})
     assert provider_options(trt, 4) == {"trt_fp16_enable": "True", "trt_engine_cache_enable": "True",
-                                        "trt_engine_cache_path": "/c", "trt_max_workspace_size": str(2 << 20)}
+                                        "trt_engine_cache_path": "/dev/shm/c",  # tmpfs: a cache holds weights
+                                        "trt_max_workspace_size": str(2 << 20)}
     assert provider_options(Accelerator(kind="xnnpack", label="x"), 3) == {"intra_op_num_threads": "3"}
     assert provider_options(Accelerator(kind="acl", label="a", options={"fast_math": True}), 1) == {
         "enable_fast_math": "true"}

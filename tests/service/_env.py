@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,8 @@ def seal(
     version: int,
     meta: dict[str, Any],
     golden_in: dict[str, np.ndarray],
+    golden_out: dict[str, np.ndarray] | None = None,
+    not_after: datetime | None = None,
 ) -> bytes:
     ensure_keys(root)
     return pack_bundle(
@@ -62,8 +65,9 @@ def seal(
         sign_key=load_publisher_key(root / "keys/publisher.key"),
         recipients=[load_recipient_key(root / "keys/device.pub")],
         model_format="onnx",
-        golden=[{"in": golden_in, "out": {}}],
+        golden=[{"in": golden_in, "out": golden_out or {}}],
         meta=meta,
+        not_after=not_after,
     )
 
 
@@ -80,14 +84,26 @@ YOLO_META: dict[str, Any] = {
 }
 
 
-def tiny_bundle(root: Path, version: int = 1, scale: float = 2.0) -> bytes:
+def tiny_bundle(
+    root: Path,
+    version: int = 1,
+    scale: float = 2.0,
+    *,
+    name: str = "sensor",
+    not_after: datetime | None = None,
+    golden_out: dict[str, np.ndarray] | None = None,
+) -> bytes:
+    """``golden_out``: expected outputs to seal instead of the reference run's (a wrong one makes the
+    device's self-test fail)."""
     return seal(
         root,
         tiny_onnx(scale),
-        name="sensor",
+        name=name,
         version=version,
         meta=TINY_META,
         golden_in={"x": np.array([[0.1, 0.2, 0.3, 0.4]], np.float32)},
+        golden_out=golden_out,
+        not_after=not_after,
     )
 
 
@@ -130,9 +146,10 @@ class Device:
         fault_injection: bool = True,
         api_extra: str = "",
         link_extra: str = "",
+        model_extra: str = "",
     ) -> None:
-        """``api_extra`` / ``link_extra``: more key lines for the ``[sources.api]`` / ``[link]`` tables
-        (a TOML table cannot be reopened by ``extra``)."""
+        """``api_extra`` / ``link_extra`` / ``model_extra``: more key lines for the ``[sources.api]`` /
+        ``[link]`` / ``[model]`` tables (a TOML table cannot be reopened by ``extra``)."""
         ensure_keys(self.root)
         if bundle:
             (self.root / "model.egm").write_bytes(bundle)
@@ -150,7 +167,7 @@ bundle = "model.egm"
 trust = ["keys/publisher.pub"]
 device_key = "keys/device.key"
 profile = "generic-x86_64"
-
+{model_extra}
 [service]
 liveness_s = 0.2
 hang_timeout_s = 2.0
