@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from edgeguard._safeio import read_checked
 from edgeguard.errors import BundleRejected, KeyFileError
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
 
 KeyKind = Literal["publisher", "device"]
 _MAX_KEY_FILE = 16 * 1024
+_MAX_REVOCATION_LIST = 1024 * 1024
 _STORAGE_KEY_INFO = b"edgeguard/v1 outbox storage key"
 _RAW = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
@@ -111,31 +112,9 @@ def generate_keypair(kind: KeyKind, out_dir: Path) -> tuple[Path, Path, str]:
 
 
 def _read_key_file(path: Path, *, private: bool) -> bytes:
-    # Open once, then check and read that same open file (fstat, bounded read): a path swapped or grown
-    # after a stat() cannot slip in another file, and a device or FIFO is never read at all.
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not hang
-    except FileNotFoundError:
-        raise KeyFileError(f"key file not found: {path}") from None
-    except IsADirectoryError:
-        raise KeyFileError(f"{path} is a directory, not a key file") from None
-    except PermissionError:
-        raise KeyFileError(f"cannot read key file {path}: permission denied") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if stat.S_ISDIR(st.st_mode):
-            raise KeyFileError(f"{path} is a directory, not a key file")
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"{path} is not a regular file")
-        if private and st.st_mode & 0o077:
-            raise KeyFileError(
-                f"permissions {stat.S_IMODE(st.st_mode):04o} for '{path}' are too open: a private key must "
-                f"not be accessible by group or others (run: chmod 600 {path})"
-            )
-        data = f.read(_MAX_KEY_FILE + 1)
-    if len(data) > _MAX_KEY_FILE:
-        raise KeyFileError(f"{path}: more than {_MAX_KEY_FILE} bytes is too large for a key file")
-    return data
+    # The shared pattern for files others may write: one descriptor opened without following links, checked
+    # with fstat (regular file, mode) and read with a bound, so a path swapped after a stat() cannot slip in.
+    return read_checked(path, what="key file", limit=_MAX_KEY_FILE, error=KeyFileError, private=private).data
 
 
 def _load_private(path: Path) -> Ed25519PrivateKey | X25519PrivateKey:
@@ -197,13 +176,11 @@ def _check_key_id(text: str, origin: str) -> str:
 
 def read_revocation_list(path: Path) -> frozenset[str]:
     """One key id (16 hex digits) per line; blank lines and text after '#' are ignored."""
+    raw = read_checked(path, what="revocation list", limit=_MAX_REVOCATION_LIST, error=KeyFileError).data
     try:
-        with path.open("r", encoding="utf-8") as f:
-            text = f.read(1024 * 1024 + 1)
-    except OSError as exc:
-        raise KeyFileError(f"cannot read revocation list {path}: {exc.strerror or exc}") from None
-    if len(text) > 1024 * 1024:
-        raise KeyFileError(f"revocation list {path} is larger than 1 MiB")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise KeyFileError(f"revocation list {path}: not UTF-8 text") from None
     ids = set()
     for n, line in enumerate(text.splitlines(), 1):
         entry = line.split("#", 1)[0].strip()

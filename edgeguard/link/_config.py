@@ -15,7 +15,7 @@ from edgeguard.errors import ConfigError
 __all__ = ["LinkConfig", "LinkState", "Backoff", "TOPIC_SEGMENT"]
 
 # A topic level we build or accept: no wildcards, no empty levels, nothing MQTT treats specially.
-TOPIC_SEGMENT = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+TOPIC_SEGMENT = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # used with fullmatch only
 
 
 def _check(ok: bool, key: str, why: str) -> None:
@@ -99,7 +99,9 @@ class LinkConfig:
         _check(16 <= self.inbound_max_bytes <= 256 * 1024 * 1024, "inbound_max_bytes", "must be 16..256 MiB")
         _check(1 <= self.events_max_queued <= 100_000, "events_max_queued", "must be 1..100000")
         _check(
-            all(TOPIC_SEGMENT.match(p) for p in self.ha_prefix.split("/")), "ha_prefix", "bad topic prefix"
+            all(TOPIC_SEGMENT.fullmatch(p) for p in self.ha_prefix.split("/")),
+            "ha_prefix",
+            "bad topic prefix",
         )
 
 

@@ -22,7 +22,7 @@ __all__ = ["Outbox"]
 log = logging.getLogger("edgeguard.outbox")
 
 # Ids go unescaped into JSON envelopes and into the AAD: the same charset as a topic level we build.
-_DEVICE_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_DEVICE_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # used with fullmatch only
 
 
 class Outbox:
@@ -40,7 +40,7 @@ class Outbox:
     ) -> None:
         if len(storage_key) != 32:
             raise ValueError("storage_key must be 32 bytes (AES-256-GCM)")
-        if not _DEVICE_ID.match(device_id):
+        if not _DEVICE_ID.fullmatch(device_id):
             raise ValueError(f"device_id {device_id!r} must be 1..64 of [A-Za-z0-9_.-]")
         self.path = Path(path)
         self.config = config or OutboxConfig()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +19,7 @@ from edgeguard.link._config import LinkConfig
 from edgeguard.outbox import OutboxConfig
 from edgeguard.sources import ApiConfig, BodyLimits, DirectoryConfig, SerialConfig
 
-from ._toml import build, load_toml
+from ._toml import SECRET_KEYS, build, load_toml
 
 __all__ = [
     "ServiceConfig",
@@ -34,7 +35,7 @@ __all__ = [
     "parse_config",
 ]
 
-_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
 def _check(ok: bool, key: str, why: str) -> None:
@@ -53,8 +54,8 @@ class DeviceSection:
     state_dir: Path = Path("/var/lib/edgeguard")
 
     def __post_init__(self) -> None:
-        _check(bool(_ID.match(self.id)), "device.id", "1..64 of A-Z a-z 0-9 _ . -")
-        _check(bool(_ID.match(self.fleet)), "device.fleet", "1..64 of A-Z a-z 0-9 _ . -")
+        _check(bool(_ID.fullmatch(self.id)), "device.id", "1..64 of A-Z a-z 0-9 _ . -")
+        _check(bool(_ID.fullmatch(self.fleet)), "device.fleet", "1..64 of A-Z a-z 0-9 _ . -")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -315,5 +316,17 @@ def _paths(table: Any, keys: tuple[str, ...], base: Path) -> Any:
     return out
 
 
+# Keys whose value is a secret: a config file holding one must be as private as a key file.
+_SECRET_KEYS = tuple(tuple(k.split(".", 1)) for k in sorted(SECRET_KEYS))
+
+
 def load_config(path: Path) -> ServiceConfig:
-    return parse_config(load_toml(path), path=path.resolve())
+    doc, mode = load_toml(path)
+    # Checked before the values are parsed, so not even an error about another key gets out of such a file.
+    held = [f"{s}.{k}" for s, k in _SECRET_KEYS if isinstance(doc.get(s), dict) and doc[s].get(k)]
+    if held and mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"config {path} holds {held[0]} but is accessible by group/others (mode {mode:04o}): "
+            f"run chmod 600 {path}"
+        )
+    return parse_config(doc, path=path.resolve())
