@@ -13,12 +13,15 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeguard.errors import EdgeGuardError
+__all__ = ["CheckedFile", "ErrorFactory", "open_checked", "read_checked"]
 
-__all__ = ["CheckedFile", "open_checked", "read_checked"]
+# The caller's error family, built from one line: ConfigError, KeyFileError, InputRejected, or OSError for
+# the bundle file (an unreadable bundle is an I/O problem, not a verdict on the bundle).
+ErrorFactory = Callable[[str], Exception]
 
 # Group or others may read, write or run it (what ssh refuses for a private key).
 GROUP_OTHER = stat.S_IRWXG | stat.S_IRWXO
@@ -33,7 +36,7 @@ class CheckedFile:
     uid: int
 
 
-def open_checked(path: Path, *, what: str, error: type[EdgeGuardError]) -> tuple[int, os.stat_result]:
+def open_checked(path: Path, *, what: str, error: ErrorFactory) -> tuple[int, os.stat_result]:
     """An open read-only descriptor on the regular file at ``path`` and its ``fstat``; ``error(one line)``
     when it is missing, unreadable, a symbolic link, a directory or not a regular file. The caller closes
     the descriptor."""
@@ -68,7 +71,7 @@ def read_checked(
     *,
     what: str,
     limit: int,
-    error: type[EdgeGuardError],
+    error: ErrorFactory,
     private: bool = False,
 ) -> CheckedFile:
     """At most ``limit`` bytes of the regular file at ``path`` (``error`` when it holds more), read from the

@@ -158,6 +158,69 @@ def test_socket_link_is_replaced_not_followed(svc: Attacked) -> None:
         assert c.recv(12).startswith(b"HTTP/1.")
 
 
+def test_socket_swapped_for_a_link_while_starting_never_touches_the_target(tmp_path: Path) -> None:
+    """An attacker who can write the socket's directory keeps replacing the socket path with a link to a
+    private file while the API starts and stops; the file's mode must never change (a chmod after bind
+    followed such a link) and every start must succeed."""
+    import asyncio
+
+    from edgeguard.sources import ApiConfig, ApiSource
+
+    victim = tmp_path / "victim"
+    victim.write_text("private\n")
+    victim.chmod(0o600)
+    path = tmp_path / "api.sock"
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"app infer {INFER}\n")
+    tokens.chmod(0o600)
+    store = TokenStore.from_file(tokens)
+    halt = threading.Event()
+
+    def attacker() -> None:
+        i = 0
+        while not halt.is_set():
+            tmp = tmp_path / f".l{i % 2}"
+            i += 1
+            try:
+                tmp.unlink(missing_ok=True)
+                tmp.symlink_to(victim)
+                os.replace(tmp, path)
+            except OSError:
+                pass
+
+    async def cycles(n: int) -> int:
+        failed = 0
+        for _ in range(n):
+            api = ApiSource(
+                config=ApiConfig(unix_socket=path, host=None),
+                tokens=store,
+                sink=RecordingSink(),
+                specs=lambda: SPECS,
+                health=dict,
+            )
+            try:
+                await api.start()
+            except OSError:
+                failed += 1
+            await api.stop()
+        return failed
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # interleave the attacker with every step of the start
+    thread = threading.Thread(target=attacker, daemon=True)
+    thread.start()
+    try:
+        failed = asyncio.run(cycles(200))
+    finally:
+        halt.set()
+        thread.join(10)
+        sys.setswitchinterval(old_interval)
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o600
+    assert victim.read_text() == "private\n"
+    assert failed == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".eg")]
+
+
 def test_hooks_unsafe_refused_and_minimal_environment(svc: Attacked) -> None:
     log = svc.root / "hooks.log"
     code, doc = svc.post(b"{}", token=ADMIN, path="/v1/admin/reload")
@@ -297,6 +360,28 @@ def test_tokens_file_bounded_and_link_refused(tmp_path: Path) -> None:
     real.write_text(f"app infer {'x' * 2000}\n")
     with pytest.raises(ConfigError, match="longer than 1024"):
         TokenStore.from_file(real)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link", "device"])
+def test_bundle_file_is_opened_checked(tmp_path: Path, kind: str) -> None:
+    from edgeguard.bundle import open_bundle
+    from edgeguard.keys import TrustStore
+
+    generate_keypair("device", tmp_path / "k")
+    path = tmp_path / "model.egm"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "link":
+        (tmp_path / "real.egm").write_bytes(tiny_bundle(tmp_path))
+        path.symlink_to(tmp_path / "real.egm")
+    else:
+        path.symlink_to("/dev/zero")
+    t0 = time.monotonic()
+    with pytest.raises(OSError, match="symbolic link" if kind != "fifo" else "not a regular file"):
+        open_bundle(
+            path, trust=TrustStore(), device_key=load_device_key(tmp_path / "k/device.key"), state_dir=None
+        )
+    assert time.monotonic() - t0 < 5  # a FIFO is never waited on
 
 
 def test_private_key_behind_a_link_is_refused(tmp_path: Path) -> None:
