@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from edgeguard._echo import echo
 from edgeguard._safeio import read_checked
 from edgeguard.errors import BundleRejected, KeyFileError
 
@@ -170,7 +171,7 @@ def load_trusted_key(path: Path) -> Ed25519PublicKey:
 def _check_key_id(text: str, origin: str) -> str:
     kid = text.strip().lower()
     if len(kid) != 16 or any(c not in "0123456789abcdef" for c in kid):
-        raise KeyFileError(f"{origin}: {text.strip()!r} is not a key id (16 hex digits)")
+        raise KeyFileError(f"{origin}: {echo(text.strip())} is not a key id (16 hex digits)")
     return kid
 
 

@@ -327,6 +327,6 @@ def load_config(path: Path) -> ServiceConfig:
     if held and mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(
             f"config {path} holds {held[0]} but is accessible by group/others (mode {mode:04o}): "
-            f"run chmod 600 {path}"
+            f"run chmod 600 {path} (owned by the user the service runs as)"
         )
     return parse_config(doc, path=path.resolve())
