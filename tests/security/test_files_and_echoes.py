@@ -515,6 +515,31 @@ def test_directory_source_survives_unexpected_errors_and_shows_a_dead_thread(tmp
         src.stop(timeout=5)
 
 
+def test_a_dead_source_thread_makes_the_device_degraded(tmp_path: Path) -> None:
+    """The worker's verdict (behind /v1/health's ``ok``/``alarm`` and the heartbeat) names a source whose
+    thread ended; a live one changes nothing."""
+    from types import SimpleNamespace
+
+    from edgeguard.service._worker import Worker
+
+    watch = tmp_path / "in"
+    src = DirectorySource(config=DirectoryConfig(path=watch), sink=RecordingSink(), specs=lambda: SPECS)
+    worker = SimpleNamespace(
+        pipeline=SimpleNamespace(oldest_in_flight_s=lambda: 0.0),
+        cfg=SimpleNamespace(service=SimpleNamespace(hang_timeout_s=10.0)),
+        link=SimpleNamespace(loop_alive=True),
+        outbox=SimpleNamespace(stats=lambda: SimpleNamespace(alarm=None)),
+        sources=[src],
+    )
+    assert Worker.verdict(worker)["degraded"] == ""  # type: ignore[arg-type]
+    src._thread = threading.Thread(target=lambda: None)  # a thread that has ended without stop()
+    src._thread.start()
+    src._thread.join()
+    assert src.dead
+    verdict = Worker.verdict(worker)  # type: ignore[arg-type]
+    assert verdict["healthy"] and verdict["degraded"] == "source directory stopped (see the device log)"
+
+
 # ------------------------------------------------------------------------------------------ echo helper
 def test_echo_and_cut_bound_any_text() -> None:
     assert echo("abc") == "'abc'"
