@@ -38,6 +38,7 @@ HASH_TOKEN = "hash-token-0123456789#abcdefghij"  # its 21-character prefix befor
 GOOD = b'{"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}}'
 INPUT_TOPIC = "edgeguard/v1/test/dev-1/input"
 NOBODY = 65534
+IS_ROOT = os.geteuid() == 0
 MAX_REASON = 1024  # an echoed reason, whatever it quotes, stays well under this
 
 
@@ -83,8 +84,9 @@ def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attacked]:
     hooks = root / "hooks"
     _write_hook(hooks / "10-env", f"env > {root / 'hook.env'}")
     _write_hook(hooks / "20-world-writable", f"echo ran >> {root / 'evil-world'}", 0o777)
-    _write_hook(hooks / "30-nobody", f"echo ran >> {root / 'evil-nobody'}")
-    os.chown(hooks / "30-nobody", NOBODY, NOBODY)
+    if IS_ROOT:  # only root can give a file away; as another user the world-writable case still runs
+        _write_hook(hooks / "30-nobody", f"echo ran >> {root / 'evil-nobody'}")
+        os.chown(hooks / "30-nobody", NOBODY, NOBODY)
     (root / "incoming").mkdir()
     creds = root / "creds"
     creds.mkdir(mode=0o700)
@@ -235,7 +237,7 @@ def test_hooks_unsafe_refused_and_minimal_environment(svc: Attacked) -> None:
     assert env["EDGEGUARD_EVENT"] in ("reloaded", "recovered", "degraded")
     text = (svc.root / "service.log").read_text()
     assert "hook 20-world-writable refused: mode 0777 is writable by group/others" in text
-    assert f"hook 30-nobody refused: owned by uid {NOBODY}" in text
+    assert not IS_ROOT or f"hook 30-nobody refused: owned by uid {NOBODY}" in text
 
 
 def test_directory_attacks_leave_the_source_serving(svc: Attacked) -> None:
@@ -257,6 +259,38 @@ def test_directory_attacks_leave_the_source_serving(svc: Attacked) -> None:
     directory = svc.health()["sources"]["directory"]
     assert directory["alive"] is True and directory["errors"] == 0, directory
     assert svc.post(GOOD)[0] == 200
+
+
+@pytest.mark.parametrize("unsafe", ["group-writable", "world-writable", "owned-by-nobody", "symlink"])
+def test_unsafe_hooks_directory_or_link_runs_nothing(tmp_path: Path, unsafe: str) -> None:
+    from edgeguard.service import HookRunner
+
+    d = tmp_path / "hooks"
+    d.mkdir(mode=0o755)
+    out = tmp_path / "ran"
+    target = tmp_path / "elsewhere"
+    _write_hook(target, f"echo ran >> {out}")
+    if unsafe == "symlink":
+        (d / "10-link").symlink_to(target)
+    else:
+        _write_hook(d / "10-hook", f"echo ran >> {out}")
+        if unsafe == "group-writable":
+            d.chmod(0o775)
+        elif unsafe == "world-writable":
+            d.chmod(0o1777)
+        elif IS_ROOT:
+            os.chown(d, NOBODY, NOBODY)
+        else:
+            pytest.skip("giving a directory away needs root")
+    runner = HookRunner(directory=d, timeout_s=5, device_id="dev-1")
+    runner.fire("degraded", {"reason": "test"}, wait=True)
+    assert not out.exists() and runner.runs == 0 and runner.refused == 1
+    # The same hook in a safe directory runs: the refusal above is about owner and mode only.
+    safe = tmp_path / "safe"
+    safe.mkdir(mode=0o755)
+    _write_hook(safe / "10-hook", f"echo ran >> {out}")
+    HookRunner(directory=safe, timeout_s=5, device_id="dev-1").fire("degraded", wait=True)
+    assert out.read_text() == "ran\n"
 
 
 # ------------------------------------------------------------------------------- config file permissions
