@@ -56,12 +56,12 @@ class InboundRouter:
         try:
             callback(payload)
         except Exception as exc:  # a bad message must never raise into paho's callback
-            self._drop(topic, f"handler failed: {type(exc).__name__}: {cut(exc)}", on_drop)
+            self._drop(topic, f"handler failed: {type(exc).__name__}: {exc}", on_drop)
 
     def _drop(self, topic: str, why: str, on_drop: Callable[[str], None] | None = None) -> None:
         """Count and log a dropped message, and tell the topic's owner (which reports it as an event)."""
         self.dropped += 1
-        log.warning("link: inbound message on %s dropped: %s", cut(topic, ECHO_MAX_CHARS), why)
+        log.warning("link: inbound message on %s dropped: %s", cut(topic, ECHO_MAX_CHARS), cut(why))
         if on_drop is not None:
             try:
                 on_drop(why)

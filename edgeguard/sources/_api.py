@@ -156,7 +156,6 @@ class ApiSource:
         self._executor = ThreadPoolExecutor(max_workers=config.infer_threads, thread_name_prefix="eg-api")
         self._runner: web.AppRunner | None = None
         self._in_flight = 0
-        self._socket_inode: tuple[int, int] | None = None
         self.counts: dict[str, int] = {
             "ok": 0,
             "400": 0,
@@ -169,6 +168,7 @@ class ApiSource:
         }
         self.bound: list[str] = []
         self.accepting = False
+        self._socket_inode: tuple[int, int] | None = None  # the Unix socket node this source created
 
     # -- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:

@@ -110,7 +110,7 @@ class MqttInputSource:
                 self._reject(str(exc))
             except EdgeGuardError as exc:
                 self.counts["failed"] += 1
-                _log.warning("mqtt input failed: %s", cut(exc))
+                _log.warning("mqtt input failed: %s", exc)
             except Exception:
                 self.counts["failed"] += 1
                 _log.exception("mqtt input failed")

@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from edgeguard._echo import cut
 from edgeguard.bundle.manifest import TensorSpec
 from edgeguard.errors import EdgeGuardError, InputRejected
 
@@ -160,10 +159,10 @@ class SerialSource:
             self.counts["ok"] += 1
         except InputRejected as exc:
             self.counts["rejected"] += 1
-            _log.warning("serial frame rejected: %s", cut(exc))
+            _log.warning("serial frame rejected: %s", exc)
         except EdgeGuardError as exc:
             self.counts["failed"] += 1
-            _log.warning("serial frame failed: %s", cut(exc))
+            _log.warning("serial frame failed: %s", exc)
         except Exception:  # a bug or MemoryError must not end the reading thread (later frames unread)
             self.counts["failed"] += 1
             _log.exception("serial frame failed")
