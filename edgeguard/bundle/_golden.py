@@ -22,7 +22,7 @@ from edgeguard.errors import BundleRejected
 
 __all__ = ["decode_golden", "encode_golden", "split_golden_keys"]
 
-_KEY = re.compile(r"(0|[1-9][0-9]{0,4})/(in|out)/(.{1,256})", re.DOTALL)
+_KEY = re.compile(r"(0|[1-9][0-9]{0,4})/(in|out)/(.{1,256})\Z", re.DOTALL)
 
 
 def split_golden_keys(keys: list[str]) -> dict[int, dict[str, dict[str, str]]]:

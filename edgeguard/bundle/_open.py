@@ -44,7 +44,6 @@ from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from edgeguard import __version__
-from edgeguard._echo import echo
 from edgeguard._memory import wipe
 from edgeguard._safeio import open_checked
 from edgeguard.bundle import _format as fmt
@@ -180,7 +179,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in pairs:
         if k in out:
-            _bad(f"duplicate key {echo(k)}")
+            _bad(f"duplicate key {k!r}")
         out[k] = v
     return out
 
@@ -219,9 +218,9 @@ def _parse_unverified_time(text: str) -> datetime:
     try:
         t = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
     except ValueError:
-        _bad(f"{echo(text)} is not an ISO 8601 time")
+        _bad(f"{text!r} is not an ISO 8601 time")
     if t.tzinfo is None:
-        _bad(f"time {echo(text)} has no timezone")
+        _bad(f"time {text!r} has no timezone")
     return t
 
 
@@ -236,7 +235,7 @@ def _parse_unverified_tensors(d: Mapping[str, Any], key: str) -> tuple[TensorSpe
         name = _str(t, "name", 256)
         dtype = _str(t, "dtype", 16)
         if dtype not in TENSOR_DTYPES:
-            _bad(f"{key}: dtype {echo(dtype)} is not supported")
+            _bad(f"{key}: dtype {dtype!r} is not supported")
         shape = t.get("shape")
         if not isinstance(shape, list) or len(shape) > 8:
             _bad(f"{key}: shape must be a list of at most 8 axes")
@@ -292,13 +291,13 @@ def _parse_unverified_manifest(raw: bytes, limits: fmt.BundleLimits) -> Manifest
         _bad("top level must be an object")
     unknown = set(d) - _MANIFEST_KEYS
     if unknown:
-        _bad(f"unknown field {echo(sorted(unknown)[0])}")
+        _bad(f"unknown field {sorted(unknown)[0]!r}")
     fmt_name = d.get("format")
     if fmt_name not in ("onnx", "tflite"):
         _bad("format must be 'onnx' or 'tflite'")
     name = _str(d, "name", 64)
     if not MODEL_NAME_RE.fullmatch(name):
-        _bad(f"name {echo(name)} must match {MODEL_NAME_RE.pattern}")
+        _bad(f"name {name!r} must match {MODEL_NAME_RE.pattern}")
     not_after = d.get("not_after")
     if not_after is not None:
         _parse_unverified_time(_str(d, "not_after", 64))

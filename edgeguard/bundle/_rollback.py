@@ -13,13 +13,12 @@ import re
 from pathlib import Path
 
 from edgeguard._atomic import atomic_write
-from edgeguard._echo import echo
 from edgeguard.errors import ConfigError
 
 __all__ = ["RollbackFloor", "MODEL_NAME_RE"]
 
 # Model names become file names: keep them to a safe, portable alphabet (also enforced in the manifest).
-MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # used with fullmatch only
+MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 _MAX_VERSION = 2**53  # stays exact in JSON numbers everywhere
 
 
@@ -31,7 +30,7 @@ class RollbackFloor:
 
     def _path(self, name: str) -> Path:
         if not MODEL_NAME_RE.fullmatch(name):
-            raise ValueError(f"invalid model name {echo(name)}")
+            raise ValueError(f"invalid model name {name!r}")
         return self._dir / name
 
     def get(self, name: str) -> int:

@@ -15,7 +15,7 @@ from edgeguard.errors import ConfigError
 __all__ = ["LinkConfig", "LinkState", "Backoff", "TOPIC_SEGMENT"]
 
 # A topic level we build or accept: no wildcards, no empty levels, nothing MQTT treats specially.
-TOPIC_SEGMENT = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # used with fullmatch only
+TOPIC_SEGMENT = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
 def _check(ok: bool, key: str, why: str) -> None:

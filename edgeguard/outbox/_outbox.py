@@ -22,7 +22,7 @@ __all__ = ["Outbox"]
 log = logging.getLogger("edgeguard.outbox")
 
 # Ids go unescaped into JSON envelopes and into the AAD: the same charset as a topic level we build.
-_DEVICE_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # used with fullmatch only
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
 class Outbox:

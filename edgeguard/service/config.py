@@ -35,7 +35,7 @@ __all__ = [
     "parse_config",
 ]
 
-_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
 def _check(ok: bool, key: str, why: str) -> None:

@@ -173,7 +173,7 @@ def _check_npy_header(body: bytes, limits: BodyLimits) -> None:
         else:
             raise ValueError(f"unknown format version {version[0]}.{version[1]}")
     except (ValueError, OSError, EOFError) as exc:
-        raise InputRejected(f"malformed .npy body: {cut(exc)}") from None
+        raise InputRejected(f"malformed .npy body: {exc}") from None
     size = math.prod(shape)
     if size > limits.max_elements:
         raise InputRejected(f"{size} elements exceed the limit of {limits.max_elements}")

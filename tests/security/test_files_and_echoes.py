@@ -641,3 +641,20 @@ def test_identifier_with_trailing_newline_is_refused(check: str, good: str, tmp_
     _refuses(check, good, tmp_path)  # the validator accepts the plain identifier ...
     with pytest.raises((ValueError, ConfigError, BundleRejected)):
         _refuses(check, good + "\n", tmp_path)  # ... and refuses it with a trailing newline
+
+
+def test_no_validator_in_the_tree_uses_match() -> None:
+    """``re.match``/``Pattern.match`` with ``^...$`` accepts a trailing newline; every validator in the
+    package uses ``fullmatch`` (or ``search`` on purpose). This keeps a new ``.match(`` from slipping in."""
+    import ast
+
+    import edgeguard
+
+    root = Path(edgeguard.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            func = node.func if isinstance(node, ast.Call) else None
+            if isinstance(func, ast.Attribute) and func.attr == "match":
+                found.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert found == [], f"use fullmatch: {found}"
