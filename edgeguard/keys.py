@@ -115,7 +115,13 @@ def generate_keypair(kind: KeyKind, out_dir: Path) -> tuple[Path, Path, str]:
 def _read_key_file(path: Path, *, private: bool) -> bytes:
     # The shared pattern for files others may write: one descriptor opened without following links, checked
     # with fstat (regular file, mode) and read with a bound, so a path swapped after a stat() cannot slip in.
-    return read_checked(path, what="key file", limit=_MAX_KEY_FILE, error=KeyFileError, private=private).data
+    checked = read_checked(path, what="key file", limit=_MAX_KEY_FILE, error=KeyFileError)
+    if private and checked.mode & 0o077:
+        raise KeyFileError(
+            f"permissions {checked.mode:04o} for '{path}' are too open: a private key must "
+            f"not be accessible by group or others (run: chmod 600 {path})"
+        )
+    return checked.data
 
 
 def _load_private(path: Path) -> Ed25519PrivateKey | X25519PrivateKey:
