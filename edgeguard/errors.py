@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Final, Literal, get_args
 
+from edgeguard._echo import cut
+
 __all__ = [
     "EdgeGuardError",
     "BundleRejected",
@@ -52,8 +54,8 @@ class BundleRejected(EdgeGuardError):
         if check not in BUNDLE_CHECKS:
             raise ValueError(f"unknown bundle check {check!r}")
         self.check: BundleCheck = check
-        self.detail = detail
-        super().__init__(f"bundle rejected: {check}: {detail}")
+        self.detail = cut(detail)  # a detail may quote the unauthenticated manifest: bounded here for all
+        super().__init__(f"bundle rejected: {check}: {self.detail}")
 
 
 class KeyFileError(EdgeGuardError):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from edgeguard._echo import echo
+from edgeguard._safeio import read_checked
 from edgeguard.errors import BundleRejected, KeyFileError
 
 __all__ = [
@@ -121,37 +122,19 @@ def _read_key_file(
     what: str = "key file",
     limit: int = _MAX_KEY_FILE,
 ) -> bytes:
-    # Open once, then check and read that same open file (fstat, bounded read): a path swapped or grown
-    # after a stat() cannot slip in another file, and a device or FIFO is never read at all.
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO must not hang
-    except FileNotFoundError:
-        raise KeyFileError(f"{what} not found: {path}") from None
-    except IsADirectoryError:
-        raise KeyFileError(f"{path} is a directory, not a {what}") from None
-    except PermissionError:
-        raise KeyFileError(f"cannot read {what} {path}: permission denied") from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-    st = os.fstat(fd)
-    if stat.S_ISDIR(st.st_mode):  # checked before fdopen, which refuses a directory with an OSError
-        os.close(fd)
-        raise KeyFileError(f"{path} is a directory, not a {what}")
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(st.st_mode):
-            raise KeyFileError(f"{path} is not a regular file")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise KeyFileError(f"{path}: more than {limit} bytes is too large for a {what}")
+    # The shared pattern for files others may write: one descriptor opened without following links, checked
+    # with fstat (regular file, mode) and read with a bound, so a path swapped after a stat() cannot slip in.
+    checked = read_checked(path, what=what, limit=limit, error=KeyFileError)
+    data = checked.data
     # The kind of key first, then its mode: advising `chmod 600` on a public key handed over by mistake
     # would send the user the wrong way.
     if kind is not None and private and _PUBLIC_PEM in data:
         raise KeyFileError(f"{path} is a public key; pass the {kind}'s private key ({kind}.key)")
     if kind is not None and not private and _PRIVATE_PEM in data:
         raise KeyFileError(f"{path} is a private key; pass the {kind}'s public key ({kind}.pub)")
-    if private and st.st_mode & 0o077:
+    if private and checked.mode & 0o077:
         raise KeyFileError(
-            f"permissions {stat.S_IMODE(st.st_mode):04o} for '{path}' are too open: a private key must "
+            f"permissions {checked.mode:04o} for '{path}' are too open: a private key must "
             f"not be accessible by group or others (run: chmod 600 {path})"
         )
     return data
@@ -210,14 +193,14 @@ def load_trusted_key(path: Path) -> Ed25519PublicKey:
 def _check_key_id(text: str, origin: str) -> str:
     kid = text.strip().lower()
     if len(kid) != 16 or any(c not in "0123456789abcdef" for c in kid):
-        raise KeyFileError(f"{origin}: {text.strip()!r} is not a key id (16 hex digits)")
+        raise KeyFileError(f"{origin}: {echo(text.strip())} is not a key id (16 hex digits)")
     return kid
 
 
 def read_revocation_list(path: Path) -> frozenset[str]:
     """One key id (16 hex digits) per line; blank lines and text after '#' are ignored. Read like a key file
-    (one open, regular file only, at most 1 MiB): a FIFO or device put in its place must not hang or flood a
-    reload."""
+    (one checked open, regular file only, at most 1 MiB): a FIFO or device put in its place must not hang or
+    flood a reload."""
     data = _read_key_file(path, private=False, what="revocation list", limit=_MAX_REVOCATION_LIST)
     try:
         text = data.decode("utf-8")

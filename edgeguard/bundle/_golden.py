@@ -15,6 +15,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from edgeguard._echo import echo
 from edgeguard.bundle._format import BundleLimits
 from edgeguard.bundle.manifest import TENSOR_DTYPES, GoldenSample, Manifest
 from edgeguard.errors import BundleRejected
@@ -28,9 +29,9 @@ def split_golden_keys(keys: list[str]) -> dict[int, dict[str, dict[str, str]]]:
     """Group npz keys into {sample: {"in": {name: key}, "out": {name: key}}}; ValueError on a bad key."""
     samples: dict[int, dict[str, dict[str, str]]] = {}
     for key in keys:
-        match = _KEY.match(key)
+        match = _KEY.fullmatch(key)
         if match is None:
-            raise ValueError(f"golden key {key!r} is not '<i>/in/<name>' or '<i>/out/<name>'")
+            raise ValueError(f"golden key {echo(key)} is not '<i>/in/<name>' or '<i>/out/<name>'")
         i, side, name = int(match.group(1)), match.group(2), match.group(3)
         samples.setdefault(i, {"in": {}, "out": {}})[side][name] = key
     if sorted(samples) != list(range(len(samples))):

@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from edgeguard import __version__
 from edgeguard._memory import wipe
+from edgeguard._safeio import open_checked
 from edgeguard.bundle import _format as fmt
 from edgeguard.bundle._golden import decode_golden
 from edgeguard.bundle._opened import OpenedBundle, VerifiedBundle
@@ -88,7 +89,9 @@ class _Source:
         else:
             # A file that cannot be read is an I/O problem (OSError), not a verdict on the bundle.
             # Unbuffered: reads land directly in the caller's buffer without an extra copy.
-            self._file = open(source, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+            # Opened like every file others may write: no link followed, a FIFO never waited on, regular only.
+            fd, _ = open_checked(Path(source), what="bundle file", error=OSError)
+            self._file = open(fd, "rb", buffering=0)  # noqa: SIM115 - closed in close()
             self.size = os.fstat(self._file.fileno()).st_size
             self.needs_scratch = True
 
@@ -293,7 +296,7 @@ def _parse_unverified_manifest(raw: bytes, limits: fmt.BundleLimits) -> Manifest
     if fmt_name not in ("onnx", "tflite"):
         _bad("format must be 'onnx' or 'tflite'")
     name = _str(d, "name", 64)
-    if not MODEL_NAME_RE.match(name):
+    if not MODEL_NAME_RE.fullmatch(name):
         _bad(f"name {name!r} must match {MODEL_NAME_RE.pattern}")
     not_after = d.get("not_after")
     if not_after is not None:

@@ -72,7 +72,7 @@ class RollbackFloor:
         self._slot_path = self._state / "model-slot"
 
     def _path(self, name: str) -> Path:
-        if not MODEL_NAME_RE.match(name):
+        if not MODEL_NAME_RE.fullmatch(name):
             raise ValueError(f"invalid model name {name!r}")
         return self._dir / name
 
@@ -129,7 +129,7 @@ class RollbackFloor:
         if raw is None:
             return None
         name = raw.decode("ascii", "replace").strip()
-        if not MODEL_NAME_RE.match(name):
+        if not MODEL_NAME_RE.fullmatch(name):
             raise ConfigError(f"model slot {self._slot_path} is corrupt; remove it to reset the slot")
         return name
 

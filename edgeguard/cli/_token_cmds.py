@@ -157,7 +157,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 def _add(args: argparse.Namespace) -> int:
     path = tokens_path_from_args(args)
-    if not _NAME.match(args.name):
+    if not _NAME.fullmatch(args.name):
         raise ConfigError(f"token name {args.name!r}: use 1..64 of A-Z a-z 0-9 _ . -")
     scopes = tuple(s for s in args.scope.split(",") if s)
     bad = [s for s in scopes if s not in SCOPES]

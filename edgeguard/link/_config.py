@@ -92,7 +92,7 @@ class LinkConfig:
             self.tls_server_name is None or self.ca_file is not None, "tls_server_name", "needs ca_file (TLS)"
         )
         _check(
-            self.tls_server_name is None or _HOST_NAME.match(self.tls_server_name) is not None,
+            self.tls_server_name is None or _HOST_NAME.fullmatch(self.tls_server_name) is not None,
             "tls_server_name",
             "must be a host name (letters, digits, '-', dot-separated)",
         )
@@ -113,7 +113,9 @@ class LinkConfig:
         _check(16 <= self.inbound_max_bytes <= 256 * 1024 * 1024, "inbound_max_bytes", "must be 16..256 MiB")
         _check(1 <= self.events_max_queued <= 100_000, "events_max_queued", "must be 1..100000")
         _check(
-            all(TOPIC_SEGMENT.match(p) for p in self.ha_prefix.split("/")), "ha_prefix", "bad topic prefix"
+            all(TOPIC_SEGMENT.fullmatch(p) for p in self.ha_prefix.split("/")),
+            "ha_prefix",
+            "bad topic prefix",
         )
 
 

@@ -6,6 +6,7 @@ import logging
 import threading
 from collections.abc import Callable
 
+from edgeguard._echo import ECHO_MAX_CHARS, cut
 from edgeguard.link._config import TOPIC_SEGMENT
 
 __all__ = ["InboundRouter"]
@@ -31,7 +32,7 @@ class InboundRouter:
         max_bytes: int | None,
         on_drop: Callable[[str], None] | None = None,
     ) -> None:
-        if not all(TOPIC_SEGMENT.match(part) for part in suffix.split("/")):
+        if not all(TOPIC_SEGMENT.fullmatch(part) for part in suffix.split("/")):
             raise ValueError(f"inbound topic suffix {suffix!r}: levels of [A-Za-z0-9_.-], no wildcards")
         limit = min(max_bytes or self.max_bytes, self.max_bytes)
         with self._lock:
@@ -60,7 +61,7 @@ class InboundRouter:
     def _drop(self, topic: str, why: str, on_drop: Callable[[str], None] | None = None) -> None:
         """Count and log a dropped message, and tell the topic's owner (which reports it as an event)."""
         self.dropped += 1
-        log.warning("link: inbound message on %s dropped: %s", topic, why)
+        log.warning("link: inbound message on %s dropped: %s", cut(topic, ECHO_MAX_CHARS), cut(why))
         if on_drop is not None:
             try:
                 on_drop(why)

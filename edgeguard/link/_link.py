@@ -57,7 +57,7 @@ class MqttLink:
         backoff: Backoff | None = None,
     ) -> None:
         for name, value in (("fleet", fleet), ("device_id", device_id)):
-            if not TOPIC_SEGMENT.match(value):
+            if not TOPIC_SEGMENT.fullmatch(value):
                 raise ValueError(f"{name} {value!r} must be 1..64 of [A-Za-z0-9_.-]")
         self.config = config
         self.fleet = fleet

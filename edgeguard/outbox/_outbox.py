@@ -40,7 +40,7 @@ class Outbox:
     ) -> None:
         if len(storage_key) != 32:
             raise ValueError("storage_key must be 32 bytes (AES-256-GCM)")
-        if not _DEVICE_ID.match(device_id):
+        if not _DEVICE_ID.fullmatch(device_id):
             raise ValueError(f"device_id {device_id!r} must be 1..64 of [A-Za-z0-9_.-]")
         self.path = Path(path)
         self.config = config or OutboxConfig()

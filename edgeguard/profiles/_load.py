@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeguard._safeio import read_checked
 from edgeguard.errors import ConfigError
 
 from ._schema import Profile, profile_from_table
@@ -50,12 +51,7 @@ def profile_dirs() -> list[Path]:
 
 def load_profile_file(path: Path) -> Profile:
     """Read and validate one profile file; any problem is a ``ConfigError`` naming the file."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read profile: {exc.strerror or exc}") from None
-    if len(data) > _MAX_PROFILE_BYTES:
-        raise ConfigError(f"{path}: profile larger than {_MAX_PROFILE_BYTES} bytes")
+    data = read_checked(path, what="profile", limit=_MAX_PROFILE_BYTES, error=ConfigError).data
     try:
         raw = tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

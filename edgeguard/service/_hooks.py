@@ -4,6 +4,12 @@ Typical hooks drive a status LED or a relay (see firmware_hooks/hooks.d/). Hooks
 order, each with a timeout after which it is killed; a failing hook is logged and never affects the service.
 Events: ``degraded``, ``recovered``, ``restart``, ``crash-loop``, ``safe-state-left``, ``bundle-rejected``,
 ``reloaded``, ``stopping``.
+
+A hook runs with the service's rights, so it is refused (logged, counted in ``refused``) unless ssh would
+accept it as an ``authorized_keys`` file: the directory and the hook are owned by root or the service user and
+are not writable by group or others, and the hook is a regular file (a symbolic link is not followed).
+A hook gets a minimal environment (:func:`hook_environment`): never the service's credentials directory or
+its systemd sockets.
 """
 
 from __future__ import annotations
@@ -11,13 +17,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import subprocess
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HookRunner", "EVENT_KINDS"]
+__all__ = ["HookRunner", "EVENT_KINDS", "hook_environment"]
 
 _log = logging.getLogger("edgeguard.hooks")
 
@@ -33,6 +40,35 @@ EVENT_KINDS = (
 )
 
 
+# What a hook needs to find its tools; not the service's PATH, which may name a directory others can write.
+HOOK_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Passed through when the service has them: locale and time zone only.
+_PASS_THROUGH = ("LANG", "LC_ALL", "TZ")
+
+
+def hook_environment(kind: str, device_id: str, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """A hook's whole environment: PATH, the locale, ``EDGEGUARD_*`` settings the operator gave the service
+    (``EDGEGUARD_LED`` for the status-LED hook), ``EDGEGUARD_EVENT`` and ``EDGEGUARD_DEVICE``. Nothing else:
+    ``CREDENTIALS_DIRECTORY`` (the device key, the tokens), ``NOTIFY_SOCKET`` (a hook could report READY or
+    kick the watchdog in the service's name) and ``WATCHDOG_*`` never reach a hook."""
+    src = dict(os.environ) if environ is None else environ
+    env = {k: v for k, v in src.items() if k in _PASS_THROUGH or k.startswith("EDGEGUARD_")}
+    env.update(PATH=HOOK_PATH, EDGEGUARD_EVENT=kind, EDGEGUARD_DEVICE=device_id)
+    return env
+
+
+def _unsafe(st: os.stat_result, *, directory: bool) -> str | None:
+    """Why ssh would refuse this file or directory, or None: owned by neither root nor us, or writable by
+    group/others."""
+    if st.st_uid not in (0, os.geteuid()):
+        return f"owned by uid {st.st_uid} (must be root or the service user)"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"mode {stat.S_IMODE(st.st_mode):04o} is writable by group/others (run: chmod go-w)"
+    if not directory and not stat.S_ISREG(st.st_mode):
+        return "a symbolic link (not followed)" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+    return None
+
+
 class HookRunner:
     def __init__(self, *, directory: Path | None, timeout_s: float, device_id: str) -> None:
         self.directory = directory
@@ -40,17 +76,46 @@ class HookRunner:
         self.device_id = device_id
         self.runs = 0
         self.failures = 0
+        self.refused = 0  # hooks (or a whole directory) not run because their owner or mode is unsafe
         self._lock = threading.Lock()
 
     def hooks(self) -> list[Path]:
-        if self.directory is None or not self.directory.is_dir():
+        """The hooks that may run now, in name order; unsafe ones are logged and counted, never run."""
+        d = self.directory
+        if d is None:
+            return []
+        try:
+            dst = os.stat(d)
+        except OSError:
+            return []
+        if not stat.S_ISDIR(dst.st_mode):
+            return []
+        why = _unsafe(dst, directory=True)
+        if why is not None:
+            self.refused += 1
+            _log.warning("hooks directory %s refused: %s", d, why)
             return []
         found = []
-        for p in sorted(self.directory.iterdir()):
-            # Skip editor backups and disabled hooks; only regular executable files run.
-            if p.name.startswith(".") or p.name.endswith("~") or not p.is_file() or not os.access(p, os.X_OK):
+        with os.scandir(d) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for e in entries:
+            # Skip editor backups and disabled (not executable) hooks silently; refuse unsafe ones loudly.
+            if e.name.startswith(".") or e.name.endswith("~"):
                 continue
-            found.append(p)
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                continue
+            why = _unsafe(st, directory=False)
+            if why is not None:
+                self.refused += 1
+                _log.warning("hook %s refused: %s", e.name, why)
+                continue
+            if not os.access(d / e.name, os.X_OK):
+                continue
+            found.append(d / e.name)
         return found
 
     def fire(
@@ -77,7 +142,7 @@ class HookRunner:
         with self._lock:  # one event at a time, so an LED hook sees events in order
             for hook in hooks:
                 self.runs += 1
-                env = {**os.environ, "EDGEGUARD_EVENT": kind}
+                env = hook_environment(kind, self.device_id)
                 try:
                     proc = subprocess.run(
                         [str(hook), kind],

@@ -13,6 +13,8 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
+from edgeguard._echo import ECHO_MAX_CHARS, cut, echo
+from edgeguard._safeio import read_checked
 from edgeguard.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -20,20 +22,25 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
 
-__all__ = ["build", "load_toml"]
+__all__ = ["SECRET_KEYS", "build", "load_toml"]
 
 T = TypeVar("T")
+MAX_CONFIG_BYTES = 1024 * 1024  # a config is a few KiB; anything near this is not one
+# Keys whose value is a secret: never quoted in an error, and a file holding one must be private.
+SECRET_KEYS = frozenset({"link.password"})
 
 
-def load_toml(path: Path) -> dict[str, Any]:
+def load_toml(path: Path) -> tuple[dict[str, Any], int]:
+    """The parsed document and the file's permission bits (the caller refuses a group/other-readable file
+    that holds a secret). Read like every file others may write: no link followed, regular file, bounded."""
+    checked = read_checked(path, what="config", limit=MAX_CONFIG_BYTES, error=ConfigError)
     try:
-        with open(path, "rb") as f:
-            doc: dict[str, Any] = tomllib.load(f)
-            return doc
-    except OSError as exc:
-        raise ConfigError(f"config {path}: {exc.strerror}") from None
+        doc: dict[str, Any] = tomllib.loads(checked.data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config {path}: {exc}") from None
+        raise ConfigError(f"config {path}: {cut(exc)}") from None
+    return doc, checked.mode
 
 
 def build(cls: type[T], table: Any, section: str, **extra: Any) -> T:
@@ -45,9 +52,8 @@ def build(cls: type[T], table: Any, section: str, **extra: Any) -> T:
     kwargs: dict[str, Any] = dict(extra)
     for key, value in table.items():
         if key not in fields or key in extra:
-            raise ConfigError(
-                f"{section}.{key}: unknown key (known: {', '.join(k for k in fields if k not in extra)})"
-            )
+            known = ", ".join(k for k in fields if k not in extra)
+            raise ConfigError(f"{section}.{cut(key, ECHO_MAX_CHARS)}: unknown key (known: {known})")
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
     try:
         return cls(**kwargs)
@@ -74,7 +80,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise ConfigError(errors[0] if errors else f"{where}: wrong type")
     if origin is typing.Literal:
         if value not in args:
-            raise ConfigError(f"{where}: must be one of {', '.join(repr(a) for a in args)}, got {value!r}")
+            raise ConfigError(
+                f"{where}: must be one of {', '.join(repr(a) for a in args)}, got {_shown(value, where)}"
+            )
         return value
     if origin in (tuple, list):
         if not isinstance(value, list):
@@ -86,24 +94,28 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return value
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: must be true or false, got {value!r}")
+            raise ConfigError(f"{where}: must be true or false, got {_shown(value, where)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: must be an integer, got {value!r}")
+            raise ConfigError(f"{where}: must be an integer, got {_shown(value, where)}")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: must be a number, got {value!r}")
+            raise ConfigError(f"{where}: must be a number, got {_shown(value, where)}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: must be a string, got {value!r}")
+            raise ConfigError(f"{where}: must be a string, got {_shown(value, where)}")
         return value
     if hint is Path:
         if not isinstance(value, str) or not value:
-            raise ConfigError(f"{where}: must be a path string, got {value!r}")
+            raise ConfigError(f"{where}: must be a path string, got {_shown(value, where)}")
         return Path(value)
     raise ConfigError(
         f"{where}: unsupported setting type {hint!r}"
     )  # pragma: no cover - a bug in a dataclass
+
+
+def _shown(value: Any, where: str) -> str:
+    return "(a secret, not shown)" if where in SECRET_KEYS else echo(value)

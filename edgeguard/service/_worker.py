@@ -141,6 +141,9 @@ class Worker:
             return {"healthy": False, "stalled": False, "reason": "MQTT link loop not running"}
         alarm = self.outbox.stats().alarm
         degraded = f"outbox: {alarm}" if alarm else ""
+        # A source thread that died is never silent: /v1/health and the heartbeat say which one.
+        dead = [str(getattr(s, "name", "?")) for s in self.sources if getattr(s, "dead", False)]
+        degraded = degraded or (f"source {dead[0]} stopped (see the device log)" if dead else "")
         return {"healthy": True, "stalled": False, "reason": "", "degraded": degraded}
 
     def status_line(self) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +20,7 @@ from edgeguard.link._config import LinkConfig
 from edgeguard.outbox import OutboxConfig
 from edgeguard.sources import ApiConfig, BodyLimits, DirectoryConfig, SerialConfig
 
-from ._toml import build, load_toml
+from ._toml import SECRET_KEYS, build, load_toml
 
 __all__ = [
     "ServiceConfig",
@@ -54,8 +55,8 @@ class DeviceSection:
     state_dir: Path = Path("/var/lib/edgeguard")
 
     def __post_init__(self) -> None:
-        _check(bool(_ID.match(self.id)), "device.id", "1..64 of A-Z a-z 0-9 _ . -")
-        _check(bool(_ID.match(self.fleet)), "device.fleet", "1..64 of A-Z a-z 0-9 _ . -")
+        _check(bool(_ID.fullmatch(self.id)), "device.id", "1..64 of A-Z a-z 0-9 _ . -")
+        _check(bool(_ID.fullmatch(self.fleet)), "device.fleet", "1..64 of A-Z a-z 0-9 _ . -")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,7 +74,7 @@ class ModelSection:
     def __post_init__(self) -> None:
         _check(len(self.trust) >= 1, "model.trust", "needs at least one publisher key")
         _check(
-            self.name is None or bool(MODEL_NAME_RE.match(self.name)),
+            self.name is None or bool(MODEL_NAME_RE.fullmatch(self.name)),
             "model.name",
             f"must match {MODEL_NAME_RE.pattern.removesuffix(chr(92) + 'Z')}",
         )
@@ -324,5 +325,17 @@ def _paths(table: Any, keys: tuple[str, ...], base: Path) -> Any:
     return out
 
 
+# Keys whose value is a secret: a config file holding one must be as private as a key file.
+_SECRET_KEYS = tuple(tuple(k.split(".", 1)) for k in sorted(SECRET_KEYS))
+
+
 def load_config(path: Path) -> ServiceConfig:
-    return parse_config(load_toml(path), path=path.resolve())
+    doc, mode = load_toml(path)
+    # Checked before the values are parsed, so not even an error about another key gets out of such a file.
+    held = [f"{s}.{k}" for s, k in _SECRET_KEYS if isinstance(doc.get(s), dict) and doc[s].get(k)]
+    if held and mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"config {path} holds {held[0]} but is accessible by group/others (mode {mode:04o}): "
+            f"run chmod 600 {path} (owned by the user the service runs as)"
+        )
+    return parse_config(doc, path=path.resolve())

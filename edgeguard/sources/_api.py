@@ -16,6 +16,10 @@ import asyncio
 import ipaddress
 import json
 import logging
+import os
+import socket
+import stat
+import tempfile
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,8 +28,9 @@ from typing import Any
 
 from aiohttp import web
 
+from edgeguard._echo import cut, echo
 from edgeguard.bundle.manifest import TensorSpec
-from edgeguard.errors import BackendError, InputRejected, ServiceUnavailable
+from edgeguard.errors import BackendError, ConfigError, InputRejected, ServiceUnavailable
 
 from ._openapi import OPENAPI
 from ._request import BodyLimits, InferenceSink, UnsupportedMediaType, parse_body
@@ -34,6 +39,7 @@ from ._tokens import TokenStore
 __all__ = ["ApiConfig", "ApiSource", "AdminHandler"]
 
 _log = logging.getLogger("edgeguard.sources.api")
+_SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path) on Linux, with its terminating NUL
 
 AdminHandler = Callable[[str, dict[str, Any]], dict[str, Any]]
 
@@ -63,6 +69,55 @@ class ApiConfig:
             )
 
 
+SOCKET_MODE = 0o660  # the service user and its group (clients join the group)
+
+
+def bind_unix_socket(path: Path, mode: int = SOCKET_MODE) -> tuple[socket.socket, tuple[int, int]]:
+    """A listening Unix socket at ``path`` that has ``mode`` from the moment anyone can reach it.
+
+    ``bind`` creates the node with whatever the umask allows and ``chmod`` after it follows a symbolic link
+    that someone swapped in meanwhile. So the socket is bound in a fresh private directory (0700, next to
+    ``path``), given its mode there, and renamed into place: ``rename`` replaces a stale socket or a symbolic
+    link planted at ``path`` atomically and never follows it. Anything else at ``path`` (a file, a
+    directory) is refused rather than destroyed. Returns the socket and the node's (device, inode).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not (stat.S_ISSOCK(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            raise ConfigError(f"sources.api.unix_socket: {path} exists and is not a socket (remove it)")
+    private = Path(tempfile.mkdtemp(prefix=".eg", dir=path.parent))  # mode 0700, a name no one else has
+    staged = private / "s"
+    try:
+        if len(os.fsencode(staged)) >= _SUN_PATH_MAX:
+            raise ConfigError(f"sources.api.unix_socket: {path} is too long for a Unix socket path")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(staged))
+            os.chmod(staged, mode)  # inside the private directory: nobody can have put a link there
+            os.rename(staged, path)
+            node = os.lstat(path)
+        except BaseException:
+            sock.close()
+            raise
+    finally:
+        staged.unlink(missing_ok=True)
+        private.rmdir()
+    return sock, (node.st_dev, node.st_ino)
+
+
+def _unlink_if_ours(path: Path, inode: tuple[int, int] | None) -> None:
+    # A later worker may already have put its own socket at the path: never remove that one.
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if inode is not None and (st.st_dev, st.st_ino) == inode:
+        path.unlink(missing_ok=True)
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -73,7 +128,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def _error(status: int, reason: str, **headers: str) -> web.Response:
-    return web.json_response({"error": reason, "status": status}, status=status, headers=headers or None)
+    # Cut here too: a reason that quotes request text must not turn a small request into a large answer.
+    return web.json_response({"error": cut(reason), "status": status}, status=status, headers=headers or None)
 
 
 class ApiSource:
@@ -112,6 +168,7 @@ class ApiSource:
         }
         self.bound: list[str] = []
         self.accepting = False
+        self._socket_inode: tuple[int, int] | None = None  # the Unix socket node this source created
 
     # -- lifecycle -------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -127,12 +184,11 @@ class ApiSource:
         await runner.setup()
         self._runner = runner
         if self.config.unix_socket is not None:
-            sock = self.config.unix_socket
-            sock.unlink(missing_ok=True)  # a stale socket from a killed worker would block the bind
-            site: web.BaseSite = web.UnixSite(runner, str(sock))
+            path = self.config.unix_socket
+            listener, self._socket_inode = bind_unix_socket(path)
+            site: web.BaseSite = web.SockSite(runner, listener)
             await site.start()
-            sock.chmod(0o660)
-            self.bound.append(f"unix:{sock}")
+            self.bound.append(f"unix:{path}")
         if self.config.host is not None:
             site = web.TCPSite(runner, self.config.host, self.config.port)
             await site.start()
@@ -156,7 +212,7 @@ class ApiSource:
             self._runner = None
         self._executor.shutdown(wait=True)
         if self.config.unix_socket is not None:
-            self.config.unix_socket.unlink(missing_ok=True)
+            _unlink_if_ours(self.config.unix_socket, self._socket_inode)
 
     def replace_tokens(self, tokens: TokenStore) -> None:
         """Token rotation on reload: requests from now on are checked against ``tokens``."""
@@ -271,19 +327,19 @@ class ApiSource:
         except web.HTTPRequestEntityTooLarge:
             return self._count(_error(413, "body too large"))
         except (ValueError, UnicodeDecodeError) as exc:
-            return self._count(_error(400, f"malformed JSON: {exc}"))
+            return self._count(_error(400, f"malformed JSON: {cut(exc)}"))
         if not isinstance(args, dict):
             return self._count(_error(400, "the JSON body must be an object"))
         loop = asyncio.get_running_loop()
         try:
             result = await loop.run_in_executor(None, self._admin, action, args)
         except KeyError:
-            return self._count(_error(404, f"unknown admin action {action!r}"))
+            return self._count(_error(404, f"unknown admin action {echo(action)}"))
         except InputRejected as exc:
             return self._count(_error(400, str(exc)))
         except Exception as exc:
-            _log.exception("admin action %s failed", action)
-            return self._count(_error(500, f"admin action {action!r} failed: {exc}"))
+            _log.exception("admin action %s failed", echo(action))
+            return self._count(_error(500, f"admin action {echo(action)} failed: {cut(exc)}"))
         return self._count(web.json_response(result))
 
     async def _openapi(self, request: web.Request) -> web.Response:

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from edgeguard._atomic import atomic_write
+from edgeguard._echo import cut, echo
+from edgeguard._safeio import open_checked
 from edgeguard.bundle.manifest import TensorSpec
 from edgeguard.errors import EdgeGuardError, InputRejected, ServiceUnavailable
 
@@ -79,7 +81,8 @@ class DirectorySource:
         self._seen: dict[str, tuple[int, int, float]] = {}  # name -> (size, mtime_ns, first seen unchanged)
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
-        self.counts = {"done": 0, "failed": 0, "deferred": 0}
+        self.counts = {"done": 0, "failed": 0, "deferred": 0, "errors": 0}
+        self.last_error = ""
         self.done_dir = config.path / "done"
         self.failed_dir = config.path / "failed"
 
@@ -98,12 +101,21 @@ class DirectorySource:
             self._thread.join(timeout)
             self._thread = None
 
+    @property
+    def dead(self) -> bool:
+        """The polling thread ended without being stopped: health and the heartbeat show it (degraded)."""
+        return self._thread is not None and not self._thread.is_alive() and not self._halt.is_set()
+
     def _run(self) -> None:
+        # Nothing a file can do may end this loop: a thread that died here would leave every later file
+        # unprocessed while health still looked fine. A failed poll is logged, counted and retried.
         while not self._halt.is_set():
             try:
                 self.poll_once()
-            except OSError as exc:
-                _log.warning("watched directory %s: %s", self.config.path, exc)
+            except Exception as exc:
+                self.counts["errors"] += 1
+                self.last_error = cut(f"{type(exc).__name__}: {exc}")
+                _log.warning("watched directory %s: %s", self.config.path, self.last_error)
             self._halt.wait(self.config.poll_s)
 
     def poll_once(self) -> int:
@@ -148,25 +160,22 @@ class DirectorySource:
         suffix = path.suffix.lower()
         ctype = CONTENT_TYPES.get(suffix)
         if ctype is None:
-            self._fail(name, f"unsupported file type {suffix or '(none)'!r}")
+            self._fail(name, f"unsupported file type {echo(suffix or '(none)')}")
             return True
         try:
-            size = path.stat().st_size
-            if size > self.config.max_file_bytes:
-                raise InputRejected(f"file of {size} bytes exceeds the limit of {self.config.max_file_bytes}")
-            body = path.read_bytes()
+            body = self._read(path)
             request = parse_body(
                 body=body,
                 content_type=ctype,
                 specs=self._specs(),
                 source="directory",
                 limits=self._limits,
-                correlation_id=name[:128],
+                correlation_id=_printable(name)[:128] or None,
             )
             result = self._sink(request)
         except ServiceUnavailable as exc:
             self.counts["deferred"] += 1  # leave it in place; the next poll tries again
-            _log.info("deferring %s: %s", name, exc)
+            _log.info("deferring %s: %s", echo(name), cut(exc))
             return False
         except (InputRejected, EdgeGuardError) as exc:
             self._fail(name, str(exc))
@@ -174,24 +183,53 @@ class DirectorySource:
         except OSError as exc:
             self._fail(name, f"cannot read: {exc.strerror}")
             return True
+        except Exception as exc:  # a bug or MemoryError: this file fails, the source keeps serving the rest
+            _log.exception("watched file %s: unexpected failure", echo(name))
+            self._fail(name, f"internal error ({type(exc).__name__}; see the device log)")
+            return True
         dest = _unique(self.done_dir / name)
         _write_text(dest.with_name(dest.name + ".result.json"), json.dumps({"id": result.get("id")}) + "\n")
         os.replace(path, dest)
         self.counts["done"] += 1
         return True
 
+    def _read(self, path: Path) -> bytes:
+        """The file's bytes, read from one descriptor that was checked: the scan's lstat is only a hint,
+        since the producer (or anyone who can write the directory) may swap the file for a link to
+        ``/dev/zero`` or a FIFO before this runs. At most the limit is read, whatever the file grows to."""
+        limit = self.config.max_file_bytes
+        fd, st = open_checked(path, what="watched file", error=InputRejected)
+        with os.fdopen(fd, "rb") as f:
+            if st.st_size > limit:
+                raise InputRejected(f"file of {st.st_size} bytes exceeds the limit of {limit}")
+            body = f.read(limit + 1)
+        if len(body) > limit:
+            raise InputRejected(f"file grew past the limit of {limit} bytes while being read")
+        return body
+
     def _fail(self, name: str, reason: str) -> None:
-        _log.warning("watched file %s failed: %s", name, reason)
+        reason = cut(reason)
+        _log.warning("watched file %s failed: %s", echo(name), reason)
         dest = _unique(self.failed_dir / name)
         try:
             _write_text(dest.with_name(dest.name + ".error.txt"), reason + "\n")
             os.replace(self.config.path / name, dest)
         except OSError as exc:
-            _log.warning("cannot move %s to failed/: %s", name, exc)
+            _log.warning("cannot move %s to failed/: %s", echo(name), exc)
         self.counts["failed"] += 1
 
     def snapshot(self) -> dict[str, Any]:
-        return {**self.counts, "pending": len(self._seen)}
+        return {
+            **self.counts,
+            "pending": len(self._seen),
+            "alive": not self.dead,
+            "last_error": self.last_error,
+        }
+
+
+def _printable(name: str) -> str:
+    # A file name may hold any byte but / and NUL; a correlation id must be printable.
+    return "".join(c for c in name if c.isprintable())
 
 
 def _unique(dest: Path) -> Path:

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from edgeguard._echo import cut
 from edgeguard.bundle.manifest import TensorSpec
 from edgeguard.errors import EdgeGuardError, InputRejected
 
@@ -85,6 +86,7 @@ class MqttInputSource:
         self._reject(reason)
 
     def _reject(self, reason: str) -> None:
+        reason = cut(reason)  # it may quote the payload: one bounded line per bad message, not 256 KiB
         _log.warning("mqtt input rejected: %s", reason)
         if self._on_reject is not None:
             try:

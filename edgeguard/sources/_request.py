@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from edgeguard._echo import cut, echo
 from edgeguard.bundle.manifest import TensorSpec
 from edgeguard.errors import InputRejected
 
@@ -110,7 +111,7 @@ def parse_body(
     if ctype.startswith("image/"):
         return InferenceRequest(source=source, image=body, correlation_id=_check_id(correlation_id, limits))
     raise UnsupportedMediaType(
-        f"unsupported content type {ctype!r} (use application/json, application/x-npy or image/*)"
+        f"unsupported content type {echo(ctype)} (use application/json, application/x-npy or image/*)"
     )
 
 
@@ -128,7 +129,7 @@ def _single_input(specs: Sequence[TensorSpec], input_name: str | None) -> str:
     names = [s.name for s in specs]
     if input_name is not None:
         if input_name not in names:
-            raise InputRejected(f"unknown input {input_name!r}; the model takes {', '.join(names)}")
+            raise InputRejected(f"unknown input {echo(input_name)}; the model takes {', '.join(names)}")
         return input_name
     if len(names) != 1:
         raise InputRejected(
@@ -151,7 +152,7 @@ def _parse_npy(body: bytes, limits: BodyLimits) -> np.ndarray:
         # allow_pickle=False: an .npy body must never be able to run code.
         array = np.load(io.BytesIO(body), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise InputRejected(f"malformed .npy body: {exc}") from None
+        raise InputRejected(f"malformed .npy body: {cut(exc)}") from None
     if not isinstance(array, np.ndarray) or array.dtype.kind not in _NUMERIC_KINDS:
         raise InputRejected("the .npy body must hold one numeric array")
     return array
@@ -184,14 +185,14 @@ def _parse_json(
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise InputRejected(f"malformed JSON: {exc}") from None
+        raise InputRejected(f"malformed JSON: {cut(exc)}") from None
     except RecursionError:  # nesting deeper than the interpreter's limit
         raise InputRejected("malformed JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise InputRejected("the JSON body must be an object")
     unknown = sorted(set(doc) - {"inputs", "image_b64", "id"})
     if unknown:
-        raise InputRejected(f"unknown key {unknown[0]!r} (expected 'inputs' or 'image_b64', and 'id')")
+        raise InputRejected(f"unknown key {echo(unknown[0])} (expected 'inputs' or 'image_b64', and 'id')")
     cid = _check_id(doc.get("id"), limits)
     if ("inputs" in doc) == ("image_b64" in doc):
         raise InputRejected("give exactly one of 'inputs' or 'image_b64'")
@@ -213,7 +214,9 @@ def _parse_json(
     for name, value in inputs.items():
         spec = by_name.get(name)
         if spec is None:
-            raise InputRejected(f"unknown input {name!r}; the model takes {', '.join(by_name) or '(none)'}")
+            raise InputRejected(
+                f"unknown input {echo(name)}; the model takes {', '.join(by_name) or '(none)'}"
+            )
         array = _json_tensor(name, value, spec.dtype)
         budget -= array.size
         if budget < 0:
@@ -230,7 +233,9 @@ def _json_tensor(name: str, value: Any, dtype: str) -> np.ndarray:
         if set(value) - {"shape", "data", "dtype"} or "data" not in value:
             raise InputRejected(f"input {name!r}: a tensor object has 'data' and optionally 'shape', 'dtype'")
         if "dtype" in value and value["dtype"] != dtype:
-            raise InputRejected(f"input {name!r}: dtype {value['dtype']!r} given, the model takes {dtype}")
+            raise InputRejected(
+                f"input {name!r}: dtype {echo(value['dtype'])} given, the model takes {dtype}"
+            )
         data = value["data"]
         if "shape" in value:
             raw_shape = value["shape"]
@@ -251,4 +256,4 @@ def _json_tensor(name: str, value: Any, dtype: str) -> np.ndarray:
 
 
 def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
+    return cut((str(exc).splitlines() or [type(exc).__name__])[0])

@@ -163,6 +163,9 @@ class SerialSource:
         except EdgeGuardError as exc:
             self.counts["failed"] += 1
             _log.warning("serial frame failed: %s", exc)
+        except Exception:  # a bug or MemoryError must not end the reading thread (later frames unread)
+            self.counts["failed"] += 1
+            _log.exception("serial frame failed")
 
     def snapshot(self) -> dict[str, Any]:
         s = self.decoder.stats

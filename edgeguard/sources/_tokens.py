@@ -1,11 +1,13 @@
 """Bearer tokens for the local API: loaded from a file or a systemd credential, checked in constant time.
 
-File format, one token per line (``#`` starts a comment)::
+File format, one token per line; a field that starts with ``#`` starts a comment (a ``#`` inside a token is
+part of the token)::
 
     <name> <scope>[,<scope>...] <token>
 
-Scopes are ``infer``, ``status`` and ``admin``. Tokens are at least 16 characters. The file must not be
-readable by group or others (like key files). Under systemd, ``LoadCredential=api-tokens:/etc/edgeguard/...``
+Scopes are ``infer``, ``status`` and ``admin``. Tokens are 16..1024 characters. The file must not be
+accessible by group or others (like key files), must be a regular file (a symbolic link is not followed) and
+at most 256 KiB. Under systemd, ``LoadCredential=api-tokens:/etc/edgeguard/...``
 puts it in ``$CREDENTIALS_DIRECTORY/api-tokens``; ``tokens_credential = "api-tokens"`` reads it from there.
 """
 
@@ -14,12 +16,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from edgeguard._echo import echo
+from edgeguard._safeio import read_checked
 from edgeguard.errors import ConfigError
 
 __all__ = ["Scope", "SCOPES", "Token", "TokenStore", "credential_path"]
@@ -28,6 +31,8 @@ Scope = Literal["infer", "status", "admin"]
 SCOPES: tuple[Scope, ...] = ("infer", "status", "admin")
 MIN_TOKEN_CHARS = 16
 MAX_TOKENS = 256
+MAX_TOKEN_CHARS = 1024
+MAX_FILE_BYTES = 256 * 1024  # MAX_TOKENS lines of a name, scopes and a long token, with comments
 
 
 @dataclass(frozen=True)
@@ -58,22 +63,19 @@ class TokenStore:
 
     @classmethod
     def from_file(cls, path: Path, *, check_mode: bool = True) -> TokenStore:
+        checked = read_checked(
+            path, what="api tokens file", limit=MAX_FILE_BYTES, error=ConfigError, private=check_mode
+        )
         try:
-            st = path.stat()
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"api tokens file {path}: {exc.strerror}") from None
+            text = checked.data.decode("utf-8")
         except UnicodeDecodeError:
             raise ConfigError(f"api tokens file {path}: not UTF-8 text") from None
-        if check_mode and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise ConfigError(f"api tokens file {path} is accessible by group/others (chmod 600 it)")
         tokens: list[Token] = []
         names: set[str] = set()
         for lineno, raw in enumerate(text.splitlines(), 1):
-            line = raw.split("#", 1)[0].strip()
-            if not line:
+            parts = _fields(raw)
+            if not parts:
                 continue
-            parts = line.split()
             if len(parts) != 3:
                 raise ConfigError(f"api tokens file {path}:{lineno}: expected '<name> <scopes> <token>'")
             name, scopes_raw, secret = parts
@@ -81,15 +83,20 @@ class TokenStore:
             bad = sorted(scopes - set(SCOPES))
             if bad:
                 raise ConfigError(
-                    f"api tokens file {path}:{lineno}: unknown scope {bad[0]!r} (use {', '.join(SCOPES)})"
+                    f"api tokens file {path}:{lineno}: unknown scope {echo(bad[0])} (use {', '.join(SCOPES)})"
                 )
             if len(secret) < MIN_TOKEN_CHARS:
                 raise ConfigError(
-                    f"api tokens file {path}:{lineno}: token {name!r} is shorter than "
+                    f"api tokens file {path}:{lineno}: token {echo(name)} is shorter than "
                     f"{MIN_TOKEN_CHARS} characters"
                 )
+            if len(secret) > MAX_TOKEN_CHARS:
+                raise ConfigError(
+                    f"api tokens file {path}:{lineno}: token {echo(name)} is longer than "
+                    f"{MAX_TOKEN_CHARS} characters"
+                )
             if name in names:
-                raise ConfigError(f"api tokens file {path}:{lineno}: duplicate token name {name!r}")
+                raise ConfigError(f"api tokens file {path}:{lineno}: duplicate token name {echo(name)}")
             names.add(name)
             tokens.append(Token(name, scopes, hashlib.sha256(secret.encode()).digest()))
         if len(tokens) > MAX_TOKENS:
@@ -104,3 +111,14 @@ class TokenStore:
             if hmac.compare_digest(token.digest, digest):
                 found = token
         return found
+
+
+def _fields(line: str) -> list[str]:
+    """The whitespace-separated fields of a line up to a comment. A comment starts with a field that starts
+    with ``#``: a ``#`` inside a token is part of the token (cutting there accepted the token's prefix)."""
+    fields: list[str] = []
+    for f in line.split():
+        if f.startswith("#"):
+            break
+        fields.append(f)
+    return fields

@@ -207,6 +207,7 @@ backoff_max_s = 0.5
         if directory:
             text += '\n[sources.directory]\nenabled = true\npath = "incoming"\npoll_s = 0.1\nsettle_s = 0.2\n'
         self.config.write_text(text + extra)
+        self.config.chmod(0o600)  # it may hold link.password: a config others can read is refused then
         hooks = self.root / "hooks"
         hooks.mkdir(exist_ok=True)
         hook = hooks / "50-log"
