@@ -163,6 +163,9 @@ class SerialSource:
         except EdgeGuardError as exc:
             self.counts["failed"] += 1
             _log.warning("serial frame failed: %s", exc)
+        except Exception:  # MemoryError, a bug below: one frame fails, the reader thread must go on
+            self.counts["failed"] += 1
+            _log.exception("serial frame failed")
 
     def snapshot(self) -> dict[str, Any]:
         s = self.decoder.stats

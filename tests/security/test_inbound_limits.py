@@ -1,0 +1,180 @@
+"""Untrusted bytes before allocation (issue 8, items 5-8), attacked on the real service.
+
+Each test runs `edgeguard run` (supervisor + worker as child processes) against a real mosquitto, sends the
+attack from a separate client (HTTP over a real socket, a paho publisher, a file in the watched directory) and
+asserts the refusal: a one-line reason, the worker's memory growth bounded (its peak RSS, VmHWM after resetting
+it through /proc/<pid>/clear_refs), no restart in the supervisor's record, and the service still serving.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import io
+import json
+import struct
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+
+from tests.service._env import INFER, STATUS, Device, seal, tiny_bundle
+from tests.support.broker import MosquittoBroker, Recorder
+
+GOOD = b'{"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}}'
+INPUT_TOPIC = "edgeguard/v1/test/dev-1/input"
+MiB = 1024 * 1024
+# `|V1048576`: one item is 1 MiB, so a shape of a million elements (well under max_elements) claims 1 TiB.
+VOID_NPY_HEADER = "{'descr': '|V1048576', 'fortran_order': False, 'shape': (1000000,), }"
+
+
+def void_npy() -> bytes:
+    header = VOID_NPY_HEADER.ljust(117) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + b"\0" * 64
+
+
+# ---------------------------------------------------------------------------------------------- harness
+def _status(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+class Peak:
+    """The worker's peak RSS growth over a block: VmHWM is reset to the current RSS at the start."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # 5: reset the peak RSS (VmHWM) to the current RSS
+        self.base = _status(pid)["VmRSS"]
+
+    def growth(self) -> int:
+        return _status(self.pid)["VmHWM"] - self.base
+
+
+class Svc:
+    """A running service, its broker, and a recorder of everything it publishes."""
+
+    def __init__(self, root: Path, bundle: bytes, *, link_extra: str = "", api_body: int = 4 * MiB,
+                 directory: bool = False, api_extra: str = "") -> None:
+        self.broker = MosquittoBroker(root)
+        self.rec = Recorder(self.broker, "edgeguard/v1/#")
+        self.dev = Device(root=root, broker=self.broker)
+        self.dev.provision(bundle, link_extra=link_extra, directory=directory, api_extra=api_extra)
+        cfg = self.dev.config.read_text().replace("max_body_bytes = 4194304", f"max_body_bytes = {api_body}")
+        self.dev.config.write_text(cfg)
+        self.dev.start()
+        self.dev.wait_ready()
+        self.wait_heartbeat(lambda h: h["link"]["connected"])
+        self.pid = self.worker_pid()
+
+    def worker_pid(self) -> int:
+        pid = self.dev.worker_pid()
+        assert pid is not None
+        return pid
+
+    def close(self) -> None:
+        try:
+            self.dev.stop()
+        finally:
+            self.rec.close()
+            self.broker.kill()
+
+    def health(self) -> dict[str, Any]:
+        code, doc = self.dev.request("GET", "/v1/health", token=STATUS)
+        assert code in (200, 503), doc
+        return dict(doc)
+
+    def good(self) -> None:
+        code, doc = self.dev.request("POST", "/v1/infer", GOOD)
+        assert code == 200, doc
+        assert np.allclose(doc["outputs"]["y"]["data"], [[0.2, 0.4, 0.6, 0.8]])
+
+    def still_the_same_worker(self) -> None:
+        health = self.health()
+        assert health["pid"] == self.pid, f"the worker was restarted: {health['supervisor']}"
+        assert health["supervisor"]["restarts"] == 0, health["supervisor"]
+        assert health["state"] == "serving"
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in (json.loads(p) for p in self.rec.on_topic("/events")) if e.get("kind") == kind]
+
+    def wait_event(self, kind: str, pred: Callable[[dict[str, Any]], bool], timeout: float = 20.0) -> None:
+        assert self.rec.wait_for(lambda _m: any(pred(e) for e in self.events(kind)), timeout), (
+            f"no {kind} event; seen: {self.events(kind)[-3:]}"
+        )
+
+    def heartbeats(self) -> list[dict[str, Any]]:
+        return [json.loads(p) for p in self.rec.on_topic("/heartbeat")]
+
+    def wait_heartbeat(self, pred: Callable[[dict[str, Any]], bool], timeout: float = 20.0) -> dict[str, Any]:
+        assert self.rec.wait_for(lambda _m: any(pred(h) for h in self.heartbeats()), timeout), (
+            f"no such heartbeat; last: {self.heartbeats()[-1:]}"
+        )
+        return [h for h in self.heartbeats() if pred(h)][-1]
+
+
+def publish(broker: MosquittoBroker, payload: bytes, *, topic: str = INPUT_TOPIC, qos: int = 1,
+            protocol: int = mqtt.MQTTv311) -> None:
+    """Publish from a separate client (the attacker) and wait for the broker's PUBACK."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"attacker-{time.monotonic_ns()}",
+                         protocol=protocol)
+    client.connect(broker.host, broker.port, keepalive=30)
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=qos)
+        info.wait_for_publish(60)
+        assert info.is_published()
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Svc]:
+    root = tmp_path_factory.mktemp("inbound")
+    s = Svc(root, tiny_bundle(root), directory=True)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+# ---------------------------------------------------------------------------------- 8. .npy before allocation
+def test_void_npy_on_the_api_is_a_400_not_a_memory_error(svc: Svc) -> None:
+    code, doc = svc.dev.request("POST", "/v1/infer", void_npy(), ctype="application/x-npy")
+    assert code == 400, doc
+    assert "numeric" in doc["error"] and "\n" not in doc["error"]
+    svc.good()
+    svc.still_the_same_worker()
+    assert "MemoryError" not in svc.dev.log_tail()
+
+
+def test_void_npy_on_mqtt_input_is_rejected_with_an_event(svc: Svc) -> None:
+    publish(svc.broker, void_npy())
+    svc.wait_event("input-rejected", lambda e: "numeric" in str(e.get("reason")))
+    svc.good()
+    svc.still_the_same_worker()
+    assert "MemoryError" not in svc.dev.log_tail()
+
+
+def test_void_npy_in_the_watched_directory_fails_that_file_only(svc: Svc) -> None:
+    incoming = svc.dev.root / "incoming"
+    (incoming / "bomb.npy").write_bytes(void_npy())
+    reason = incoming / "failed" / "bomb.npy.error.txt"
+    svc.dev.wait(reason.exists, 20, "bomb.npy moved to failed/")
+    assert "numeric" in reason.read_text()
+    buf = io.BytesIO()
+    np.save(buf, np.array([[0.1, 0.2, 0.3, 0.4]], np.float32))
+    (incoming / "after.npy").write_bytes(buf.getvalue())
+    svc.dev.wait((incoming / "done" / "after.npy").exists, 20, "a later file still processed")
+    svc.still_the_same_worker()
+    assert "MemoryError" not in svc.dev.log_tail()
