@@ -2,19 +2,16 @@
 
 Each test runs `edgeguard run` (supervisor + worker as child processes) against a real mosquitto, sends the
 attack from a separate client (HTTP over a real socket, a paho publisher, a file in the watched directory) and
-asserts the refusal: a one-line reason, the worker's memory growth bounded (its peak RSS, VmHWM after resetting
-it through /proc/<pid>/clear_refs), no restart in the supervisor's record, and the service still serving.
+asserts the refusal: a one-line reason, the worker's memory growth bounded (its peak RSS, VmHWM after
+resetting it through /proc/<pid>/clear_refs), no restart in the supervisor's record, and the service still
+serving.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import http.client
 import io
 import json
-import struct
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,12 +20,15 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from tests.service._env import INFER, STATUS, Device, seal, tiny_bundle
+from tests.service._env import STATUS, Device, tiny_bundle
 from tests.support.broker import MosquittoBroker, Recorder
 
 GOOD = b'{"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}}'
 INPUT_TOPIC = "edgeguard/v1/test/dev-1/input"
 MiB = 1024 * 1024
+# link.inbound_max_bytes: the RSS bound of the MQTT attack is twice this; larger than the service tests' 1 MiB
+# so that the worker's own background growth (heartbeats, outbox pages) cannot make the bound flaky.
+INBOUND_MAX = 4 * MiB
 # `|V1048576`: one item is 1 MiB, so a shape of a million elements (well under max_elements) claims 1 TiB.
 VOID_NPY_HEADER = "{'descr': '|V1048576', 'fortran_order': False, 'shape': (1000000,), }"
 
@@ -70,6 +70,7 @@ class Svc:
         self.dev = Device(root=root, broker=self.broker)
         self.dev.provision(bundle, link_extra=link_extra, directory=directory, api_extra=api_extra)
         cfg = self.dev.config.read_text().replace("max_body_bytes = 4194304", f"max_body_bytes = {api_body}")
+        cfg = cfg.replace("inbound_max_bytes = 1048576", f"inbound_max_bytes = {INBOUND_MAX}")
         self.dev.config.write_text(cfg)
         self.dev.start()
         self.dev.wait_ready()
@@ -178,3 +179,55 @@ def test_void_npy_in_the_watched_directory_fails_that_file_only(svc: Svc) -> Non
     svc.dev.wait((incoming / "done" / "after.npy").exists, 20, "a later file still processed")
     svc.still_the_same_worker()
     assert "MemoryError" not in svc.dev.log_tail()
+
+
+# ------------------------------------------------------------------------------------ 5. MQTT inbound size
+BIG = 200 * MiB
+
+
+def _mqtt_results(s: Svc) -> int:
+    return sum(1 for p in s.rec.on_topic("/results") if json.loads(p)["data"].get("source") == "mqtt")
+
+
+def _flood_and_check(s: Svc, protocol: int) -> Peak:
+    """200 MiB on the input topic from a separate publisher, then a good message: the good one is answered
+    (so the big one, before it in the broker's order, has been dealt with), memory stayed bounded."""
+    # Warm up first: the first message and the first refusal import and allocate what every later one reuses;
+    # the attack is measured against that steady state.
+    before = _mqtt_results(s)
+    publish(s.broker, b"{not json", protocol=protocol)
+    publish(s.broker, GOOD, protocol=protocol)
+    assert s.rec.wait_for(lambda _m: _mqtt_results(s) > before, 60), "a good message before the flood"
+    before = _mqtt_results(s)
+    peak = Peak(s.pid)
+    publish(s.broker, b"\0" * BIG, protocol=protocol)
+    publish(s.broker, GOOD, protocol=protocol)
+    assert s.rec.wait_for(lambda _m: _mqtt_results(s) > before, 60), "a good message after the flood"
+    growth = peak.growth()
+    assert growth < 2 * INBOUND_MAX, f"worker peak RSS grew by {growth / MiB:.1f} MiB"
+    s.still_the_same_worker()
+    s.good()
+    return peak
+
+
+def test_200_mib_publish_mqtt5_is_refused_by_the_broker_via_maximum_packet_size(svc: Svc) -> None:
+    connects = svc.health()["link"]["connects"]
+    _flood_and_check(svc, mqtt.MQTTv5)
+    link = svc.health()["link"]
+    assert link["protocol"] == "5" and link["connected"] and link["connects"] == connects  # never dropped
+
+
+def test_200_mib_publish_mqtt311_is_read_and_discarded_with_an_event(tmp_path: Path) -> None:
+    s = Svc(tmp_path, tiny_bundle(tmp_path), link_extra='protocol = "3.1.1"\n')
+    try:
+        _flood_and_check(s, mqtt.MQTTv311)
+        s.wait_event("input-rejected", lambda e: f"packet of {BIG + 2 + len(INPUT_TOPIC) + 2}" in e["reason"])
+        link = s.health()["link"]
+        assert link["protocol"] == "3.1.1" and link["connected"] and link["inbound_dropped"] == 1
+        # Acknowledged when discarded: the broker does not send it again on the next connection.
+        s.broker.restart(kill=False)
+        s.wait_heartbeat(lambda h: h["link"]["connects"] >= 2)
+        s.good()
+        assert len([e for e in s.events("input-rejected") if "packet of" in e["reason"]]) == 1
+    finally:
+        s.close()

@@ -219,7 +219,8 @@ class _ExhaustedOnce(RecordingSink):
 def test_serial_memory_error_is_counted_and_the_reader_goes_on(tmp_path: Path) -> None:
     pty = Pty(tmp_path / "ttyEG1")
     sink = _ExhaustedOnce()
-    src = SerialSource(config=SerialConfig(port=str(pty.link), max_payload=64), sink=sink, specs=lambda: SPECS)
+    config = SerialConfig(port=str(pty.link), max_payload=64)
+    src = SerialSource(config=config, sink=sink, specs=lambda: SPECS)
     src.start()
     try:
         assert _wait(lambda: src.connected)
