@@ -135,7 +135,9 @@ class ApiSection:
     max_body_bytes: int = 16 * 1024 * 1024
     max_elements: int = 4 * 1024 * 1024
     max_in_flight: int = 32
+    max_bytes_in_flight: int = 64 * 1024 * 1024
     infer_threads: int = 2
+    parse_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.enabled:
@@ -157,7 +159,9 @@ class ApiSection:
             allow_non_loopback=self.allow_non_loopback,
             limits=BodyLimits(max_body_bytes=self.max_body_bytes, max_elements=self.max_elements),
             max_in_flight=self.max_in_flight,
+            max_bytes_in_flight=self.max_bytes_in_flight,
             infer_threads=self.infer_threads,
+            parse_threads=self.parse_threads,
         )
 
 
