@@ -13,7 +13,9 @@ import concurrent.futures
 import http.client
 import io
 import json
+import struct
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from tests.service._env import INFER, STATUS, Device, tiny_bundle
+from tests.service._env import INFER, STATUS, Device, seal, tiny_bundle
 from tests.support.broker import MosquittoBroker, Recorder
 
 GOOD = b'{"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}}'
@@ -281,3 +283,87 @@ def test_flood_of_big_json_bodies_keeps_liveness_memory_bounded_excess_503(tmp_p
         s.good()
     finally:
         s.close()
+
+
+# --------------------------------------------------------------------------- 7. image decompression bombs
+def image_onnx() -> bytes:
+    """y = images x 1 for images float32 [1, 3, 32, 32]: a model that takes camera images through the
+    preprocessor, small enough that any big image is out of proportion to it."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 32, 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 32, 32])
+    k = helper.make_tensor("k", TensorProto.FLOAT, [1], [1.0])
+    graph = helper.make_graph([helper.make_node("Mul", ["images", "k"], ["y"])], "img", [x], [y], [k])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+IMAGE_META: dict[str, Any] = {
+    "inputs": [{"name": "images", "dtype": "float32", "shape": [1, 3, 32, 32], "range": [0.0, 1.0]}],
+    "outputs": [{"name": "y", "dtype": "float32", "shape": [1, 3, 32, 32]}],
+    "preprocess": {"size": [32, 32], "layout": "NCHW", "resize": "letterbox"},
+}
+
+
+def bomb_png(width: int, height: int, *, color_type: int, bit_depth: int = 8) -> bytes:
+    """A real, complete PNG of zeros: a few KiB that decode to width x height pixels."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    channels = {0: 1, 2: 3, 3: 1}[color_type]
+    row = b"\0" * (1 + width * channels * bit_depth // 8)  # filter byte 0, then the samples
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    plte = chunk(b"PLTE", b"\0\0\0" * 256) if color_type == 3 else b""
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + plte + chunk(b"IDAT", idat)
+            + chunk(b"IEND", b""))
+
+
+def ordinary_png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(1).integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def image_svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Svc]:
+    root = tmp_path_factory.mktemp("images")
+    golden = np.random.default_rng(0).uniform(0, 1, (1, 3, 32, 32)).astype(np.float32)
+    bundle = seal(root, image_onnx(), name="camera", version=1, meta=IMAGE_META, golden_in={"images": golden})
+    s = Svc(root, bundle)
+    try:
+        code, doc = s.dev.request("POST", "/v1/infer", ordinary_png(), ctype="image/png")  # warm up
+        assert code == 200, doc
+        yield s
+    finally:
+        s.close()
+
+
+BOMBS = {
+    "grey-8bit-6000x6000": (6000, 6000, 0, 8),  # 36 Mpx, under the old 40 Mpx limit: +300 MiB decoded
+    "grey-16bit-4000x4000": (4000, 4000, 0, 16),
+    "palette-6000x6000": (6000, 6000, 3, 8),
+    "rgb-5000x5000": (5000, 5000, 2, 8),
+}
+
+
+@pytest.mark.parametrize("name", list(BOMBS))
+def test_decompression_bomb_png_is_a_400_before_decoding(image_svc: Svc, name: str) -> None:
+    width, height, color_type, depth = BOMBS[name]
+    data = bomb_png(width, height, color_type=color_type, bit_depth=depth)
+    assert len(data) < 200 * 1024
+    peak = Peak(image_svc.pid)
+    code, doc = image_svc.dev.request("POST", "/v1/infer", data, ctype="image/png")
+    growth = peak.growth()
+    assert code == 400, doc
+    assert doc["error"].startswith(f"image: {width}x{height} pixels") and "decoded" in doc["error"], doc
+    assert growth < 16 * MiB, f"worker peak RSS grew by {growth / MiB:.0f} MiB"
+    code, doc = image_svc.dev.request("POST", "/v1/infer", ordinary_png(), ctype="image/png")
+    assert code == 200, doc
+    image_svc.still_the_same_worker()
