@@ -169,11 +169,17 @@ class ApiSection:
 class MqttInputSection:
     enabled: bool = False
     queue_size: int = 64
+    max_queued_bytes: int = 16 * 1024 * 1024  # received, not yet processed bytes; at least max_body_bytes
     max_body_bytes: int = 256 * 1024  # at most link.inbound_max_bytes (the link drops larger messages first)
     max_elements: int = 4 * 1024 * 1024
 
     def __post_init__(self) -> None:
         _check(1 <= self.queue_size <= 10000, "sources.mqtt.queue_size", "must be 1..10000")
+        _check(
+            self.max_body_bytes <= self.max_queued_bytes <= 1 << 32,
+            "sources.mqtt.max_queued_bytes",
+            "must be max_body_bytes .. 4 GiB",
+        )
         try:
             self.limits()
         except ValueError as exc:

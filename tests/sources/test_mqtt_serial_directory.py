@@ -244,3 +244,24 @@ def test_mqtt_input_memory_error_is_counted_and_the_worker_goes_on() -> None:
         assert src.counts["failed"] == 1 and src.counts["ok"] == 1
     finally:
         src.stop()
+
+
+def test_mqtt_input_queue_is_bounded_in_bytes_not_only_in_count(sink: RecordingSink) -> None:
+    """64 queued messages of max_body_bytes each could be 64 x 16 MiB: the queue also holds at most
+    max_queued_bytes, dropping (and counting, and reporting) what does not fit."""
+    rejects: list[str] = []
+    body = b'{"inputs": {"x": [[0, 0, 0, 0]]}}'.ljust(400)
+    src = MqttInputSource(sink=sink, specs=lambda: SPECS, limits=BodyLimits(max_body_bytes=512),
+                          queue_size=64, max_queued_bytes=1000, on_reject=lambda _s, r: rejects.append(r))
+    for _ in range(4):  # not started: nothing drains the queue
+        src.handle(body)
+    assert src.counts["dropped_full"] == 2 and src.snapshot()["queued_bytes"] == 800
+    assert rejects == ["input queue full (800 bytes queued), message dropped"] * 2
+    src.start()
+    src.stop()
+    assert len(sink.requests) == 2 and src.snapshot()["queued_bytes"] == 0
+    src.handle(body)  # room again once processed
+    assert src.snapshot()["queued_bytes"] == 400
+    with pytest.raises(ValueError, match="max_queued_bytes"):
+        MqttInputSource(sink=sink, specs=lambda: SPECS, limits=BodyLimits(max_body_bytes=512),
+                        max_queued_bytes=500)
