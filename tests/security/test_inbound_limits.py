@@ -367,3 +367,15 @@ def test_decompression_bomb_png_is_a_400_before_decoding(image_svc: Svc, name: s
     code, doc = image_svc.dev.request("POST", "/v1/infer", ordinary_png(), ctype="image/png")
     assert code == 200, doc
     image_svc.still_the_same_worker()
+
+
+def test_decompression_bomb_on_mqtt_input_is_rejected_with_an_event(image_svc: Svc) -> None:
+    data = bomb_png(6000, 6000, color_type=0)  # 35 KiB: well within the MQTT input limit
+    peak = Peak(image_svc.pid)
+    publish(image_svc.broker, data)
+    image_svc.wait_event("input-rejected", lambda e: "6000x6000 pixels (L)" in e["reason"])
+    growth = peak.growth()
+    assert growth < 16 * MiB, f"worker peak RSS grew by {growth / MiB:.0f} MiB"
+    code, doc = image_svc.dev.request("POST", "/v1/infer", ordinary_png(), ctype="image/png")
+    assert code == 200, doc
+    image_svc.still_the_same_worker()
