@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.client import time_func
 
 __all__ = ["BoundedClient", "PACKET_OVERHEAD"]
 
@@ -88,6 +89,10 @@ class BoundedClient(mqtt.Client):
             if not chunk:
                 self._skip_left = 0
                 return b""  # the connection closed mid-packet: paho reports the loss
+            # Bytes arriving count as a live connection for paho's keepalive, as when paho reads them itself:
+            # on a slow line, a PINGRESP queued behind this body must not make paho drop the connection.
+            with self._msgtime_mutex:
+                self._last_bytes_received = time_func()
             if len(self._skip_head) < _HEAD_MAX:
                 self._skip_head += chunk[: _HEAD_MAX - len(self._skip_head)]
             self._skip_left -= len(chunk)
