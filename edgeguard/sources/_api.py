@@ -119,8 +119,8 @@ class ApiSource:
         self._executor = ThreadPoolExecutor(max_workers=config.infer_threads, thread_name_prefix="eg-api")
         self._parser = ThreadPoolExecutor(max_workers=config.parse_threads, thread_name_prefix="eg-api-parse")
         self._runner: web.AppRunner | None = None
+        self._bytes_in_flight = 0  # declared body bytes of the requests admitted now
         self._in_flight = 0
-        self._bytes_in_flight = 0
         self.counts: dict[str, int] = {
             "ok": 0,
             "400": 0,
