@@ -20,7 +20,7 @@ from edgeguard.errors import LinkError
 from edgeguard.link._bounded import PACKET_OVERHEAD, BoundedClient, OversizeHandler
 from edgeguard.link._config import LinkConfig
 
-__all__ = ["Waker", "SubWait", "network_pass", "new_client", "max_packet_bytes"]
+__all__ = ["Waker", "SubWait", "network_pass", "new_client"]
 
 
 class Waker:

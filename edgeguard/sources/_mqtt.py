@@ -121,27 +121,21 @@ class MqttInputSource:
             if payload is None:
                 return
             try:
-                self._process(payload)
-            finally:
-                self._release(len(payload))
-
-    def _process(self, payload: bytes) -> None:
-        """One message to a result; never raises (a MemoryError or a bug fails this message only)."""
-        try:
-            request = parse_body(
-                body=payload, content_type="", specs=self._specs(), source="mqtt", limits=self._limits
-            )
-            self._sink(request)
-            self.counts["ok"] += 1
-        except InputRejected as exc:
-            self.counts["rejected"] += 1
-            self._reject(str(exc))
-        except EdgeGuardError as exc:
-            self.counts["failed"] += 1
-            _log.warning("mqtt input failed: %s", exc)
-        except Exception:
-            self.counts["failed"] += 1
-            _log.exception("mqtt input failed")
+                request = parse_body(
+                    body=payload, content_type="", specs=self._specs(), source="mqtt", limits=self._limits
+                )
+                self._sink(request)
+                self.counts["ok"] += 1
+            except InputRejected as exc:
+                self.counts["rejected"] += 1
+                self._reject(str(exc))
+            except EdgeGuardError as exc:
+                self.counts["failed"] += 1
+                _log.warning("mqtt input failed: %s", exc)
+            except Exception:
+                self.counts["failed"] += 1
+                _log.exception("mqtt input failed")
+            self._release(len(payload))  # every failure above is caught: this always runs
 
     def snapshot(self) -> dict[str, Any]:
         return {**self.counts, "queued": self._queue.qsize(), "queued_bytes": self._queued_bytes}

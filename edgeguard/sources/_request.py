@@ -13,6 +13,7 @@ import binascii
 import io
 import json
 import math
+import tokenize
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -178,7 +179,8 @@ def _check_npy_header(body: bytes, limits: BodyLimits) -> None:
             raise InputRejected("the .npy body must hold one numeric array")
         else:
             raise ValueError(f"unknown format version {version[0]}.{version[1]}")
-    except (ValueError, OSError, EOFError, TypeError, SyntaxError) as exc:
+    # numpy tokenizes the header dict: one it cannot tokenize raises TokenError or SyntaxError.
+    except (ValueError, OSError, EOFError, TypeError, SyntaxError, tokenize.TokenError) as exc:
         raise InputRejected(f"malformed .npy body: {_first_line(exc)[:80]}") from None
     if (
         not isinstance(dtype, np.dtype)

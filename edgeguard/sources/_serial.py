@@ -163,7 +163,7 @@ class SerialSource:
         except EdgeGuardError as exc:
             self.counts["failed"] += 1
             _log.warning("serial frame failed: %s", exc)
-        except Exception:  # MemoryError, a bug below: one frame fails, the reader thread must go on
+        except Exception:  # a bug or MemoryError must not end the reading thread (later frames unread)
             self.counts["failed"] += 1
             _log.exception("serial frame failed")
 
