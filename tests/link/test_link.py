@@ -546,6 +546,41 @@ def test_inbound_strict_topic_size_limit_and_failing_handler(
     assert not link.loop_alive
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_inbound_oversize_packet_is_never_buffered(
+    gated: tuple[MosquittoBroker, Recorder], tmp_path: Path, protocol: str
+) -> None:
+    """MQTT 5: CONNECT announces Maximum Packet Size, mosquitto drops the message for us and the connection
+    stays. 3.1.1: the body is read in small chunks and thrown away, acknowledged, reported to the route's
+    owner; the connection stays too, and the next message arrives."""
+    broker, rec = gated
+    ob = outbox(tmp_path)
+    link = MqttLink(
+        config=config(broker, protocol=protocol, inbound_max_bytes=1024),
+        fleet="fleet", device_id="dev", outbox=ob,
+    )
+    got: list[bytes] = []
+    drops: list[str] = []
+    link.on_inbound("cmd", got.append, on_drop=drops.append)
+    assert link.start() is None
+    try:
+        connects = link.state.connects
+        assert wait_until(lambda: link.on_inbound("cmd", got.append, on_drop=drops.append))
+        rec.client.publish(PREFIX + "cmd", b"\0" * (8 << 20), qos=1)
+        rec.client.publish(PREFIX + "cmd", b"hello", qos=1)
+        assert wait_until(lambda: got == [b"hello"])
+        assert link.state.connects == connects and link.state.connected
+        if protocol == "3.1.1":
+            assert drops == [f"packet of {(8 << 20) + 2 + len(PREFIX + 'cmd') + 2} bytes exceeds the limit "
+                             "of 1024 bytes"]
+            assert link.state.inbound_dropped == 1
+        else:
+            assert drops == [] and link.state.inbound_dropped == 0  # never reached the device
+    finally:
+        link.stop()
+        ob.close()
+
+
 def test_mqtt_311_session(gated: tuple[MosquittoBroker, Recorder], tmp_path: Path) -> None:
     broker, rec = gated
     ob = outbox(tmp_path)
@@ -652,37 +687,3 @@ def test_bad_names_refused(tmp_path: Path) -> None:
         MqttLink(config=LinkConfig(), fleet="f", device_id="#", outbox=ob)
     ob.close()
 
-
-@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
-def test_inbound_oversize_packet_is_never_buffered(
-    gated: tuple[MosquittoBroker, Recorder], tmp_path: Path, protocol: str
-) -> None:
-    """MQTT 5: CONNECT announces Maximum Packet Size, mosquitto drops the message for us and the connection
-    stays. 3.1.1: the body is read in small chunks and thrown away, acknowledged, reported to the route's
-    owner; the connection stays too, and the next message arrives."""
-    broker, rec = gated
-    ob = outbox(tmp_path)
-    link = MqttLink(
-        config=config(broker, protocol=protocol, inbound_max_bytes=1024),
-        fleet="fleet", device_id="dev", outbox=ob,
-    )
-    got: list[bytes] = []
-    drops: list[str] = []
-    link.on_inbound("cmd", got.append, on_drop=drops.append)
-    assert link.start() is None
-    try:
-        connects = link.state.connects
-        assert wait_until(lambda: link.on_inbound("cmd", got.append, on_drop=drops.append))
-        rec.client.publish(PREFIX + "cmd", b"\0" * (8 << 20), qos=1)
-        rec.client.publish(PREFIX + "cmd", b"hello", qos=1)
-        assert wait_until(lambda: got == [b"hello"])
-        assert link.state.connects == connects and link.state.connected
-        if protocol == "3.1.1":
-            assert drops == [f"packet of {(8 << 20) + 2 + len(PREFIX + 'cmd') + 2} bytes exceeds the limit "
-                             "of 1024 bytes"]
-            assert link.state.inbound_dropped == 1
-        else:
-            assert drops == [] and link.state.inbound_dropped == 0  # never reached the device
-    finally:
-        link.stop()
-        ob.close()
