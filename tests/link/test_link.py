@@ -686,4 +686,3 @@ def test_bad_names_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="device_id"):
         MqttLink(config=LinkConfig(), fleet="f", device_id="#", outbox=ob)
     ob.close()
-
