@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -579,6 +580,85 @@ def test_inbound_oversize_packet_is_never_buffered(
     finally:
         link.stop()
         ob.close()
+
+
+class SlowBroker:
+    """Just enough of an MQTT 3.1.1 broker on a real socket to send one oversize PUBLISH slowly: CONNACK, then
+    the PUBLISH trickled over ``seconds``, then a PINGRESP for each PINGREQ it got meanwhile (a real broker's
+    answers queue behind the body it is sending). Records the client's packets (type nibble, body)."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.packets: list[tuple[int, bytes]] = []
+        self.lock = threading.Lock()
+
+    def _read_packets(self, conn: socket.socket) -> None:
+        f = conn.makefile("rb")
+        while head := f.read(1):
+            length, mult = 0, 1
+            while True:
+                byte = f.read(1)[0]
+                length += (byte & 127) * mult
+                mult *= 128
+                if not byte & 128:
+                    break
+            with self.lock:
+                self.packets.append((head[0] >> 4, f.read(length)))
+
+    def kinds(self) -> list[int]:
+        with self.lock:
+            return [k for k, _ in self.packets]
+
+    def serve(self, topic: bytes, payload_len: int, seconds: float) -> None:
+        conn, _ = self.server.accept()
+        threading.Thread(target=self._read_packets, args=(conn,), daemon=True).start()
+        assert wait_until(lambda: 1 in self.kinds())  # CONNECT
+        conn.sendall(b"\x20\x02\x00\x00")  # CONNACK, accepted
+        body = len(topic).to_bytes(2, "big") + topic + (7).to_bytes(2, "big")  # QoS 1, packet id 7
+        n, length = bytearray(), len(body) + payload_len
+        while True:
+            n.append((length & 127) | (128 if length > 127 else 0))
+            length >>= 7
+            if not length:
+                break
+        conn.sendall(b"\x32" + bytes(n) + body)
+        steps = int(seconds / 0.25)
+        chunk = payload_len // steps
+        for i in range(steps):
+            conn.sendall(b"\0" * (chunk if i < steps - 1 else payload_len - i * chunk))
+            time.sleep(0.25)  # the slow line under test
+        conn.sendall(b"\xd0\x00" * self.kinds().count(12))  # the PINGRESPs that queued behind the body
+        self.conn = conn
+
+
+def test_inbound_oversize_discard_on_a_slow_line_keeps_the_connection(tmp_path: Path) -> None:
+    """paho drops a connection whose PINGRESP does not come within the keepalive unless bytes keep arriving;
+    the discarded body's bytes must count as arriving, as when paho reads a body itself. 12 s of trickle with
+    keepalive_s = 5: without that, the link is dropped at ~10 s."""
+    fake = SlowBroker()
+    ob = outbox(tmp_path)
+    cfg = LinkConfig(
+        port=fake.port, protocol="3.1.1", keepalive_s=5, heartbeat_s=3600.0, inbound_max_bytes=1024
+    )
+    link = MqttLink(config=cfg, fleet="fleet", device_id="dev", outbox=ob)
+    drops: list[str] = []
+    link.on_inbound("cmd", lambda _b: None, on_drop=drops.append)
+    topic = (PREFIX + "cmd").encode()
+    server = threading.Thread(target=fake.serve, args=(topic, 256 * 1024, 12.0), daemon=True)
+    server.start()
+    assert link.start() is None
+    try:
+        server.join(30)
+        assert wait_until(lambda: 4 in fake.kinds())  # PUBACK, for packet id 7
+        assert [b for k, b in fake.packets if k == 4] == [(7).to_bytes(2, "big")]
+        assert drops == [f"packet of {2 + len(topic) + 2 + 256 * 1024} bytes exceeds the limit of 1024 bytes"]
+        assert 12 in fake.kinds()  # paho did ping during the body, and was answered after it
+        assert link.state.connected and link.state.connects == 1 and link.state.attempts == 1
+    finally:
+        link.stop()
+        ob.close()
+        fake.server.close()
 
 
 def test_mqtt_311_session(gated: tuple[MosquittoBroker, Recorder], tmp_path: Path) -> None:
