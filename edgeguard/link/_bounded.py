@@ -55,9 +55,15 @@ class BoundedClient(mqtt.Client):
         self._skip_left = 0
         self._skip_size = 0
         self._skip_command = 0
+        self._skip_sock: Any = None  # the connection the discard belongs to
         self._skip_head = bytearray()
 
     def _sock_recv(self, bufsize: int) -> bytes:
+        if self._skip_left and self._skip_sock is not self._sock:
+            # The connection broke mid-discard (reset, timeout) and paho has connected anew: its reader
+            # starts over, and so does ours, or the new connection's CONNACK would be thrown away.
+            self._skip_left = 0
+            self._skip_head = bytearray()
         pkt = self._in_packet
         if (
             not self._skip_left
@@ -71,6 +77,7 @@ class BoundedClient(mqtt.Client):
                 )
             self._skip_left = self._skip_size = pkt["remaining_length"]
             self._skip_command = pkt["command"]
+            self._skip_sock = self._sock
             self._skip_head = bytearray()
         if not self._skip_left:
             return bytes(super()._sock_recv(bufsize))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -594,27 +596,47 @@ class SlowBroker:
         self.lock = threading.Lock()
 
     def _read_packets(self, conn: socket.socket) -> None:
-        f = conn.makefile("rb")
-        while head := f.read(1):
-            length, mult = 0, 1
+        def read(n: int) -> bytes:
+            data = b""
+            while len(data) < n:
+                piece = conn.recv(n - len(data))
+                if not piece:
+                    raise ConnectionError("closed")
+                data += piece
+            return data
+
+        # recv on the socket itself (no makefile, which would keep the descriptor open past close()).
+        with contextlib.suppress(OSError):
             while True:
-                byte = f.read(1)[0]
-                length += (byte & 127) * mult
-                mult *= 128
-                if not byte & 128:
-                    break
-            with self.lock:
-                self.packets.append((head[0] >> 4, f.read(length)))
+                head = read(1)[0]
+                length, mult = 0, 1
+                while True:
+                    byte = read(1)[0]
+                    length += (byte & 127) * mult
+                    mult *= 128
+                    if not byte & 128:
+                        break
+                body = read(length)
+                with self.lock:
+                    self.packets.append((head >> 4, body))
 
     def kinds(self) -> list[int]:
         with self.lock:
             return [k for k, _ in self.packets]
 
-    def serve(self, topic: bytes, payload_len: int, seconds: float) -> None:
+    def accept(self) -> socket.socket:
+        """The next connection, answered with CONNACK (accepted) once its CONNECT arrived."""
         conn, _ = self.server.accept()
+        connects = self.kinds().count(1)
         threading.Thread(target=self._read_packets, args=(conn,), daemon=True).start()
-        assert wait_until(lambda: 1 in self.kinds())  # CONNECT
-        conn.sendall(b"\x20\x02\x00\x00")  # CONNACK, accepted
+        assert wait_until(lambda: self.kinds().count(1) > connects)  # CONNECT
+        conn.sendall(b"\x20\x02\x00\x00")
+        return conn
+
+    def serve(self, topic: bytes, payload_len: int, seconds: float, *, reset_at: float = 1.0) -> None:
+        """``reset_at`` < 1: the connection is reset (RST) after that share of the body, then the next
+        connection is accepted."""
+        conn = self.accept()
         body = len(topic).to_bytes(2, "big") + topic + (7).to_bytes(2, "big")  # QoS 1, packet id 7
         n, length = bytearray(), len(body) + payload_len
         while True:
@@ -626,6 +648,12 @@ class SlowBroker:
         steps = int(seconds / 0.25)
         chunk = payload_len // steps
         for i in range(steps):
+            if i >= steps * reset_at:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.shutdown(socket.SHUT_RD)  # wakes our reader thread's recv, sends nothing
+                conn.close()  # with linger 0: a reset, not an orderly close
+                self.conn = self.accept()
+                return
             conn.sendall(b"\0" * (chunk if i < steps - 1 else payload_len - i * chunk))
             time.sleep(0.25)  # the slow line under test
         conn.sendall(b"\xd0\x00" * self.kinds().count(12))  # the PINGRESPs that queued behind the body
@@ -639,7 +667,8 @@ def test_inbound_oversize_discard_on_a_slow_line_keeps_the_connection(tmp_path: 
     fake = SlowBroker()
     ob = outbox(tmp_path)
     cfg = LinkConfig(
-        port=fake.port, protocol="3.1.1", keepalive_s=5, heartbeat_s=3600.0, inbound_max_bytes=1024
+        port=fake.port, protocol="3.1.1", keepalive_s=5, heartbeat_s=3600.0, inbound_max_bytes=1024,
+        stop_timeout_s=0.0,  # the fake broker never acknowledges the offline status
     )
     link = MqttLink(config=cfg, fleet="fleet", device_id="dev", outbox=ob)
     drops: list[str] = []
@@ -655,6 +684,30 @@ def test_inbound_oversize_discard_on_a_slow_line_keeps_the_connection(tmp_path: 
         assert drops == [f"packet of {2 + len(topic) + 2 + 256 * 1024} bytes exceeds the limit of 1024 bytes"]
         assert 12 in fake.kinds()  # paho did ping during the body, and was answered after it
         assert link.state.connected and link.state.connects == 1 and link.state.attempts == 1
+    finally:
+        link.stop()
+        ob.close()
+        fake.server.close()
+
+
+def test_inbound_oversize_discard_cut_by_a_reset_leaves_the_next_connection_intact(tmp_path: Path) -> None:
+    """A connection reset in the middle of a discarded body: the next connection's packets are read as
+    packets (its CONNACK is not thrown away as the rest of the old body)."""
+    fake = SlowBroker()
+    ob = outbox(tmp_path)
+    cfg = LinkConfig(port=fake.port, protocol="3.1.1", heartbeat_s=3600.0, inbound_max_bytes=1024,
+                     backoff_initial_s=0.05, backoff_max_s=0.2, stop_timeout_s=0.0)
+    link = MqttLink(config=cfg, fleet="fleet", device_id="dev", outbox=ob)
+    link.on_inbound("cmd", lambda _b: None)
+    server = threading.Thread(
+        target=fake.serve, args=((PREFIX + "cmd").encode(), 256 * 1024, 2.0), kwargs={"reset_at": 0.5},
+        daemon=True,
+    )
+    server.start()
+    assert link.start() is None
+    try:
+        server.join(30)
+        assert wait_until(lambda: link.state.connects == 2 and link.state.connected)
     finally:
         link.stop()
         ob.close()
