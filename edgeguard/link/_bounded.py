@@ -16,8 +16,9 @@ Two layers keep an oversize message off the device:
    reports it. Any other oversize packet (only a broken broker sends one) drops the connection.
 
 paho offers no public hook between reading the remaining length and reading the body, so this overrides
-``_sock_recv`` and reads ``_in_packet``, paho's private reader state (paho 2.x; pinned in pyproject.toml and
-exercised against a real mosquitto by tests/link and tests/security).
+``_sock_recv`` and reads ``_in_packet``, paho's private reader state (paho 2.0 .. 2.2, exercised against a
+real mosquitto by tests/link and tests/security). A paho whose reader looks different is refused when the
+client is made (LinkError naming the version), never silently left unbounded.
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
+import paho.mqtt
 import paho.mqtt.client as mqtt
 from paho.mqtt.client import time_func
+
+from edgeguard.errors import LinkError
 
 __all__ = ["BoundedClient", "PACKET_OVERHEAD"]
 
@@ -40,6 +44,10 @@ _PUBLISH = 0x30
 _CHUNK = 64 * 1024
 _CHUNKS_PER_CALL = 64  # then let the loop write (PUBACKs, PINGREQ) before reading on
 _HEAD_MAX = 2 + 65535 + 2  # topic length, topic, packet id: all we keep of a discarded PUBLISH
+_READER_KEYS = frozenset(
+    ("command", "have_remaining", "remaining_count", "remaining_mult", "remaining_length", "packet",
+     "to_process", "pos")
+)
 
 OversizeHandler = Callable[[str, int], None]  # (topic, packet size in bytes); runs in the link thread
 
@@ -49,6 +57,18 @@ class BoundedClient(mqtt.Client):
 
     def __init__(self, *args: Any, max_packet: int, on_oversize: OversizeHandler, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        reader = getattr(self, "_in_packet", None)
+        if not (
+            isinstance(reader, dict)
+            and set(reader) >= _READER_KEYS
+            and callable(getattr(mqtt.Client, "_sock_recv", None))
+            and callable(getattr(mqtt.Client, "_send_puback", None))
+            and hasattr(self, "_msgtime_mutex")
+        ):
+            raise LinkError(
+                f"link: paho-mqtt {paho.mqtt.__version__} reads packets differently from 2.0 .. 2.2; the "
+                "inbound size guard (edgeguard/link/_bounded.py) needs updating for it"
+            )
         self.max_packet = max_packet
         self.on_oversize = on_oversize
         self.discarded = 0

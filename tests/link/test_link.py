@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -22,6 +19,7 @@ from edgeguard.errors import ConfigError, LinkError
 from edgeguard.link import Backoff, LinkConfig, MqttLink
 from edgeguard.outbox import Outbox, OutboxConfig
 from tests.link._mqtt311_gate import Mqtt311OnlyGate
+from tests.link._slow_broker import SlowBroker
 from tests.support.broker import MosquittoBroker, Pki, Recorder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -584,80 +582,19 @@ def test_inbound_oversize_packet_is_never_buffered(
         ob.close()
 
 
-class SlowBroker:
-    """Just enough of an MQTT 3.1.1 broker on a real socket to send one oversize PUBLISH slowly: CONNACK, then
-    the PUBLISH trickled over ``seconds``, then a PINGRESP for each PINGREQ it got meanwhile (a real broker's
-    answers queue behind the body it is sending). Records the client's packets (type nibble, body)."""
+def test_a_paho_whose_reader_differs_is_refused_not_left_unguarded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgeguard.link import _bounded
 
-    def __init__(self) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = self.server.getsockname()[1]
-        self.packets: list[tuple[int, bytes]] = []
-        self.lock = threading.Lock()
-
-    def _read_packets(self, conn: socket.socket) -> None:
-        def read(n: int) -> bytes:
-            data = b""
-            while len(data) < n:
-                piece = conn.recv(n - len(data))
-                if not piece:
-                    raise ConnectionError("closed")
-                data += piece
-            return data
-
-        # recv on the socket itself (no makefile, which would keep the descriptor open past close()).
-        with contextlib.suppress(OSError):
-            while True:
-                head = read(1)[0]
-                length, mult = 0, 1
-                while True:
-                    byte = read(1)[0]
-                    length += (byte & 127) * mult
-                    mult *= 128
-                    if not byte & 128:
-                        break
-                body = read(length)
-                with self.lock:
-                    self.packets.append((head >> 4, body))
-
-    def kinds(self) -> list[int]:
-        with self.lock:
-            return [k for k, _ in self.packets]
-
-    def accept(self) -> socket.socket:
-        """The next connection, answered with CONNACK (accepted) once its CONNECT arrived."""
-        conn, _ = self.server.accept()
-        connects = self.kinds().count(1)
-        threading.Thread(target=self._read_packets, args=(conn,), daemon=True).start()
-        assert wait_until(lambda: self.kinds().count(1) > connects)  # CONNECT
-        conn.sendall(b"\x20\x02\x00\x00")
-        return conn
-
-    def serve(self, topic: bytes, payload_len: int, seconds: float, *, reset_at: float = 1.0) -> None:
-        """``reset_at`` < 1: the connection is reset (RST) after that share of the body, then the next
-        connection is accepted."""
-        conn = self.accept()
-        body = len(topic).to_bytes(2, "big") + topic + (7).to_bytes(2, "big")  # QoS 1, packet id 7
-        n, length = bytearray(), len(body) + payload_len
-        while True:
-            n.append((length & 127) | (128 if length > 127 else 0))
-            length >>= 7
-            if not length:
-                break
-        conn.sendall(b"\x32" + bytes(n) + body)
-        steps = int(seconds / 0.25)
-        chunk = payload_len // steps
-        for i in range(steps):
-            if i >= steps * reset_at:
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                conn.shutdown(socket.SHUT_RD)  # wakes our reader thread's recv, sends nothing
-                conn.close()  # with linger 0: a reset, not an orderly close
-                self.conn = self.accept()
-                return
-            conn.sendall(b"\0" * (chunk if i < steps - 1 else payload_len - i * chunk))
-            time.sleep(0.25)  # the slow line under test
-        conn.sendall(b"\xd0\x00" * self.kinds().count(12))  # the PINGRESPs that queued behind the body
-        self.conn = conn
+    monkeypatch.setattr(_bounded, "_READER_KEYS", _bounded._READER_KEYS | {"a_key_paho_does_not_have"})
+    ob = outbox(tmp_path)
+    link = MqttLink(config=LinkConfig(port=1), fleet="fleet", device_id="dev", outbox=ob)
+    try:
+        with pytest.raises(LinkError, match=r"^link: paho-mqtt 2\.\d+\.\d+ reads packets differently"):
+            link.start()
+    finally:
+        ob.close()
 
 
 def test_inbound_oversize_discard_on_a_slow_line_keeps_the_connection(tmp_path: Path) -> None:
