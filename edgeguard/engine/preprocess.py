@@ -7,18 +7,24 @@ the tensors plus the ``LetterboxTransform`` that maps boxes found in model coord
 onto the original image.
 
 Encoded images (PNG, JPEG) are an untrusted input: their declared size is checked against ``ImageLimits``
-from the header, before a single pixel is decoded, so a decompression bomb is refused cheaply.
+from the header, before a single pixel is decoded, so a decompression bomb is refused cheaply. Besides the
+absolute pixel limits, the bytes the decode would take (see :func:`decoded_bytes`) must fit a budget derived
+from the model's own input size (``ImageLimits.decoded_budget``): a 38 KiB greyscale PNG of 36 Mpx passed a
+pixel limit alone and cost the worker +377 MiB, for a model that looks at 32 x 32 pixels. Decodes run at most
+``max_concurrent_decodes`` at a time per preprocessor, so the threads of every source together cannot
+multiply that budget.
 """
 
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from edgeguard.bundle.manifest import Manifest, TensorSpec
 from edgeguard.errors import InputRejected
@@ -32,10 +38,18 @@ __all__ = [
     "PreprocessSpec",
     "Preprocessor",
     "decode_image",
+    "decoded_bytes",
     "parse_preprocess",
 ]
 
+# Pillow inflates PNG text and ICC chunks while it reads the header, up to 1 MiB each and 64 MiB in all by
+# default: memory spent before any of our checks. No preprocessing reads them, so keep them small.
+PngImagePlugin.MAX_TEXT_CHUNK = 64 * 1024
+PngImagePlugin.MAX_TEXT_MEMORY = 256 * 1024
+
 ColorOrder = Literal["RGB", "BGR"]
+# Bytes per pixel of Pillow's own storage for a decoded image of each mode (modes not listed take 4).
+_STORED_BYTES: Final = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 _DTYPES: Final = ("float32", "float16", "uint8", "int8")
 _QRANGE: Final = {"uint8": (0, 255), "int8": (-128, 127)}
 
@@ -47,6 +61,12 @@ class ImageLimits:
     max_encoded_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000  # e.g. 8000 x 5000; a decoded RGB frame of this size is 120 MB
     max_side: int = 16384
+    # Decoded bytes allowed per image, as a multiple of the model's input frame (height x width x 3): 48 lets
+    # a 640 x 640 model take a 4K frame (~58 MB to decode); never less than min_decoded_bytes, which holds a
+    # 1080p frame (~14.5 MB) whatever the model.
+    decode_factor: int = 48
+    min_decoded_bytes: int = 16 * 1024 * 1024
+    max_concurrent_decodes: int = 2
 
     def __post_init__(self) -> None:
         if not 1 <= self.max_encoded_bytes <= 1 << 30:
@@ -55,6 +75,26 @@ class ImageLimits:
             raise ValueError(f"max_pixels must be in [1, 2**30], got {self.max_pixels}")
         if not 1 <= self.max_side <= 1 << 16:
             raise ValueError(f"max_side must be in [1, 65536], got {self.max_side}")
+        if not 1 <= self.decode_factor <= 4096:
+            raise ValueError(f"decode_factor must be in [1, 4096], got {self.decode_factor}")
+        if not 1 << 20 <= self.min_decoded_bytes <= 1 << 32:
+            raise ValueError(f"min_decoded_bytes must be in [1 MiB, 4 GiB], got {self.min_decoded_bytes}")
+        if not 1 <= self.max_concurrent_decodes <= 64:
+            raise ValueError(f"max_concurrent_decodes must be in [1, 64], got {self.max_concurrent_decodes}")
+
+    def decoded_budget(self, height: int, width: int) -> int:
+        """Decoded bytes allowed for one image fed to a model input of ``height`` x ``width`` pixels."""
+        return max(self.decode_factor * height * width * 3, self.min_decoded_bytes)
+
+
+def decoded_bytes(width: int, height: int, mode: str) -> int:
+    """What decoding an image of this size and Pillow mode to the RGB array takes: the image in its own
+    storage (1 byte per pixel for grey/palette, 2 for 16-bit grey, else 4), Pillow's RGB copy of it unless it
+    is RGB already (4 bytes per pixel), and the ``HxWx3`` uint8 array (3)."""
+    pixels = width * height
+    if mode == "RGB":
+        return pixels * (4 + 3)
+    return pixels * (_STORED_BYTES.get(mode, 4) + 4 + 3)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -183,8 +223,12 @@ def parse_preprocess(manifest: Manifest) -> PreprocessSpec | None:
     return spec
 
 
-def decode_image(data: bytes, *, limits: ImageLimits) -> np.ndarray:
-    """Decode PNG/JPEG bytes to an ``HxWx3`` uint8 RGB array, refusing oversize images before decoding."""
+def decode_image(data: bytes, *, limits: ImageLimits, max_decoded_bytes: int | None = None) -> np.ndarray:
+    """Decode PNG/JPEG bytes to an ``HxWx3`` uint8 RGB array, refusing oversize images before decoding.
+
+    ``max_decoded_bytes``: the budget for :func:`decoded_bytes` (the preprocessor passes the one its model's
+    input size gives); ``None`` checks the pixel limits only.
+    """
     if len(data) > limits.max_encoded_bytes:
         raise InputRejected(f"image: {len(data)} bytes, over the limit of {limits.max_encoded_bytes} bytes")
     try:
@@ -197,6 +241,12 @@ def decode_image(data: bytes, *, limits: ImageLimits) -> np.ndarray:
                 raise InputRejected(
                     f"image: {width}x{height} pixels, over the limit of {limits.max_pixels} pixels "
                     f"or {limits.max_side} per side"
+                )
+            cost = decoded_bytes(width, height, img.mode)
+            if max_decoded_bytes is not None and cost > max_decoded_bytes:
+                raise InputRejected(
+                    f"image: {width}x{height} pixels ({img.mode}) take {cost} bytes decoded, over the "
+                    f"{max_decoded_bytes} bytes this model's input allows"
                 )
             rgb = img.convert("RGB") if img.mode != "RGB" else img
             rgb.load()
@@ -225,6 +275,9 @@ class Preprocessor:
         self._mul = (spec.scale / std).astype(np.float32)
         self._add = (-np.asarray(spec.mean, dtype=np.float32) / std).astype(np.float32)
         self._raw = spec.dtype == "uint8" and spec.quant_scale is None
+        self._budget = self.limits.decoded_budget(spec.height, spec.width)
+        # Decodes wait here rather than fail: every caller is a source's bounded thread pool or thread.
+        self._decodes = threading.BoundedSemaphore(self.limits.max_concurrent_decodes)
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, *, limits: ImageLimits | None = None) -> Preprocessor | None:
@@ -251,11 +304,13 @@ class Preprocessor:
 
     def __call__(self, image: np.ndarray | bytes, *, color: ColorOrder = "RGB") -> Preprocessed:
         """Turn a frame (``HxWx3`` uint8 in ``color`` order) or PNG/JPEG bytes into the model's input."""
-        if isinstance(image, (bytes, bytearray, memoryview)):
-            pixels = decode_image(bytes(image), limits=self.limits)
-            color = "RGB"
-        else:
-            pixels = self._check_array(image)
+        if not isinstance(image, (bytes, bytearray, memoryview)):
+            return self._prepare(self._check_array(image), color)
+        with self._decodes:  # the decoded frame lives until it is resized: hold the slot that long
+            pixels = decode_image(bytes(image), limits=self.limits, max_decoded_bytes=self._budget)
+            return self._prepare(pixels, "RGB")
+
+    def _prepare(self, pixels: np.ndarray, color: ColorOrder) -> Preprocessed:
         if color != self.spec.color:
             pixels = pixels[:, :, ::-1]
         canvas, transform = self._resize(pixels)

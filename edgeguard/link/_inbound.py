@@ -58,6 +58,14 @@ class InboundRouter:
         except Exception as exc:  # a bad message must never raise into paho's callback
             self._drop(topic, f"handler failed: {type(exc).__name__}: {exc}", on_drop)
 
+    def oversize(self, topic: str, size: int) -> None:
+        """A packet over the link's limit was read and thrown away without buffering it (see _bounded.py):
+        count and report it like any other dropped message, to the topic's owner if it has one."""
+        with self._lock:
+            entry = self._routes.get(topic)
+        why = f"packet of {size} bytes exceeds the limit of {entry[1] if entry else self.max_bytes} bytes"
+        self._drop(topic[:200], why, entry[2] if entry else None)
+
     def _drop(self, topic: str, why: str, on_drop: Callable[[str], None] | None = None) -> None:
         """Count and log a dropped message, and tell the topic's owner (which reports it as an event)."""
         self.dropped += 1

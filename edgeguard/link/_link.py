@@ -29,7 +29,7 @@ from edgeguard.errors import LinkError
 from edgeguard.link._config import TOPIC_SEGMENT, Backoff, LinkConfig, LinkState
 from edgeguard.link._discovery import discovery_messages
 from edgeguard.link._inbound import InboundRouter
-from edgeguard.link._netloop import SubWait, Waker, network_pass, new_client
+from edgeguard.link._netloop import SubWait, Waker, max_packet_bytes, network_pass, new_client
 from edgeguard.link._reasons import connect_error_reason, no_connack_reason
 from edgeguard.outbox import Outbox, OutboxItem
 
@@ -207,6 +207,7 @@ class MqttLink:
             client_id=self.config.client_id or f"edgeguard-{self.fleet}-{self.device_id}",
             will_topic=self.prefix + "status",
             will_payload=json.dumps({"state": "offline", "device": self.device_id}).encode(),
+            on_oversize=self._inbound.oversize,
         )
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -405,6 +406,9 @@ class MqttLink:
         if v5:
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = cfg.session_expiry_s
+            # MQTT 5.0 3.1.2.11.4: the broker must not send us a larger packet (mosquitto drops the message
+            # for us and keeps the connection), so an oversize publish never reaches the device at all.
+            props.MaximumPacketSize = max_packet_bytes(cfg)
         self._dropped = False
         # paho's errors while connecting (TLS, socket) make the one-line reason; recorded through a private
         # logger set to ERROR. Only while connecting: once connected, paho would call the logger twice per

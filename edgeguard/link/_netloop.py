@@ -17,6 +17,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeguard.errors import LinkError
+from edgeguard.link._bounded import PACKET_OVERHEAD, BoundedClient, OversizeHandler
 from edgeguard.link._config import LinkConfig
 
 __all__ = ["Waker", "SubWait", "network_pass", "new_client", "tls_context"]
@@ -115,15 +116,28 @@ def network_pass(client: mqtt.Client, waker: Waker, timeout: float) -> bool:
     return client.loop_misc() == ok and client.socket() is not None  # keepalive PINGREQ / timeout
 
 
+def max_packet_bytes(cfg: LinkConfig) -> int:
+    """The largest packet the link reads: announced to MQTT 5 brokers, enforced by :class:`BoundedClient`."""
+    return cfg.inbound_max_bytes + PACKET_OVERHEAD
+
+
 def new_client(
-    cfg: LinkConfig, *, protocol: int, client_id: str, will_topic: str, will_payload: bytes
-) -> mqtt.Client:
+    cfg: LinkConfig,
+    *,
+    protocol: int,
+    client_id: str,
+    will_topic: str,
+    will_payload: bytes,
+    on_oversize: OversizeHandler,
+) -> BoundedClient:
     """A paho client for one protocol version, without callbacks; unusable TLS files raise LinkError."""
     v5 = protocol == mqtt.MQTTv5
-    client = mqtt.Client(
+    client = BoundedClient(
         CallbackAPIVersion.VERSION2,
+        max_packet=max_packet_bytes(cfg),
+        on_oversize=on_oversize,
         client_id=client_id,
-        protocol=protocol,  # type: ignore[arg-type]
+        protocol=protocol,
         clean_session=None if v5 else False,
         reconnect_on_failure=False,  # reconnecting is ours: jittered backoff, injectable clock, reasons
     )

@@ -75,6 +75,7 @@ def build_sources(worker: WorkerView) -> tuple[ApiSource | None, list[Any]]:
             specs=specs,
             limits=cfg.mqtt_input.limits(),
             queue_size=cfg.mqtt_input.queue_size,
+            max_queued_bytes=cfg.mqtt_input.max_queued_bytes,
             on_reject=lambda src, reason: worker.link.publish_event(
                 "input-rejected", {"source": src, "reason": reason}
             ),

@@ -145,7 +145,9 @@ class ApiSection:
     max_body_bytes: int = 16 * 1024 * 1024
     max_elements: int = 4 * 1024 * 1024
     max_in_flight: int = 32
+    max_bytes_in_flight: int = 64 * 1024 * 1024
     infer_threads: int = 2
+    parse_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.enabled:
@@ -167,7 +169,9 @@ class ApiSection:
             allow_non_loopback=self.allow_non_loopback,
             limits=BodyLimits(max_body_bytes=self.max_body_bytes, max_elements=self.max_elements),
             max_in_flight=self.max_in_flight,
+            max_bytes_in_flight=self.max_bytes_in_flight,
             infer_threads=self.infer_threads,
+            parse_threads=self.parse_threads,
         )
 
 
@@ -175,11 +179,17 @@ class ApiSection:
 class MqttInputSection:
     enabled: bool = False
     queue_size: int = 64
+    max_queued_bytes: int = 16 * 1024 * 1024  # received, not yet processed bytes; at least max_body_bytes
     max_body_bytes: int = 256 * 1024  # at most link.inbound_max_bytes (the link drops larger messages first)
     max_elements: int = 4 * 1024 * 1024
 
     def __post_init__(self) -> None:
         _check(1 <= self.queue_size <= 10000, "sources.mqtt.queue_size", "must be 1..10000")
+        _check(
+            self.max_body_bytes <= self.max_queued_bytes <= 1 << 32,
+            "sources.mqtt.max_queued_bytes",
+            "must be max_body_bytes .. 4 GiB",
+        )
         try:
             self.limits()
         except ValueError as exc:

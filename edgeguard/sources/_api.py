@@ -6,13 +6,23 @@ Routes (``docs/openapi.json`` describes them; :data:`OPENAPI` is the same docume
   POST /v1/admin/{action}  scope admin   reload, and whatever else the service registers
   GET  /v1/openapi.json    no auth       this API's description
 
-Order of checks: route -> token (401) -> scope (403) -> declared size (413) -> capacity (503) -> body read
-with the same limit (413) -> parse (400/415) -> engine (400 for a rejected input, 500 for a backend error).
+Order of checks: route -> token (401) -> scope (403) -> declared size (413) -> capacity (503: requests and
+body bytes in flight) -> body read with the same limit (413) -> parse (400/415) -> engine (400 for a rejected
+input, 500 for a backend error).
+
+The event loop only moves bytes: parsing (JSON -> numpy, .npy, base64) runs on ``parse_threads`` threads and
+inference on ``infer_threads``. The worker's liveness reports are written from this loop, so a body parsed on
+it would stall them (32 concurrent 15 MiB JSON bodies starved liveness until the supervisor restarted the
+worker into the crash-loop safe state). Memory is bounded in bytes, not only in requests: a request is
+admitted only if its declared size (``max_body_bytes`` when it declares none, e.g. chunked) fits in
+``max_bytes_in_flight`` beside the bodies already admitted; otherwise it is answered 503 before its body is
+read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import json
 import logging
@@ -52,7 +62,12 @@ class ApiConfig:
     allow_non_loopback: bool = False  # refuse to listen beyond the device unless set on purpose
     limits: BodyLimits = field(default_factory=BodyLimits)
     max_in_flight: int = 32  # requests admitted at once; more get 503 instead of an unbounded queue
+    # Body bytes admitted at once (declared sizes; max_body_bytes for a body of unknown size); more get 503.
+    max_bytes_in_flight: int = 64 * 1024 * 1024
     infer_threads: int = 2
+    # Request bodies parsed at once, off the event loop: a 16 MiB JSON body costs several times that while it
+    # becomes an array, so this bounds that working set.
+    parse_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.unix_socket is None and self.host is None:
@@ -63,6 +78,10 @@ class ApiConfig:
             raise ValueError("max_in_flight must be 1..4096")
         if not 1 <= self.infer_threads <= 64:
             raise ValueError("infer_threads must be 1..64")
+        if not 1 <= self.parse_threads <= 64:
+            raise ValueError("parse_threads must be 1..64")
+        if not self.limits.max_body_bytes <= self.max_bytes_in_flight <= 1 << 32:
+            raise ValueError("max_bytes_in_flight must be max_body_bytes .. 4 GiB")
         if self.host is not None and not self.allow_non_loopback and not _is_loopback(self.host):
             raise ValueError(
                 f"host {self.host!r} is not a loopback address (set allow_non_loopback to expose it)"
@@ -154,7 +173,9 @@ class ApiSource:
         self._health = health
         self._admin = admin
         self._executor = ThreadPoolExecutor(max_workers=config.infer_threads, thread_name_prefix="eg-api")
+        self._parser = ThreadPoolExecutor(max_workers=config.parse_threads, thread_name_prefix="eg-api-parse")
         self._runner: web.AppRunner | None = None
+        self._bytes_in_flight = 0  # declared body bytes of the requests admitted now
         self._in_flight = 0
         self.counts: dict[str, int] = {
             "ok": 0,
@@ -211,6 +232,7 @@ class ApiSource:
             await self._runner.cleanup()
             self._runner = None
         self._executor.shutdown(wait=True)
+        self._parser.shutdown(wait=True)
         if self.config.unix_socket is not None:
             _unlink_if_ours(self.config.unix_socket, self._socket_inode)
 
@@ -219,7 +241,12 @@ class ApiSource:
         self._tokens = tokens
 
     def snapshot(self) -> dict[str, Any]:
-        return {"bound": list(self.bound), "in_flight": self._in_flight, "responses": dict(self.counts)}
+        return {
+            "bound": list(self.bound),
+            "in_flight": self._in_flight,
+            "bytes_in_flight": self._bytes_in_flight,
+            "responses": dict(self.counts),
+        }
 
     # -- error bodies ----------------------------------------------------------------------------------
     @web.middleware
@@ -274,21 +301,33 @@ class ApiSource:
             return self._count(_error(503, "stopping"))
         if self._in_flight >= self.config.max_in_flight:
             return self._count(_error(503, f"busy: {self._in_flight} requests in flight"))
+        # Reserved before the body is read: what a request may still send is counted now, so a flood of big
+        # bodies is answered 503 instead of being held in memory at once.
+        reserve = request.content_length if request.content_length is not None else limit
+        if self._bytes_in_flight + reserve > self.config.max_bytes_in_flight:
+            busy = f"busy: {self._bytes_in_flight} bytes of request bodies in flight"
+            return self._count(_error(503, busy))
         self._in_flight += 1
+        self._bytes_in_flight += reserve
         try:
             try:
                 body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 return self._count(_error(413, f"body exceeds the limit of {limit} bytes"))
+            loop = asyncio.get_running_loop()
             try:
-                parsed = parse_body(
-                    body=body,
-                    content_type=request.headers.get("Content-Type", ""),
-                    specs=self._specs(),
-                    source="api",
-                    limits=self.config.limits,
-                    input_name=request.query.get("input"),
-                    correlation_id=request.query.get("id"),
+                parsed = await loop.run_in_executor(
+                    self._parser,
+                    functools.partial(
+                        parse_body,
+                        body=body,
+                        content_type=request.headers.get("Content-Type", ""),
+                        specs=self._specs(),
+                        source="api",
+                        limits=self.config.limits,
+                        input_name=request.query.get("input"),
+                        correlation_id=request.query.get("id"),
+                    ),
                 )
             except UnsupportedMediaType as exc:
                 return self._count(_error(415, str(exc)))
@@ -296,7 +335,8 @@ class ApiSource:
                 return self._count(_error(503, str(exc)))
             except InputRejected as exc:
                 return self._count(_error(400, str(exc)))
-            loop = asyncio.get_running_loop()
+            except MemoryError:  # the device is short of memory right now: refuse this one, keep serving
+                return self._count(_error(503, "not enough memory to parse this body now"))
             try:
                 result = await loop.run_in_executor(self._executor, self._sink, parsed)
             except InputRejected as exc:
@@ -305,12 +345,15 @@ class ApiSource:
                 return self._count(_error(503, str(exc)))
             except BackendError as exc:
                 return self._count(_error(500, str(exc)))
+            except MemoryError:
+                return self._count(_error(503, "not enough memory for this inference now"))
             except Exception:
                 _log.exception("inference request failed")
                 return self._count(_error(500, "internal error (see the device log)"))
             return self._count(web.json_response(result))
         finally:
             self._in_flight -= 1
+            self._bytes_in_flight -= reserve
 
     async def _get_health(self, request: web.Request) -> web.Response:
         del request

@@ -3,8 +3,9 @@
 The link hands the raw payload to :meth:`MqttInputSource.handle` from paho's network thread. That method never
 raises and never runs inference there (it would stall the link's keepalive): it queues the bytes on a bounded
 queue and a worker thread parses them with the same :func:`parse_body` as the local API (JSON with ``inputs``
-or
-``image_b64``; a raw ``.npy`` or image payload is sniffed by its magic bytes). A full queue drops and counts.
+or ``image_b64``; a raw ``.npy`` or image payload is sniffed by its magic bytes). The queue is bounded in
+messages (``queue_size``) and in bytes (``max_queued_bytes``: 64 messages of a 16 MiB limit would otherwise be
+1 GiB); what does not fit is dropped, counted and reported.
 """
 
 from __future__ import annotations
@@ -38,15 +39,23 @@ class MqttInputSource:
         specs: Callable[[], Sequence[TensorSpec]],
         limits: BodyLimits,
         queue_size: int = 64,
+        max_queued_bytes: int | None = None,  # default: 16 MiB, or one max_body_bytes if that is more
         on_reject: RejectHandler | None = None,
     ) -> None:
+        if max_queued_bytes is None:
+            max_queued_bytes = max(16 * 1024 * 1024, limits.max_body_bytes)
         if not 1 <= queue_size <= 10000:
             raise ValueError("queue_size must be 1..10000")
+        if not limits.max_body_bytes <= max_queued_bytes <= 1 << 32:
+            raise ValueError("max_queued_bytes must be max_body_bytes .. 4 GiB")
         self._sink = sink
         self._specs = specs
         self._limits = limits
         self._on_reject = on_reject
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=queue_size)
+        self._max_queued_bytes = max_queued_bytes
+        self._queued_bytes = 0  # received and not yet processed (the link thread adds, the worker subtracts)
+        self._bytes_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.counts = {"received": 0, "ok": 0, "rejected": 0, "failed": 0, "dropped_full": 0, "oversize": 0}
 
@@ -72,11 +81,25 @@ class MqttInputSource:
                 f"payload of {len(payload)} bytes exceeds the limit of {self._limits.max_body_bytes}"
             )
             return
+        with self._bytes_lock:
+            queued = self._queued_bytes
+            fits = queued + len(payload) <= self._max_queued_bytes
+            if fits:
+                self._queued_bytes += len(payload)
+        if not fits:
+            self.counts["dropped_full"] += 1
+            self._reject(f"input queue full ({queued} bytes queued), message dropped")
+            return
         try:
             self._queue.put_nowait(payload)
         except queue.Full:
+            self._release(len(payload))
             self.counts["dropped_full"] += 1
             self._reject("input queue full, message dropped")
+
+    def _release(self, size: int) -> None:
+        with self._bytes_lock:
+            self._queued_bytes -= size
 
     def dropped_by_link(self, reason: str) -> None:
         """The link refused a message on the input topic before it reached ``handle`` (over its size limit):
@@ -114,6 +137,7 @@ class MqttInputSource:
             except Exception:
                 self.counts["failed"] += 1
                 _log.exception("mqtt input failed")
+            self._release(len(payload))  # every failure above is caught: this always runs
 
     def snapshot(self) -> dict[str, Any]:
-        return {**self.counts, "queued": self._queue.qsize()}
+        return {**self.counts, "queued": self._queue.qsize(), "queued_bytes": self._queued_bytes}

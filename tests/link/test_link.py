@@ -22,6 +22,7 @@ from edgeguard.errors import ConfigError, LinkError
 from edgeguard.link import Backoff, LinkConfig, MqttLink
 from edgeguard.outbox import Outbox, OutboxConfig
 from tests.link._mqtt311_gate import Mqtt311OnlyGate
+from tests.link._slow_broker import SlowBroker
 from tests.support.broker import MosquittoBroker, Pki, Recorder
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -547,6 +548,110 @@ def test_inbound_strict_topic_size_limit_and_failing_handler(
         link.stop()
         ob.close()
     assert not link.loop_alive
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_inbound_oversize_packet_is_never_buffered(
+    gated: tuple[MosquittoBroker, Recorder], tmp_path: Path, protocol: str
+) -> None:
+    """MQTT 5: CONNECT announces Maximum Packet Size, mosquitto drops the message for us and the connection
+    stays. 3.1.1: the body is read in small chunks and thrown away, acknowledged, reported to the route's
+    owner; the connection stays too, and the next message arrives."""
+    broker, rec = gated
+    ob = outbox(tmp_path)
+    link = MqttLink(
+        config=config(broker, protocol=protocol, inbound_max_bytes=1024),
+        fleet="fleet", device_id="dev", outbox=ob,
+    )
+    got: list[bytes] = []
+    drops: list[str] = []
+    link.on_inbound("cmd", got.append, on_drop=drops.append)
+    assert link.start() is None
+    try:
+        connects = link.state.connects
+        assert wait_until(lambda: link.on_inbound("cmd", got.append, on_drop=drops.append))
+        rec.client.publish(PREFIX + "cmd", b"\0" * (8 << 20), qos=1)
+        rec.client.publish(PREFIX + "cmd", b"hello", qos=1)
+        assert wait_until(lambda: got == [b"hello"])
+        assert link.state.connects == connects and link.state.connected
+        if protocol == "3.1.1":
+            assert drops == [f"packet of {(8 << 20) + 2 + len(PREFIX + 'cmd') + 2} bytes exceeds the limit "
+                             "of 1024 bytes"]
+            assert link.state.inbound_dropped == 1
+        else:
+            assert drops == [] and link.state.inbound_dropped == 0  # never reached the device
+    finally:
+        link.stop()
+        ob.close()
+
+
+def test_a_paho_whose_reader_differs_is_refused_not_left_unguarded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgeguard.link import _bounded
+
+    monkeypatch.setattr(_bounded, "_READER_KEYS", _bounded._READER_KEYS | {"a_key_paho_does_not_have"})
+    ob = outbox(tmp_path)
+    link = MqttLink(config=LinkConfig(port=1), fleet="fleet", device_id="dev", outbox=ob)
+    try:
+        with pytest.raises(LinkError, match=r"^link: paho-mqtt 2\.\d+\.\d+ reads packets differently"):
+            link.start()
+    finally:
+        ob.close()
+
+
+def test_inbound_oversize_discard_on_a_slow_line_keeps_the_connection(tmp_path: Path) -> None:
+    """paho drops a connection whose PINGRESP does not come within the keepalive unless bytes keep arriving;
+    the discarded body's bytes must count as arriving, as when paho reads a body itself. 12 s of trickle with
+    keepalive_s = 5: without that, the link is dropped at ~10 s."""
+    fake = SlowBroker()
+    ob = outbox(tmp_path)
+    cfg = LinkConfig(
+        port=fake.port, protocol="3.1.1", keepalive_s=5, heartbeat_s=3600.0, inbound_max_bytes=1024,
+        stop_timeout_s=0.0,  # the fake broker never acknowledges the offline status
+    )
+    link = MqttLink(config=cfg, fleet="fleet", device_id="dev", outbox=ob)
+    drops: list[str] = []
+    link.on_inbound("cmd", lambda _b: None, on_drop=drops.append)
+    topic = (PREFIX + "cmd").encode()
+    server = threading.Thread(target=fake.serve, args=(topic, 256 * 1024, 12.0), daemon=True)
+    server.start()
+    assert link.start() is None
+    try:
+        server.join(30)
+        assert wait_until(lambda: 4 in fake.kinds())  # PUBACK, for packet id 7
+        assert [b for k, b in fake.packets if k == 4] == [(7).to_bytes(2, "big")]
+        assert drops == [f"packet of {2 + len(topic) + 2 + 256 * 1024} bytes exceeds the limit of 1024 bytes"]
+        assert 12 in fake.kinds()  # paho did ping during the body, and was answered after it
+        assert link.state.connected and link.state.connects == 1 and link.state.attempts == 1
+    finally:
+        link.stop()
+        ob.close()
+        fake.server.close()
+
+
+def test_inbound_oversize_discard_cut_by_a_reset_leaves_the_next_connection_intact(tmp_path: Path) -> None:
+    """A connection reset in the middle of a discarded body: the next connection's packets are read as
+    packets (its CONNACK is not thrown away as the rest of the old body)."""
+    fake = SlowBroker()
+    ob = outbox(tmp_path)
+    cfg = LinkConfig(port=fake.port, protocol="3.1.1", heartbeat_s=3600.0, inbound_max_bytes=1024,
+                     backoff_initial_s=0.05, backoff_max_s=0.2, stop_timeout_s=0.0)
+    link = MqttLink(config=cfg, fleet="fleet", device_id="dev", outbox=ob)
+    link.on_inbound("cmd", lambda _b: None)
+    server = threading.Thread(
+        target=fake.serve, args=((PREFIX + "cmd").encode(), 256 * 1024, 2.0), kwargs={"reset_at": 0.5},
+        daemon=True,
+    )
+    server.start()
+    assert link.start() is None
+    try:
+        server.join(30)
+        assert wait_until(lambda: link.state.connects == 2 and link.state.connected)
+    finally:
+        link.stop()
+        ob.close()
+        fake.server.close()
 
 
 def test_mqtt_311_session(gated: tuple[MosquittoBroker, Recorder], tmp_path: Path) -> None:

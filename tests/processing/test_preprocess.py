@@ -208,3 +208,73 @@ def test_greyscale_frame_and_preprocessed_tensor_pass_the_guard() -> None:
     out = p(np.full((30, 50), 90, np.uint8))
     checked = InputGuard(m).check(out.tensors)
     assert checked["images"].shape == (1, 3, 320, 320)
+
+
+def _zeros_png(width: int, height: int, *, color_type: int, bit_depth: int = 8) -> bytes:
+    """A complete PNG of zeros: a few KiB that decode to width x height pixels."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    channels = {0: 1, 2: 3, 3: 1}[color_type]
+    row = b"\0" * (1 + width * channels * bit_depth // 8)
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    plte = chunk(b"PLTE", b"\0\0\0" * 256) if color_type == 3 else b""
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + plte + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("color_type", "depth", "mode", "per_pixel"),
+    [(0, 8, "L", 8), (0, 16, "I;16", 9), (3, 8, "P", 8), (2, 8, "RGB", 7)],
+)
+def test_decoded_bytes_are_bounded_by_the_models_input_size(
+    color_type: int, depth: int, mode: str, per_pixel: int
+) -> None:
+    """The same 2000 x 2000 image is refused for a 64 x 64 model (budget: the 16 MiB floor) and taken by a
+    1024 x 1024 one (48 x 1024 x 1024 x 3 bytes), both before decoding a pixel."""
+    data = _zeros_png(2000, 2000, color_type=color_type, bit_depth=depth)
+    cost = 2000 * 2000 * per_pixel
+    with pytest.raises(InputRejected) as err:
+        pre({})(data)
+    assert str(err.value) == (f"image: 2000x2000 pixels ({mode}) take {cost} bytes decoded, over the "
+                              f"{16 * 1024 * 1024} bytes this model's input allows")
+    big = pre({}, shape=(1, 3, 1024, 1024))
+    assert big(data).tensors["img"].shape == (1, 3, 1024, 1024)
+
+
+def test_decoded_budget_has_a_floor_and_a_factor() -> None:
+    limits = ImageLimits()
+    assert limits.decoded_budget(32, 32) == 16 * 1024 * 1024
+    assert limits.decoded_budget(640, 640) == 48 * 640 * 640 * 3
+    with pytest.raises(ValueError, match="decode_factor"):
+        ImageLimits(decode_factor=0)
+
+
+def test_concurrent_decodes_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgeguard.engine import preprocess
+
+    real = preprocess.decode_image
+    lock = threading.Lock()
+    now = [0, 0]  # decoding now, most at once
+
+    def counting(data: bytes, **kw: Any) -> np.ndarray:
+        with lock:
+            now[0] += 1
+            now[1] = max(now[1], now[0])
+        try:
+            threading.Event().wait(0.02)  # hold the slot, so that overlapping callers would show
+            return real(data, **kw)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(preprocess, "decode_image", counting)
+    p = pre({}, limits=ImageLimits(max_concurrent_decodes=2))
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(buf, format="PNG")
+    with ThreadPoolExecutor(8) as pool:
+        out = list(pool.map(lambda _i: p(buf.getvalue()), range(16)))
+    assert len(out) == 16 and now[1] == 2

@@ -8,6 +8,7 @@ import io
 import json
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -280,3 +281,46 @@ def test_busy_is_503_not_an_unbounded_queue(tmp_path: Path, sink: RecordingSink)
         assert _req(srv, "POST", "/v1/infer", GOOD)[0] == 200
     finally:
         srv.stop()
+
+
+def test_bytes_in_flight_are_bounded_before_bodies_are_read(tmp_path: Path, sink: RecordingSink) -> None:
+    """Two 40 KiB bodies fill 96 KiB of body bytes: a third is 503 whatever its count, and so is a chunked
+    upload (it reserves max_body_bytes, since it may send that much); released when the requests end."""
+    release = threading.Event()
+
+    def held(request: InferenceRequest) -> dict[str, Any]:
+        release.wait(20)
+        return sink(request)
+
+    cfg = ApiConfig(host="127.0.0.1", port=0, limits=BodyLimits(max_body_bytes=64 * 1024),
+                    max_bytes_in_flight=96 * 1024, max_in_flight=64)
+    srv = Server(ApiSource(config=cfg, tokens=_tokens(tmp_path), sink=held, specs=lambda: SPECS,
+                           health=lambda: {"ok": True}))
+    padded = GOOD[:-1] + b" " * (40 * 1024) + b"}"
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            admitted = [pool.submit(_req, srv, "POST", "/v1/infer", padded) for _ in range(2)]
+            end = time.monotonic() + 10
+            while srv.api.snapshot()["bytes_in_flight"] < 2 * len(padded) and time.monotonic() < end:
+                threading.Event().wait(0.01)  # polling a counter the server exposes; bounded by `end`
+            assert srv.api.snapshot()["bytes_in_flight"] == 2 * len(padded)
+            code, doc = _req(srv, "POST", "/v1/infer", padded)
+            assert code == 503
+            assert doc["error"] == f"busy: {2 * len(padded)} bytes of request bodies in flight"
+            conn = http.client.HTTPConnection("127.0.0.1", srv.api.port, timeout=20)
+            conn.request("POST", "/v1/infer", body=iter([GOOD]), encode_chunked=True,
+                         headers={"Authorization": f"Bearer {INFER}", "Transfer-Encoding": "chunked"})
+            assert conn.getresponse().status == 503
+            conn.close()
+            release.set()
+            assert [f.result()[0] for f in admitted] == [200, 200]
+        assert srv.api.snapshot()["bytes_in_flight"] == 0
+        assert _req(srv, "POST", "/v1/infer", GOOD)[0] == 200
+    finally:
+        release.set()
+        srv.stop()
+
+
+def test_bytes_in_flight_must_hold_one_body() -> None:
+    with pytest.raises(ValueError, match="max_bytes_in_flight"):
+        ApiConfig(limits=BodyLimits(max_body_bytes=1 << 20), max_bytes_in_flight=1 << 19)

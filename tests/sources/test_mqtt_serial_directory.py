@@ -8,6 +8,7 @@ import threading
 import time
 import tty
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from edgeguard.sources import (
     BodyLimits,
     DirectoryConfig,
     DirectorySource,
+    InferenceRequest,
     MqttInputSource,
     SerialConfig,
     SerialSource,
@@ -197,3 +199,69 @@ def test_directory_thread_processes_dropped_file(tmp_path: Path, sink: Recording
     finally:
         src.stop()
     assert threading.active_count() >= 1
+
+
+class _ExhaustedOnce(RecordingSink):
+    """A sink whose first request runs out of memory (the engine, or a parser further down): the source must
+    count it and go on, never let MemoryError end its thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raised = 0
+
+    def __call__(self, request: InferenceRequest) -> dict[str, Any]:
+        if not self.raised:
+            self.raised += 1
+            raise MemoryError
+        return super().__call__(request)
+
+
+def test_serial_memory_error_is_counted_and_the_reader_goes_on(tmp_path: Path) -> None:
+    pty = Pty(tmp_path / "ttyEG1")
+    sink = _ExhaustedOnce()
+    config = SerialConfig(port=str(pty.link), max_payload=64)
+    src = SerialSource(config=config, sink=sink, specs=lambda: SPECS)
+    src.start()
+    try:
+        assert _wait(lambda: src.connected)
+        os.write(pty.master, _frame(1, [0.1] * 4) + _frame(2, [0.2] * 4))
+        assert _wait(lambda: len(sink.requests) == 1)
+        assert [r.correlation_id for r in sink.requests] == ["serial-2"]
+        assert src.counts["failed"] == 1
+    finally:
+        src.stop()
+        pty.unplug()
+
+
+def test_mqtt_input_memory_error_is_counted_and_the_worker_goes_on() -> None:
+    sink = _ExhaustedOnce()
+    src = MqttInputSource(sink=sink, specs=lambda: SPECS, limits=BodyLimits(max_body_bytes=4096))
+    src.start()
+    try:
+        src.handle(b'{"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}}')
+        src.handle(b'{"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}}')
+        assert _wait(lambda: len(sink.requests) == 1)
+        assert src.counts["failed"] == 1 and src.counts["ok"] == 1
+    finally:
+        src.stop()
+
+
+def test_mqtt_input_queue_is_bounded_in_bytes_not_only_in_count(sink: RecordingSink) -> None:
+    """64 queued messages of max_body_bytes each could be 64 x 16 MiB: the queue also holds at most
+    max_queued_bytes, dropping (and counting, and reporting) what does not fit."""
+    rejects: list[str] = []
+    body = b'{"inputs": {"x": [[0, 0, 0, 0]]}}'.ljust(400)
+    src = MqttInputSource(sink=sink, specs=lambda: SPECS, limits=BodyLimits(max_body_bytes=512),
+                          queue_size=64, max_queued_bytes=1000, on_reject=lambda _s, r: rejects.append(r))
+    for _ in range(4):  # not started: nothing drains the queue
+        src.handle(body)
+    assert src.counts["dropped_full"] == 2 and src.snapshot()["queued_bytes"] == 800
+    assert rejects == ["input queue full (800 bytes queued), message dropped"] * 2
+    src.start()
+    src.stop()
+    assert len(sink.requests) == 2 and src.snapshot()["queued_bytes"] == 0
+    src.handle(body)  # room again once processed
+    assert src.snapshot()["queued_bytes"] == 400
+    with pytest.raises(ValueError, match="max_queued_bytes"):
+        MqttInputSource(sink=sink, specs=lambda: SPECS, limits=BodyLimits(max_body_bytes=512),
+                        max_queued_bytes=500)
