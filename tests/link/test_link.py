@@ -445,6 +445,11 @@ def test_unreadable_tls_files_fail_at_start(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------- topics, status, inbound
+def _last_state(messages: list[tuple[str, bytes]]) -> str | None:
+    states = [json.loads(p)["state"] for t, p in messages if t.endswith("/status")]
+    return states[-1] if states else None
+
+
 def test_status_heartbeat_events_discovery_and_clean_stop(
     gated: tuple[MosquittoBroker, Recorder], tmp_path: Path
 ) -> None:
@@ -475,7 +480,8 @@ def test_status_heartbeat_events_discovery_and_clean_stop(
     finally:
         link.stop()
         ha.close()
-    assert json.loads(rec.on_topic("/status")[-1])["state"] == "offline"  # clean stop says so too
+    # Clean stop says so too; the recorder is another client, so its copy arrives after stop() returned.
+    assert rec.wait_for(lambda m: _last_state(m) == "offline", 10)
     # Retained: a late subscriber sees offline and the discovery configs.
     late = Recorder(broker, "#", username="rec", password="recpw")
     try:
