@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from edgeguard import __version__
+from edgeguard._hardening import protect, release
 from edgeguard._memory import wipe
 from edgeguard.bundle import _format as fmt
 from edgeguard.bundle._golden import decode_golden
@@ -595,6 +596,9 @@ def open_bundle(
         content_key = _unwrap(checked, device_key)
         golden_buf = bytearray(m.golden_size)
         model = bytearray(m.payload_size)  # the one plaintext buffer, sized by the signed, bounded manifest
+        # Before a byte is decrypted into them: out of core dumps, and locked out of swap where allowed.
+        protect(model)
+        protect(golden_buf)
         try:
             outs = {fmt.STREAM_GOLDEN: memoryview(golden_buf), fmt.STREAM_MODEL: memoryview(model)}
             _ChunkPass(src, checked, content_key=content_key, outs=outs).run(limits.open_threads())
@@ -603,8 +607,11 @@ def open_bundle(
             # Unauthenticated or unwanted plaintext never leaves: zero both buffers before propagating.
             wipe(model)
             wipe(golden_buf)
+            release(model)
+            release(golden_buf)
             raise
         wipe(golden_buf)  # decoded into arrays of their own: the archive's plaintext is not handed out
+        release(golden_buf)
         opened = OpenedBundle(m, model, golden, state_dir)
         if commit_floor:
             try:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgeguard._hardening import harden_process
 from edgeguard.errors import BundleRejected, ConfigError, EdgeGuardError
 from edgeguard.link import MqttLink
 from edgeguard.outbox import Outbox
@@ -291,6 +292,7 @@ class Worker:
 
 
 def main(argv: list[str] | None = None) -> int:
+    harden_process()  # before any key or plaintext is read: no core dumps, no ptrace (docs/security.md)
     ap = argparse.ArgumentParser(prog="edgeguard-worker")
     ap.add_argument("-c", "--config", type=Path, required=True)
     ap.add_argument("--mode", choices=("serve", "safe"), default="serve")
