@@ -51,6 +51,7 @@ from edgeguard.bundle._golden import decode_golden
 from edgeguard.bundle._opened import OpenedBundle, VerifiedBundle
 from edgeguard.bundle._rollback import MODEL_NAME_RE, RollbackFloor
 from edgeguard.bundle.manifest import TENSOR_DTYPES, Manifest, TensorSpec, Tolerance
+from edgeguard.clock import parse_time
 from edgeguard.errors import BundleRejected
 from edgeguard.keys import DeviceKey, TrustStore
 
@@ -421,6 +422,11 @@ def _verify(
     now = now or datetime.now(timezone.utc)
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware (datetime.now(timezone.utc))")
+    # The publisher signed this bundle at ``created``: no honest clock reads earlier, so a clock wound back
+    # (or a fresh board in 1970) cannot make "now" earlier than that (docs/security.md, the clock).
+    created = parse_time(manifest.created)
+    if created is not None:
+        now = max(now, created)
     if manifest.not_after is not None and now > _parse_unverified_time(manifest.not_after):
         raise BundleRejected(
             "expired", f"{manifest.name} v{manifest.version} expired at {manifest.not_after}"

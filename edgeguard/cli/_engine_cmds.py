@@ -15,6 +15,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from edgeguard._hardening import harden_process
 from edgeguard.bundle import open_bundle
 from edgeguard.engine import Engine, unavailable_reason
 from edgeguard.engine._bench import run_benchmarks
@@ -130,6 +131,7 @@ def read_input(path: Path) -> dict[str, np.ndarray] | bytes:
 def _infer(args: argparse.Namespace) -> int:
 
     payload = read_input(args.input)  # a bad input is refused before any key or bundle work
+    harden_process()  # this process is about to hold the device key and the plaintext
     profile, _ = _profile(args)
     device_key = load_device_key(args.device_key)
     opened = open_bundle(args.bundle, trust=trust_from_args(args), device_key=device_key,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgeguard.bundle import open_bundle
+from edgeguard.clock import TrustedClock, parse_time
 from edgeguard.engine import Engine
 from edgeguard.keys import DeviceKey, TrustStore, derive_storage_key, load_device_key
 from edgeguard.profiles import get_profile
@@ -38,8 +39,22 @@ def load_tokens(cfg: ServiceConfig) -> TokenStore:
     return TokenStore.from_file(credential_path(api.tokens_credential))
 
 
-def load_engine(cfg: ServiceConfig, *, trust: TrustStore, device_key: DeviceKey) -> EngineLike:
-    """open_bundle (all checks) -> Engine.load (fast path + golden self-test); BundleRejected if any fails."""
-    opened = open_bundle(cfg.model.bundle, trust=trust, device_key=device_key, state_dir=cfg.device.state_dir)
+def load_engine(
+    cfg: ServiceConfig, *, trust: TrustStore, device_key: DeviceKey, clock: TrustedClock | None = None
+) -> EngineLike:
+    """open_bundle (all checks) -> Engine.load (fast path + golden self-test); BundleRejected if any fails.
+
+    With ``clock``, expiry is judged at ``clock.now()`` (never earlier than the device's time floor) and the
+    bundle's signed creation time then raises that floor."""
+    opened = open_bundle(
+        cfg.model.bundle,
+        trust=trust,
+        device_key=device_key,
+        state_dir=cfg.device.state_dir,
+        now=clock.now() if clock is not None else None,
+    )
+    created = parse_time(opened.manifest.created)
+    if clock is not None and created is not None:
+        clock.observe(created, f"bundle {opened.manifest.name} v{opened.manifest.version}")
     profile = get_profile(cfg.model.profile) if cfg.model.profile else None
     return Engine.load(opened, profile=profile)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeguard._hardening import harden_process
+from edgeguard.clock import TrustedClock
 from edgeguard.errors import BundleRejected, ConfigError, EdgeGuardError
 from edgeguard.link import MqttLink
 from edgeguard.outbox import Outbox
@@ -42,7 +43,9 @@ _log = logging.getLogger("edgeguard.worker")
 
 
 class Worker:
-    def __init__(self, *, config: ServiceConfig, mode: str, liveness_fd: int) -> None:
+    def __init__(
+        self, *, config: ServiceConfig, mode: str, liveness_fd: int, clock: TrustedClock | None = None
+    ) -> None:
         self.cfg = config
         self.mode = mode
         self._fd = liveness_fd
@@ -53,6 +56,8 @@ class Worker:
             device_id=config.device.id,
         )
         config.device.state_dir.mkdir(parents=True, exist_ok=True)
+        # Every time-dependent check asks this clock (never earlier than the persisted floor); injectable.
+        self.clock = clock or TrustedClock(state_dir=config.device.state_dir)
         self.trust, self.device_key, storage_key = load_keys(config)
         self.outbox = Outbox(
             path=config.outbox_path, storage_key=storage_key, device_id=config.device.id, config=config.outbox
@@ -196,7 +201,7 @@ class Worker:
 
     def _load_model(self, reload: bool) -> bool:
         try:
-            engine = load_engine(self.cfg, trust=self.trust, device_key=self.device_key)
+            engine = load_engine(self.cfg, trust=self.trust, device_key=self.device_key, clock=self.clock)
         except BundleRejected as exc:
             self._model_failed("bundle-rejected", str(exc), check=exc.check, reload=reload)
             return False
