@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import os
-import stat
 import sys
 import threading
 from collections.abc import Callable
@@ -34,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeguard._atomic import atomic_write
+from edgeguard._smallfile import read_small_file
 
 __all__ = ["RUNTIME_EPOCH", "TrustedClock", "ClockState", "clock_synchronised", "parse_time", "FLOOR_FILE"]
 
@@ -199,7 +198,7 @@ class TrustedClock:
 
     def _load(self, path: Path) -> None:
         try:
-            raw = _read_floor_file(path)
+            raw = read_small_file(path, limit=_MAX_FLOOR_BYTES)
         except FileNotFoundError:
             return
         except OSError as exc:
@@ -214,18 +213,3 @@ class TrustedClock:
             return
         if floor > self._floor:
             self._floor, self._source = floor, source
-
-
-def _read_floor_file(path: Path) -> bytes:
-    """Open once without following links, check the descriptor is a small regular file, bounded read
-    (the pattern of ``edgeguard.keys._read_key_file``)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(0, "not a regular file")
-        if st.st_size > _MAX_FLOOR_BYTES:
-            raise OSError(0, f"larger than {_MAX_FLOOR_BYTES} bytes")
-        return os.read(fd, _MAX_FLOOR_BYTES + 1)[:_MAX_FLOOR_BYTES]
-    finally:
-        os.close(fd)

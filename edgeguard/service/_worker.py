@@ -27,6 +27,7 @@ from edgeguard.clock import TrustedClock
 from edgeguard.errors import BundleRejected, ConfigError, EdgeGuardError
 from edgeguard.link import MqttLink
 from edgeguard.outbox import Outbox
+from edgeguard.posture import PostureMonitor
 
 from ._faults import FaultInjector
 from ._hooks import HookRunner
@@ -70,6 +71,9 @@ class Worker:
             outbox=self.outbox,
             health=self.health,
         )
+        self.posture = PostureMonitor(
+            config=lambda: self.cfg, clock=self.clock, publish=self.link.publish_event
+        )
         self.faults = FaultInjector(enabled=config.service.fault_injection, pipeline=self.pipeline)
         self.sources: list[Any] = []
         self.api: Any = None
@@ -105,6 +109,7 @@ class Worker:
             "reloads": self.reloads,
         }
         doc["system"] = system_facts(self.cfg.device.state_dir)
+        doc["posture"] = self.posture.health()  # memory protection, clock, last scan (docs/security.md)
         api = doc["sources"].get("api", {}).get("responses", {})
         doc["security"] = {
             "api_unauthorized": api.get("401", 0),
@@ -177,6 +182,7 @@ class Worker:
         self._send({"t": "ready", "status": self.status_line()})
         self._check_degraded()
         beat = asyncio.create_task(self._liveness())
+        self.posture.start()  # scan now and daily, clock checkpoints (in executor threads)
         await self._stop.wait()
         beat.cancel()
         await self._shutdown()
@@ -290,6 +296,7 @@ class Worker:
         await loop.run_in_executor(None, self.pipeline.wait_idle, self.cfg.service.stop_timeout_s)
         await loop.run_in_executor(None, self.link.stop)  # publishes the offline status
         await loop.run_in_executor(None, self.outbox.close)
+        await self.posture.stop()  # the shutdown time checkpoint
         engine = self.pipeline.engine
         if engine is not None:
             engine.close()

@@ -180,5 +180,6 @@ def test_off_linux_everything_is_a_reported_no_op(monkeypatch: pytest.MonkeyPatc
     hardening.release(buf)
     state = hardening.process_hardening()
     assert state.supported is False and state.dumpable is None and not state.ok
-    assert state.core_limit == (-1 if resource.getrlimit(resource.RLIMIT_CORE)[0] < 0 else
-                                resource.getrlimit(resource.RLIMIT_CORE)[0])
+    assert state.core_limit == (
+        -1 if resource.getrlimit(resource.RLIMIT_CORE)[0] < 0 else resource.getrlimit(resource.RLIMIT_CORE)[0]
+    )
