@@ -329,3 +329,51 @@ def test_service_reports_posture_in_health_heartbeat_and_events(tmp_path: Path) 
             assert dev.stop() == 0
     floor = json.loads((tmp_path / "state" / FLOOR_FILE).read_text())
     assert floor["source"] in ("bundle sensor v1", "checkpoint", "shutdown")
+
+
+_CLI_THEN_STATE = """
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+from edgeguard._hardening import process_hardening
+from edgeguard.cli import main
+rc = main(sys.argv[1:])
+print(json.dumps({"rc": rc, **process_hardening().to_json()}))
+"""
+
+
+@pytest.mark.parametrize("command", ["infer", "verify"])
+def test_cli_commands_that_hold_plaintext_harden_their_process(tmp_path: Path, command: str) -> None:
+    import numpy as np
+
+    (tmp_path / "model.egm").write_bytes(tiny_bundle(tmp_path))
+    np.save(tmp_path / "x.npy", np.array([[0.1, 0.2, 0.3, 0.4]], np.float32))
+    keys = [
+        "--trust",
+        str(tmp_path / "keys/publisher.pub"),
+        "--device-key",
+        str(tmp_path / "keys/device.key"),
+    ]
+    argv = (
+        [
+            "infer",
+            "--bundle",
+            str(tmp_path / "model.egm"),
+            *keys,
+            "--profile",
+            "generic-x86_64",
+            "--json",
+            str(tmp_path / "x.npy"),
+        ]
+        if command == "infer"
+        else ["verify", str(tmp_path / "model.egm"), *keys]
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", _CLI_THEN_STATE, *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    state = json.loads(p.stdout.strip().splitlines()[-1])
+    assert state["rc"] == 0, p.stderr
+    assert state["dumpable"] is False and state["core_limit"] == 0
