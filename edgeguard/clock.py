@@ -192,8 +192,15 @@ class TrustedClock:
             self._floor, self._source = t, source
             if self._path is not None:
                 doc = {"floor": t.isoformat(), "source": source}
-                self._path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(self._path, json.dumps(doc).encode(), mode=0o600)
+                try:
+                    self._path.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write(self._path, json.dumps(doc).encode(), mode=0o600)
+                except OSError as exc:
+                    # A full or read-only disk must not stop a model from loading: the floor holds in
+                    # memory for this run, and the heartbeat and the scan say it was not persisted.
+                    self._problem = f"{self._path}: not written ({exc.strerror or exc})"
+                    return True
+                self._problem = None
             return True
 
     def _load(self, path: Path) -> None:

@@ -197,3 +197,15 @@ def test_service_with_its_clock_behind_the_floor_refuses_a_bundle_expired_by_it(
 
 def test_tiny_bundle_helper_still_opens_with_the_default_clock(tmp_path: Path) -> None:
     _open(tmp_path, tiny_bundle(tmp_path), TrustedClock(state_dir=None))
+
+
+def test_a_floor_that_cannot_be_written_holds_in_memory_and_is_reported(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / FLOOR_FILE).mkdir()  # os.replace onto a directory fails, like a read-only or full disk would
+    wall = Wall(REAL_NOW)
+    clock = TrustedClock(state_dir=state, wall=wall, synchronised=wall.sync)
+    assert clock.observe(REAL_NOW + timedelta(hours=1), "bundle")  # no exception into the model load
+    assert clock.floor == REAL_NOW + timedelta(hours=1)
+    problem = clock.state().problem
+    assert problem is not None and "not written" in problem
