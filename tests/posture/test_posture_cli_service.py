@@ -341,7 +341,7 @@ print(json.dumps({"rc": rc, **process_hardening().to_json()}))
 """
 
 
-@pytest.mark.parametrize("command", ["infer", "verify"])
+@pytest.mark.parametrize("command", ["infer", "verify", "doctor"])
 def test_cli_commands_that_hold_plaintext_harden_their_process(tmp_path: Path, command: str) -> None:
     import numpy as np
 
@@ -353,20 +353,21 @@ def test_cli_commands_that_hold_plaintext_harden_their_process(tmp_path: Path, c
         "--device-key",
         str(tmp_path / "keys/device.key"),
     ]
-    argv = (
-        [
+    bundle = str(tmp_path / "model.egm")
+    argv = {
+        "infer": [
             "infer",
             "--bundle",
-            str(tmp_path / "model.egm"),
+            bundle,
             *keys,
             "--profile",
             "generic-x86_64",
             "--json",
             str(tmp_path / "x.npy"),
-        ]
-        if command == "infer"
-        else ["verify", str(tmp_path / "model.egm"), *keys]
-    )
+        ],
+        "verify": ["verify", bundle, *keys],
+        "doctor": ["doctor", "--profile", "generic-x86_64", "--json", "--bundle", bundle, *keys],
+    }[command]
     p = subprocess.run(
         [sys.executable, "-c", _CLI_THEN_STATE, *argv],
         capture_output=True,
