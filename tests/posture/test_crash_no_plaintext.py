@@ -42,6 +42,18 @@ def test_worker_killed_by_sigsegv_and_sigabrt_leaves_no_core_with_plaintext(
     tmp_path: Path, yolov8n_path: Path
 ) -> None:
     model = yolov8n_path.read_bytes()
+    try:
+        _crash_the_worker_twice(tmp_path, yolov8n_path)
+        cores = sorted(p for p in tmp_path.rglob("core*") if p.is_file())
+        leaks = {p.name: (p.stat().st_size, plaintext_windows(p.read_bytes(), model)) for p in cores}
+        assert not cores, f"core files (bytes, runs of >= 64 plaintext bytes): {leaks}"
+    finally:  # whatever happened, no core file outlives the test
+        for p in tmp_path.rglob("core*"):
+            if p.is_file():
+                p.unlink()
+
+
+def _crash_the_worker_twice(tmp_path: Path, yolov8n_path: Path) -> None:
     with MosquittoBroker(tmp_path) as broker:
         dev = Device(root=tmp_path, broker=broker)
         dev.provision(yolo_bundle(tmp_path, yolov8n_path))
@@ -61,10 +73,3 @@ def test_worker_killed_by_sigsegv_and_sigabrt_leaves_no_core_with_plaintext(
             dev.wait_ready()
         finally:
             dev.stop()
-    cores = sorted(p for p in tmp_path.rglob("core*") if p.is_file())
-    try:
-        leaks = {p.name: (p.stat().st_size, plaintext_windows(p.read_bytes(), model)) for p in cores}
-        assert not cores, f"core files (bytes, runs of >= 64 plaintext bytes): {leaks}"
-    finally:
-        for p in cores:
-            p.unlink()
