@@ -98,15 +98,21 @@ def process_hardening() -> ProcessHardening:
     return ProcessHardening(supported=True, dumpable=None if dumpable < 0 else dumpable != 0, core_limit=core)
 
 
-def harden_process() -> ProcessHardening:
+def harden_process(*, lock_core_limit: bool = True) -> ProcessHardening:
     """No core dumps, no ptrace or ``/proc/<pid>/mem`` by other processes: call before any secret is read.
+
+    ``lock_core_limit`` lowers the hard core limit too, so nothing in this process can raise it again (the
+    worker). CLI commands pass False: they may run inside a longer-lived program (a script, a test run)
+    whose later children must keep the right to set their own limit; the process itself is non-dumpable
+    either way, which alone stops every core dump.
 
     Idempotent and cheap (two system calls). Failures are reported in the result, never raised: the caller
     decides whether to go on (the service reports them in its heartbeat and the scan).
     """
     errors: list[str] = []
     try:
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        hard = 0 if lock_core_limit else resource.getrlimit(resource.RLIMIT_CORE)[1]
+        resource.setrlimit(resource.RLIMIT_CORE, (0, hard))
     except (ValueError, OSError) as exc:
         errors.append(f"RLIMIT_CORE: {exc}")
     if _LIBC is not None and _LIBC.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:

@@ -214,7 +214,7 @@ def _verify(args: argparse.Namespace) -> int:
         raise ConfigError("--commit needs --state and --device-key (the floor moves only after decryption)")
     trust = trust_from_args(args)
     if args.device_key is not None:
-        harden_process()  # this process is about to hold the device key and the plaintext
+        harden_process(lock_core_limit=False)  # about to hold the device key and the plaintext
         opened = open_bundle(
             args.bundle,
             trust=trust,

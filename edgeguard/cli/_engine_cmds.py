@@ -132,7 +132,7 @@ def read_input(path: Path) -> dict[str, np.ndarray] | bytes:
 def _infer(args: argparse.Namespace) -> int:
 
     payload = read_input(args.input)  # a bad input is refused before any key or bundle work
-    harden_process()  # this process is about to hold the device key and the plaintext
+    harden_process(lock_core_limit=False)  # about to hold the device key and the plaintext
     profile, _ = _profile(args)
     device_key = load_device_key(args.device_key)
     opened = open_bundle(args.bundle, trust=trust_from_args(args), device_key=device_key,
@@ -252,7 +252,7 @@ def _doctor_bundle(args: argparse.Namespace, profile: Profile) -> dict[str, Any]
 
     if not args.trust or args.device_key is None:
         raise ConfigError("--bundle needs --trust PUB and --device-key KEY")
-    harden_process()  # this process is about to hold the device key and the plaintext
+    harden_process(lock_core_limit=False)  # about to hold the device key and the plaintext
     device_key = load_device_key(args.device_key)
     opened = open_bundle(args.bundle, trust=trust_from_args(args), device_key=device_key, state_dir=None,
                          commit_floor=False)

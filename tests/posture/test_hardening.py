@@ -184,3 +184,18 @@ def test_off_linux_everything_is_a_reported_no_op(monkeypatch: pytest.MonkeyPatc
     assert state.core_limit == (
         -1 if resource.getrlimit(resource.RLIMIT_CORE)[0] < 0 else resource.getrlimit(resource.RLIMIT_CORE)[0]
     )
+
+
+_CLI_HARDEN = """
+import json, resource
+resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+import edgeguard._hardening as h
+state = h.harden_process(lock_core_limit=False).to_json()
+print(json.dumps([state, resource.getrlimit(resource.RLIMIT_CORE)[1] == resource.RLIM_INFINITY]))
+"""
+
+
+def test_cli_hardening_leaves_the_hard_limit_for_later_children() -> None:
+    out = subprocess.run([sys.executable, "-c", _CLI_HARDEN], capture_output=True, text=True, check=True)
+    state, hard_kept = json.loads(out.stdout)
+    assert state["dumpable"] is False and state["core_limit"] == 0 and hard_kept
