@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from edgeguard import __version__
+from edgeguard._hardening import protect, release
 from edgeguard._memory import wipe
 from edgeguard._safeio import open_checked
 from edgeguard.bundle import _format as fmt
@@ -51,6 +52,7 @@ from edgeguard.bundle._golden import decode_golden
 from edgeguard.bundle._opened import OpenedBundle, VerifiedBundle
 from edgeguard.bundle._rollback import MODEL_NAME_RE, RollbackFloor, check_model_name
 from edgeguard.bundle.manifest import TENSOR_DTYPES, Manifest, TensorSpec, Tolerance
+from edgeguard.clock import parse_time
 from edgeguard.errors import BundleRejected
 from edgeguard.keys import DeviceKey, TrustStore
 
@@ -424,6 +426,11 @@ def _verify(
     now = now or datetime.now(timezone.utc)
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware (datetime.now(timezone.utc))")
+    # The publisher signed this bundle at ``created``: no honest clock reads earlier, so a clock wound back
+    # (or a fresh board in 1970) cannot make "now" earlier than that (docs/security.md, the clock).
+    created = parse_time(manifest.created)
+    if created is not None:
+        now = max(now, created)
     if manifest.not_after is not None and now > _parse_unverified_time(manifest.not_after):
         raise BundleRejected(
             "expired", f"{manifest.name} v{manifest.version} expired at {manifest.not_after}"
@@ -608,6 +615,9 @@ def open_bundle(
         content_key = _unwrap(checked, device_key)
         golden_buf = bytearray(m.golden_size)
         model = bytearray(m.payload_size)  # the one plaintext buffer, sized by the signed, bounded manifest
+        # Before a byte is decrypted into them: out of core dumps, and locked out of swap where allowed.
+        protect(model)
+        protect(golden_buf)
         try:
             outs = {fmt.STREAM_GOLDEN: memoryview(golden_buf), fmt.STREAM_MODEL: memoryview(model)}
             _ChunkPass(src, checked, content_key=content_key, outs=outs).run(limits.open_threads())
@@ -616,8 +626,11 @@ def open_bundle(
             # Unauthenticated or unwanted plaintext never leaves: zero both buffers before propagating.
             wipe(model)
             wipe(golden_buf)
+            release(model)
+            release(golden_buf)
             raise
         wipe(golden_buf)  # decoded into arrays of their own: the archive's plaintext is not handed out
+        release(golden_buf)
         opened = OpenedBundle(m, model, golden, state_dir, model_name=model_name)
         if commit_floor:
             try:

@@ -7,6 +7,7 @@ import hmac
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeguard._hardening import release
 from edgeguard._memory import wipe
 from edgeguard.bundle._rollback import RollbackFloor
 from edgeguard.bundle.manifest import GoldenSample, Manifest
@@ -51,6 +52,7 @@ class OpenedBundle:
         """Overwrite the plaintext with zeros (best effort; see the class docstring)."""
         if self.model:
             wipe(self.model)
+            release(self.model)  # unlock the pages that open_bundle locked (zeros now)
 
     def verify_payload_digest(self) -> None:
         """Compare SHA-256 of the plaintext with the manifest's ``payload_sha256`` (one more pass over the

@@ -26,6 +26,7 @@ from . import (
     _engine_cmds,
     _init_cmd,
     _quantize_cmds,
+    _scan_cmds,
     _service_cmds,
     _status_cmd,
     _token_cmds,
@@ -62,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edgeguard {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in (
-        _bundle_cmds, _engine_cmds, _quantize_cmds, _service_cmds, _demo,
+        _bundle_cmds, _engine_cmds, _quantize_cmds, _service_cmds, _scan_cmds, _demo,
         _zoo_cmds, _init_cmd, _token_cmds, _status_cmd,
     ):
         module.register(sub)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeguard._atomic import atomic_write
+from edgeguard._hardening import harden_process
 from edgeguard.bundle import (
     DEFAULT_CHUNK_SIZE,
     TrustStore,
@@ -274,6 +275,7 @@ def _verify(args: argparse.Namespace) -> int:
         raise ConfigError("--commit needs --state and --device-key (the floor moves only after decryption)")
     trust = trust_from_args(args)
     if args.device_key is not None:
+        harden_process(lock_core_limit=False)  # about to hold the device key and the plaintext
         opened = open_bundle(
             args.bundle,
             trust=trust,

@@ -15,12 +15,14 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from edgeguard._hardening import harden_process, memory_protection
 from edgeguard.bundle import open_bundle
 from edgeguard.engine import Engine, profile_cache_dirs, unavailable_reason
 from edgeguard.engine._bench import run_benchmarks
 from edgeguard.engine._litert import DEFAULT_DELEGATE_LIBRARIES
 from edgeguard.errors import ConfigError, InputRejected
 from edgeguard.keys import load_device_key
+from edgeguard.posture._host import read_swaps
 from edgeguard.profiles import (
     Accelerator,
     Profile,
@@ -135,6 +137,7 @@ def read_input(path: Path) -> dict[str, np.ndarray] | bytes:
 def _infer(args: argparse.Namespace) -> int:
 
     payload = read_input(args.input)  # a bad input is refused before any key or bundle work
+    harden_process(lock_core_limit=False)  # about to hold the device key and the plaintext
     profile, _ = _profile(args)
     device_key = load_device_key(args.device_key)
     opened = open_bundle(args.bundle, trust=trust_from_args(args), device_key=device_key,
@@ -199,6 +202,7 @@ def _doctor(args: argparse.Namespace) -> int:
     report["model_caches"] = [c.to_json() for c in profile_cache_dirs(profile)]
     if args.bundle is not None:
         report["model"] = _doctor_bundle(args, profile)
+    report["memory"] = _doctor_memory(args.root)  # after the bundle: its buffer's mlock verdict is in it
     if args.json:
         print(json.dumps(report))
         return 0
@@ -219,6 +223,7 @@ def _doctor(args: argparse.Namespace) -> int:
     for c in caches:
         verdict = "in RAM" if c.in_ram else "REFUSED: not a RAM filesystem, this accelerator will not be used"
         console.print(f"[bold]model cache[/]: {c.label} {c.option} = {c.path} ({c.filesystem}; {verdict})")
+    console.print(f"[bold]memory[/]: {_memory_line(report['memory'])}")
     if "model" in report:
         m = report["model"]
         table = Table("accelerator", "status", "reason",
@@ -229,10 +234,38 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor_memory(root: Path) -> dict[str, Any]:
+    """Could plaintext reach a disk through swap, and can it be locked in RAM (docs/security.md)? The
+    service runs under its own limits (the unit's LimitMEMLOCK=): its heartbeat says what it got."""
+    swaps = read_swaps(root / "proc", root / "sys")
+    mem = memory_protection()
+    return {"swap": None if swaps is None else [{"device": s.device, "kind": s.kind} for s in swaps],
+            "swap_unencrypted": any(s.kind == "plain" for s in swaps or ()),
+            "memlock_limit": mem["memlock_limit"], "mlock": mem["mlock"]}
+
+
+def _memory_line(mem: dict[str, Any]) -> str:
+    swaps = mem["swap"]
+    if swaps is None:
+        swap = "swap unknown (no /proc/swaps)"
+    elif not swaps:
+        swap = "no swap"
+    elif mem["swap_unencrypted"]:
+        plain = ", ".join(s["device"] for s in swaps if s["kind"] == "plain")
+        swap = f"[red]unencrypted swap[/] on {plain}: model pages could reach the disk (docs/security.md)"
+    else:
+        swap = "swap on " + ", ".join(f"{s['device']} ({s['kind']})" for s in swaps)
+    limit = mem["memlock_limit"]
+    if mem["mlock"] != "ok":
+        return f"{swap}; [yellow]{mem['mlock']}[/]"
+    return f"{swap}; mlock limit {'unlimited' if limit < 0 else f'{limit / 2**20:.1f} MiB'}"
+
+
 def _doctor_bundle(args: argparse.Namespace, profile: Profile) -> dict[str, Any]:
 
     if not args.trust or args.device_key is None:
         raise ConfigError("--bundle needs --trust PUB and --device-key KEY")
+    harden_process(lock_core_limit=False)  # about to hold the device key and the plaintext
     device_key = load_device_key(args.device_key)
     opened = open_bundle(args.bundle, trust=trust_from_args(args), device_key=device_key, state_dir=None,
                          commit_floor=False)

@@ -6,6 +6,7 @@ from datetime import datetime
 from pathlib import Path
 
 from edgeguard.bundle import Manifest, check_model_name, open_bundle
+from edgeguard.clock import TrustedClock, parse_time
 from edgeguard.engine import Engine
 from edgeguard.errors import BundleRejected
 from edgeguard.keys import DeviceKey, TrustStore, derive_storage_key, load_device_key
@@ -51,7 +52,13 @@ def load_tokens(cfg: ServiceConfig) -> TokenStore:
 
 
 def load_engine(
-    cfg: ServiceConfig, *, trust: TrustStore, device_key: DeviceKey, now: datetime, commit_floor: bool = True
+    cfg: ServiceConfig,
+    *,
+    trust: TrustStore,
+    device_key: DeviceKey,
+    now: datetime,
+    clock: TrustedClock | None = None,
+    commit_floor: bool = True,
 ) -> EngineLike:
     """open_bundle (all checks; floor not yet moved) -> Engine.load (fast path + golden self-test) -> commit
     the rollback floor and slot. BundleRejected if any fails.
@@ -60,6 +67,8 @@ def load_engine(
     here must not lock the device out of the version that does. The commit re-checks the floor in the same
     critical section, so a floor raised meanwhile (``verify --commit``) still refuses this version.
     ``commit_floor=False`` (``run --check``) verifies against the floor and the slot without moving them.
+    Expiry is judged at ``now`` (the service passes its trusted clock's reading, never earlier than the
+    device's time floor); with ``clock``, the bundle's signed creation time then raises that floor.
     """
     opened = open_bundle(
         cfg.model.bundle,
@@ -70,6 +79,9 @@ def load_engine(
         commit_floor=False,
         model_name=cfg.model.name,
     )
+    created = parse_time(opened.manifest.created)
+    if clock is not None and created is not None and commit_floor:
+        clock.observe(created, f"bundle {opened.manifest.name} v{opened.manifest.version}")
     profile = get_profile(cfg.model.profile) if cfg.model.profile else None
     engine = Engine.load(opened, profile=profile)  # wipes the plaintext, whether it loads or not
     try:

@@ -28,9 +28,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from edgeguard._hardening import harden_process
+from edgeguard.clock import TrustedClock
 from edgeguard.errors import BundleRejected, ConfigError, EdgeGuardError
 from edgeguard.link import MqttLink
 from edgeguard.outbox import Outbox
+from edgeguard.posture import PostureMonitor
 
 from ._faults import FaultInjector
 from ._hooks import HookRunner
@@ -58,10 +61,15 @@ def _unreadable(path: Path, exc: OSError) -> str:
 
 class Worker:
     def __init__(
-        self, *, config: ServiceConfig, mode: str, liveness_fd: int, now: Callable[[], datetime] = _utc_now
+        self,
+        *,
+        config: ServiceConfig,
+        mode: str,
+        liveness_fd: int,
+        clock: TrustedClock | None = None,
+        now: Callable[[], datetime] | None = None,
     ) -> None:
         self.cfg = config
-        self._now = now  # wall clock for expiry (bundle not_after); tests pass their own
         self.mode = mode
         self._fd = liveness_fd
         self._started = time.monotonic()
@@ -71,6 +79,9 @@ class Worker:
             device_id=config.device.id,
         )
         config.device.state_dir.mkdir(parents=True, exist_ok=True)
+        # Every time-dependent check asks this clock (never earlier than the persisted floor); injectable.
+        self.clock = clock or TrustedClock(state_dir=config.device.state_dir)
+        self._now = now or self.clock.now  # expiry (bundle not_after) is judged on this; tests pass their own
         self.trust, self.device_key, storage_key = load_keys(config)
         self.outbox = Outbox(
             path=config.outbox_path, storage_key=storage_key, device_id=config.device.id, config=config.outbox
@@ -82,6 +93,9 @@ class Worker:
             device_id=config.device.id,
             outbox=self.outbox,
             health=self.health,
+        )
+        self.posture = PostureMonitor(
+            config=lambda: self.cfg, clock=self.clock, publish=self.link.publish_event
         )
         self.faults = FaultInjector(enabled=config.service.fault_injection, pipeline=self.pipeline)
         self.sources: list[Any] = []
@@ -119,6 +133,7 @@ class Worker:
             "reloads": self.reloads,
         }
         doc["system"] = system_facts(self.cfg.device.state_dir)
+        doc["posture"] = self.posture.health()  # memory protection, clock, last scan (docs/security.md)
         api = doc["sources"].get("api", {}).get("responses", {})
         doc["security"] = {
             "api_unauthorized": api.get("401", 0),
@@ -194,6 +209,7 @@ class Worker:
         self._send({"t": "ready", "status": self.status_line()})
         self._check_degraded()
         beat = asyncio.create_task(self._liveness())
+        self.posture.start()  # scan now and daily, clock checkpoints (in executor threads)
         await self._stop.wait()
         beat.cancel()
         await self._shutdown()
@@ -249,7 +265,9 @@ class Worker:
 
     def _load_model(self, reload: bool) -> bool:
         try:
-            engine = load_engine(self.cfg, trust=self.trust, device_key=self.device_key, now=self._now())
+            engine = load_engine(
+                self.cfg, trust=self.trust, device_key=self.device_key, now=self._now(), clock=self.clock
+            )
         except BundleRejected as exc:
             self._model_failed("bundle-rejected", str(exc), check=exc.check, reload=reload)
             return False
@@ -371,6 +389,7 @@ class Worker:
         await loop.run_in_executor(None, self.pipeline.wait_idle, self.cfg.service.stop_timeout_s)
         await loop.run_in_executor(None, self.link.stop)  # publishes the offline status
         await loop.run_in_executor(None, self.outbox.close)
+        await self.posture.stop()  # the shutdown time checkpoint
         engine = self.pipeline.engine
         if engine is not None:
             engine.close()
@@ -378,6 +397,7 @@ class Worker:
 
 
 def main(argv: list[str] | None = None) -> int:
+    harden_process()  # before any key or plaintext is read: no core dumps, no ptrace (docs/security.md)
     ap = argparse.ArgumentParser(prog="edgeguard-worker")
     ap.add_argument("-c", "--config", type=Path, required=True)
     ap.add_argument("--mode", choices=("serve", "safe"), default="serve")

@@ -214,7 +214,8 @@ backoff_max_s = 0.5
         hook.write_text(f"#!/bin/sh\n(cat; echo) >> {self.root / 'hooks.log'}\n")
         hook.chmod(0o755)
 
-    def start(self, env: dict[str, str] | None = None) -> None:
+    def start(self, env: dict[str, str] | None = None, **popen: Any) -> None:
+        """``popen``: more ``subprocess.Popen`` arguments for the service (``cwd``, ``preexec_fn``)."""
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         path = self.root / "notify.sock"
         path.unlink(missing_ok=True)
@@ -234,6 +235,7 @@ backoff_max_s = 0.5
             env=full,
             stdout=self.log,
             stderr=self.log,
+            **popen,
         )
         threading.Thread(target=self._drain, daemon=True).start()
 
