@@ -40,26 +40,34 @@ def open_checked(path: Path, *, what: str, error: ErrorFactory) -> tuple[int, os
     """An open read-only descriptor on the regular file at ``path`` and its ``fstat``; ``error(one line)``
     when it is missing, unreadable, a symbolic link, a directory or not a regular file. The caller closes
     the descriptor."""
+    def refused(code: int, reason: str) -> Exception:
+        exc = error(f"{what} {path} {reason}")
+        if isinstance(exc, OSError):
+            # The OSError family keeps errno and the path, so its callers can still tell a missing file (exit
+            # 2, "no model") from an I/O fault: OSError(ENOENT, ...) is a FileNotFoundError.
+            return OSError(code, f"{what} {reason}", str(path))
+        return exc
+
     try:
         # O_NOFOLLOW: a link planted at the path is refused (ELOOP), not followed to wherever it points.
         # O_NONBLOCK: opening a FIFO or a tty must never hang the caller; it is refused below anyway.
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise error(f"{what} {path} not found") from None
+        raise refused(errno.ENOENT, "not found") from None
     except IsADirectoryError:
-        raise error(f"{what} {path} is a directory, not a file") from None
+        raise refused(errno.EISDIR, "is a directory, not a file") from None
     except PermissionError:
-        raise error(f"cannot read {what} {path}: permission denied") from None
+        raise refused(errno.EACCES, "cannot be read: permission denied") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise error(f"{what} {path} is a symbolic link (not followed; name the file itself)") from None
-        raise error(f"cannot open {what} {path}: {exc.strerror or exc}") from None
+            raise refused(errno.ELOOP, "is a symbolic link (not followed; name the file itself)") from None
+        raise refused(exc.errno or errno.EIO, f"cannot be opened: {exc.strerror or exc}") from None
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
-            raise error(f"{what} {path} is a directory, not a file")
+            raise refused(errno.EISDIR, "is a directory, not a file")
         if not stat.S_ISREG(st.st_mode):
-            raise error(f"{what} {path} is not a regular file")
+            raise refused(errno.EINVAL, "is not a regular file")
     except BaseException:
         os.close(fd)
         raise

@@ -78,7 +78,7 @@ def affected(installed: str, constraints: tuple[str, ...]) -> bool:
     """True when ``installed`` satisfies every constraint."""
     have = _version(installed)
     for c in constraints:
-        m = _CONSTRAINT.match(c.strip())
+        m = _CONSTRAINT.fullmatch(c.strip())
         if m is None:  # validated on reading; here only for direct callers
             raise ValueError(f"bad version constraint {c!r}")
         if not _OPS[m.group(1)](have, _version(m.group(2))):
@@ -154,7 +154,7 @@ def _parse_payload(body: bytes) -> tuple[Advisory, ...]:
         if (
             not isinstance(constraints, list)
             or not 1 <= len(constraints) <= 8
-            or not all(isinstance(c, str) and _CONSTRAINT.match(c.strip()) for c in constraints)
+            or not all(isinstance(c, str) and _CONSTRAINT.fullmatch(c.strip()) for c in constraints)
         ):
             raise AdvisoryError("affected must list 1..8 comparisons like '<46.0.5'")
         severity = item.get("severity")

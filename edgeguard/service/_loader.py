@@ -84,6 +84,8 @@ def load_engine(
         clock.observe(created, f"bundle {opened.manifest.name} v{opened.manifest.version}")
     profile = get_profile(cfg.model.profile) if cfg.model.profile else None
     engine = Engine.load(opened, profile=profile)  # wipes the plaintext, whether it loads or not
+    if not commit_floor:
+        return engine
     try:
         opened.commit_rollback_floor()
     except BaseException:

@@ -108,9 +108,9 @@ def test_revocation_list_read_like_a_key_file(tmp_path: Path) -> None:
         read_revocation_list(tmp_path)
     big = tmp_path / "big"
     big.write_bytes(b"#" * (1024 * 1024 + 1))
-    with pytest.raises(KeyFileError, match="too large for a revocation list"):
+    with pytest.raises(KeyFileError, match="larger than the limit"):
         read_revocation_list(big)
-    with pytest.raises(KeyFileError, match="revocation list not found"):
+    with pytest.raises(KeyFileError, match=r"revocation list .* not found"):
         read_revocation_list(tmp_path / "missing")
 
 

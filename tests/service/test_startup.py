@@ -97,13 +97,13 @@ def _link_host(dev: Device, host: str) -> None:
 
 # Each case breaks one thing a start needs; --check must name the config key that points at it.
 BROKEN: list[tuple[str, Callable[[Device], None], str, str]] = [
-    ("tokens file missing", lambda d: (d.root / "tokens").unlink(), "sources.api.tokens_file", "No such"),
+    ("tokens file missing", lambda d: (d.root / "tokens").unlink(), "sources.api.tokens_file", "not found"),
     ("tokens file group-readable", lambda d: (d.root / "tokens").chmod(0o640), "sources.api.tokens_file",
      "group"),
     ("a short token", lambda d: (d.root / "tokens").write_text("app infer short\n"),
      "sources.api.tokens_file",
      "shorter than"),
-    ("bundle missing", lambda d: (d.root / "model.egm").unlink(), "model.bundle", "No such"),
+    ("bundle missing", lambda d: (d.root / "model.egm").unlink(), "model.bundle", "not found"),
     ("bundle tampered", lambda d: _flip_a_byte(d.root / "model.egm"), "model.bundle", "bundle rejected"),
     ("device key group-readable", lambda d: (d.root / "keys/device.key").chmod(0o640), "model.device_key",
      "too open"),
