@@ -172,8 +172,8 @@ def _check_npy_header(body: bytes, limits: BodyLimits) -> None:
             raise InputRejected("the .npy body must hold one numeric array")
         else:
             raise ValueError(f"unknown format version {version[0]}.{version[1]}")
-    # numpy tokenizes the header dict: an unbalanced bracket is a TokenError, not a ValueError (a fuzz find).
-    except (ValueError, OSError, EOFError, tokenize.TokenError) as exc:
+    # numpy tokenizes the header dict: one it cannot tokenize raises TokenError or SyntaxError (fuzz finds).
+    except (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError) as exc:
         raise InputRejected(f"malformed .npy body: {exc}") from None
     size = math.prod(shape)
     if size > limits.max_elements:

@@ -30,20 +30,31 @@ def test_saved_finding_is_handled_as_documented(path: Path, tmp_path: Path) -> N
     target(path.parent.name).build(tmp_path).one_input(path.read_bytes())
 
 
-def test_npy_header_with_an_unclosed_bracket_is_refused() -> None:
-    """Found by the fuzzer (target body, 168 executions): numpy's header reader tokenizes the header dict,
-    and an unbalanced bracket raised ``tokenize.TokenError`` out of parse_body instead of a refusal."""
-    header = b"{'descr': '|u1', 'fortran_order': False, 'shape': (2, 2), } ("
-    header += b" " * (63 - len(header) % 64) + b"\n"
-    body = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + bytes(4)
+def _npy(header: bytes) -> bytes:
+    header += b" " * (63 - (10 + len(header)) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + bytes(4)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        # tokenize.TokenError (target body, after 168 executions)
+        b"{'descr': '|u1', 'fortran_order': False, 'shape': (2, 2), } (",
+        # IndentationError, a SyntaxError (target body, after ~90,000 executions)
+        b"{'descr': '|u1', 'fortran_order': False, 'shape': (2, 2), }\n    1\n  2",
+    ],
+    ids=["unclosed-bracket", "bad-indentation"],
+)
+def test_npy_header_numpy_cannot_tokenize_is_refused(header: bytes) -> None:
+    """Found by the fuzzer: numpy's header reader tokenizes the header dict, and a header it cannot tokenize
+    raised out of parse_body (an HTTP 500 / a failed MQTT input) instead of a one-line refusal."""
+    body = _npy(header)
     with pytest.raises(InputRejected, match=r"malformed \.npy body"):
         parse_body(
             body=body, content_type="application/x-npy", specs=[SPEC], source="api", limits=BodyLimits()
         )
-    # The same body with a well-formed header is accepted: only the bracket is wrong.
-    good = (
-        b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.replace(b"} (", b"}  ") + bytes(4)
-    )
+    # The same body with a well-formed header is accepted: only the header's syntax was wrong.
+    good = _npy(b"{'descr': '|u1', 'fortran_order': False, 'shape': (2, 2), }")
     request = parse_body(
         body=good, content_type="application/x-npy", specs=[SPEC], source="api", limits=BodyLimits()
     )
