@@ -24,7 +24,10 @@ code, bodies, frames, token files); inputs that fail are saved under ``OUT/crash
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import importlib
+import inspect
 import json
 import os
 import re
@@ -38,8 +41,19 @@ from pathlib import Path
 
 TOOLS = Path(__file__).resolve().parent
 ROOT = TOOLS.parent
-# Modules whose coverage guides the fuzzer: our parsers and numpy's .npy header reader they rely on.
-INSTRUMENT = ["edgeguard", "numpy.lib.format", "numpy.lib._format_impl"]
+# Coverage of these guides the fuzzer: our parsers, and numpy's .npy header reader (its functions only).
+INSTRUMENT = ["edgeguard"]
+NUMPY_FORMAT = ("numpy.lib._format_impl", "numpy.lib.format")  # numpy 2 / numpy 1
+# Imported before instrumentation starts: the import hook makes every import in its block several times
+# slower (numpy alone took 10 s), and their coverage would only dilute ours.
+THIRD_PARTY = (
+    "numpy",
+    "cryptography.hazmat.primitives.hpke",
+    "paho.mqtt.client",
+    "aiohttp",
+    "PIL.Image",
+    "onnx",
+)
 _STAT = re.compile(r"^stat::(\w+):\s+(\d+)")
 _PROGRESS = re.compile(r"^#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+).*?exec/s: (\d+)")
 _ARTIFACT = re.compile(r"Test unit written to (\S+)")
@@ -76,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         return _child(args)
     sys.path.insert(0, str(TOOLS))
     from fuzzing.harnesses import TARGETS
+    from fuzzing.selftest import SELFTESTS
 
     known = [t.name for t in TARGETS]
     if args.list:
@@ -83,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{t.name:16} {t.refusal:20} {t.parser}")
         return 0
     chosen = args.target or known
-    unknown = sorted(set(chosen) - set(known))
+    unknown = sorted(set(chosen) - set(known) - {t.name for t in SELFTESTS})
     if unknown:
         print(f"fuzz: unknown target {unknown[0]!r} (known: {', '.join(known)})", file=sys.stderr)
         return 2
@@ -193,9 +208,22 @@ def _child(args: argparse.Namespace) -> int:
     import atheris
 
     sys.path.insert(0, str(TOOLS))
-    # Instrument on first import: nothing of edgeguard (or numpy) may be imported before this block.
-    with atheris.instrument_imports(include=INSTRUMENT):
-        from fuzzing.harnesses import target
+    for name in THIRD_PARTY:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
+    for name in NUMPY_FORMAT:
+        with contextlib.suppress(ImportError):
+            module = importlib.import_module(name)
+            for obj in vars(module).values():
+                if inspect.isfunction(obj) and obj.__module__ == module.__name__:
+                    atheris.instrument_func(obj)
+            break
+    if args.child.startswith("selftest-"):
+        from fuzzing.selftest import target
+    else:
+        # Instrument on first import: nothing of edgeguard may be imported before this block.
+        with atheris.instrument_imports(include=INSTRUMENT):
+            from fuzzing.harnesses import target
 
     spec = target(args.child)
     out: Path = args.out
@@ -219,6 +247,9 @@ def _child(args: argparse.Namespace) -> int:
         if args.runs:
             argv.append(f"-runs={args.runs}")
         argv += [str(out / "corpus" / spec.name), str(seeds)]
+        kept = ROOT / "tests" / "fuzz" / "regressions" / spec.name  # past findings: replayed first, every run
+        if kept.is_dir():
+            argv.append(str(kept))
         atheris.Setup(argv, harness.one_input)
         atheris.Fuzz()  # exits the process itself
     return 0
@@ -246,7 +277,10 @@ def _bound_address_space(headroom_mb: int) -> None:
 
 
 def _reproduce(name: str, path: Path) -> int:
-    from fuzzing.harnesses import target
+    if name.startswith("selftest-"):
+        from fuzzing.selftest import target
+    else:
+        from fuzzing.harnesses import target
 
     with tempfile.TemporaryDirectory(prefix=f"edgeguard-fuzz-{name}-") as scratch:
         harness = target(name).build(Path(scratch))

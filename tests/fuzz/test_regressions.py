@@ -27,7 +27,11 @@ SPEC = TensorSpec(name="q", dtype="uint8", shape=(2, 2))
 
 @pytest.mark.parametrize("path", SAVED, ids=[f"{p.parent.name}/{p.name}" for p in SAVED])
 def test_saved_finding_is_handled_as_documented(path: Path, tmp_path: Path) -> None:
-    target(path.parent.name).build(tmp_path).one_input(path.read_bytes())
+    harness = target(path.parent.name).build(tmp_path)
+    try:
+        harness.one_input(path.read_bytes())
+    finally:
+        harness.close()
 
 
 def _npy(header: bytes) -> bytes:

@@ -20,7 +20,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,26 +39,12 @@ from edgeguard.outbox import Outbox
 from edgeguard.sources import BodyLimits, MqttInputSource, TokenStore, parse_body, parse_sensor_frame
 from edgeguard.sources.framing import FrameDecoder, cobs_decode, cobs_encode, encode_frame
 
-__all__ = ["Harness", "Target", "TARGETS", "target"]
+from .base import Harness, Target
+
+__all__ = ["TARGETS", "target"]
 
 # Every time-dependent check (expiry) sees this instant, so a corpus entry behaves the same in every run.
 _NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)
-
-
-@dataclass(frozen=True)
-class Harness:
-    one_input: Callable[[bytes], None]
-    seeds: tuple[bytes, ...]
-    max_len: int  # longest input the fuzzer generates (at least the largest seed)
-    headroom_mb: int = 96  # address space one input may add on top of what set-up left mapped
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    parser: str  # the code under test, for the report
-    refusal: str  # the documented error family
-    build: Callable[[Path], Harness]  # gets a private scratch directory
 
 
 # --- bundle bytes
@@ -301,7 +287,7 @@ def _serial(_scratch: Path) -> Harness:
         bytes([24, 3]) + b"\x00garbage" + good[:10] + good + good,
         bytes([0, 0]) + bytes(range(256)),
     )
-    return Harness(one_input, seeds, max_len=2048)
+    return Harness(one_input, seeds, max_len=512)
 
 
 # --- MQTT inbound
@@ -348,8 +334,8 @@ def _mqtt(scratch: Path) -> Harness:
         if len(received) != before_received:
             assert topic == topics[0] and len(payload) <= 512, f"delivered from {topic!r}"
 
-    seeds = (*tuple(bytes([0]) + s[2:] for s in _body_seeds()), bytes([5]) + prefix + b"input\xff{}")
-    return Harness(one_input, seeds, max_len=2048)
+    seeds = (*(bytes([0]) + s[2:] for s in _body_seeds()), bytes([5]) + prefix + b"input\xff{}")
+    return Harness(one_input, seeds, max_len=2048, close=outbox.close)
 
 
 # --- tokens file
