@@ -16,6 +16,7 @@ run still gets past the signature in the next one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -24,14 +25,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from paho.mqtt.client import MQTTMessage
 
-from edgeguard.bundle import BundleLimits, TensorSpec, inspect_bundle, open_bundle, pack_bundle
+from edgeguard.bundle import BundleLimits, GoldenSample, TensorSpec, inspect_bundle, open_bundle, pack_bundle
 from edgeguard.bundle import _format as fmt
+from edgeguard.bundle._golden import decode_golden, encode_golden
 from edgeguard.errors import BundleRejected, ConfigError, InputRejected
 from edgeguard.keys import DeviceKey, PublisherKey, RecipientKey, TrustStore, public_key_id
 from edgeguard.link import LinkConfig, MqttLink
@@ -172,6 +175,29 @@ def _bundle_manifest(_scratch: Path) -> Harness:
 
     manifests = tuple(_manifest_of(s) for s in seeds)
     return Harness(one_input, manifests, max_len=max(map(len, manifests)) + 1024)
+
+
+def _golden(_scratch: Path) -> Harness:
+    """The golden-vector archive (an .npz, optionally deflated) that a bundle carries behind its signature and
+    encryption: only a publisher key can put bytes here, but the decoder still must not trust its sizes."""
+    p = _party()
+    seeds, _ = _seed_bundles(p)
+    opened = open_bundle(seeds[0], trust=p.trust, device_key=p.device, state_dir=None, now=_NOW)
+    manifest = opened.manifest
+    opened.wipe()
+    x = np.ones((1, 20), np.float32)
+    samples = [GoldenSample(inputs={"x": x}, outputs={"y": x * 2})]
+    plain = encode_golden(samples)
+    deflated = io.BytesIO()
+    arrays: dict[str, Any] = {"0/in/x": x, "0/out/y": x}
+    np.savez_compressed(deflated, **arrays)
+    one = dataclasses.replace(manifest, golden_count=1)
+
+    def one_input(data: bytes) -> None:
+        with contextlib.suppress(BundleRejected):
+            decode_golden(bytearray(data), one, _BUNDLE_LIMITS)
+
+    return Harness(one_input, (plain, deflated.getvalue()), max_len=max(len(plain), deflated.tell()) + 1024)
 
 
 # --- request bodies
@@ -375,6 +401,7 @@ TARGETS: tuple[Target, ...] = (
         "BundleRejected",
         _bundle_manifest,
     ),
+    Target("golden", "edgeguard.bundle decode_golden (.npz behind the signature)", "BundleRejected", _golden),
     Target(
         "body",
         "edgeguard.sources.parse_body (JSON, .npy, image, sniffing)",
