@@ -159,25 +159,45 @@ def _parse_npy(body: bytes, limits: BodyLimits) -> np.ndarray:
 
 
 def _check_npy_header(body: bytes, limits: BodyLimits) -> None:
-    """Refuse on the header alone: ``np.load`` allocates the whole claimed shape before it reads any data, so
-    a body of a hundred bytes could otherwise ask for any amount of memory."""
+    """Refuse on the header alone: ``np.load`` allocates the whole claimed shape times the claimed item size
+    before it reads any data, so a body of a hundred bytes could otherwise ask for any amount of memory
+    (``|V1048576`` items, a shape of a million, is a terabyte).
+
+    Checked in this order, each before anything trusts it: the dtype is plain numeric (no void, object,
+    structured or sub-array types, whose item size is whatever the sender claims), the element count is
+    within ``max_elements``, and the claimed data size in **bytes** (count x item size) is exactly what
+    follows the header in the body, which is itself within ``max_body_bytes``.
+    """
     fp = io.BytesIO(body)
     try:
         version = np.lib.format.read_magic(fp)
         if version == (1, 0):
-            shape = np.lib.format.read_array_header_1_0(fp)[0]
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
         elif version == (2, 0):
-            shape = np.lib.format.read_array_header_2_0(fp)[0]
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
         elif version == (3, 0):  # only for non-latin-1 field names: structured dtypes, never numeric arrays
             raise InputRejected("the .npy body must hold one numeric array")
         else:
             raise ValueError(f"unknown format version {version[0]}.{version[1]}")
-    # numpy tokenizes the header dict: one it cannot tokenize raises TokenError or SyntaxError (fuzz finds).
-    except (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError) as exc:
-        raise InputRejected(f"malformed .npy body: {exc}") from None
+    # numpy tokenizes the header dict: one it cannot tokenize raises TokenError or SyntaxError.
+    except (ValueError, OSError, EOFError, TypeError, SyntaxError, tokenize.TokenError) as exc:
+        raise InputRejected(f"malformed .npy body: {_first_line(exc)[:80]}") from None
+    if (
+        not isinstance(dtype, np.dtype)
+        or dtype.kind not in _NUMERIC_KINDS
+        or dtype.fields is not None
+        or dtype.subdtype is not None
+    ):
+        raise InputRejected("the .npy body must hold one numeric array (bool, int, uint or float)")
     size = math.prod(shape)
     if size > limits.max_elements:
         raise InputRejected(f"{size} elements exceed the limit of {limits.max_elements}")
+    claimed = size * dtype.itemsize
+    present = len(body) - fp.tell()
+    if claimed != present:
+        raise InputRejected(
+            f"malformed .npy body: the header claims {claimed} bytes of data, the body holds {present}"
+        )
 
 
 def _parse_json(

@@ -97,7 +97,7 @@ def test_unsupported_media_type_is_its_own_class() -> None:
 def test_npy_refuses_pickles_and_non_numeric() -> None:
     obj = io.BytesIO()
     np.save(obj, np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(InputRejected, match=r"malformed \.npy"):
+    with pytest.raises(InputRejected, match="numeric"):
         parse_body(
             body=obj.getvalue(), content_type="application/x-npy", specs=SPECS, source="api", limits=LIMITS
         )
