@@ -187,14 +187,15 @@ def _parse_verdict(result: Result, lines: list[str], rc: int) -> None:
 
 def _table(results: list[Result], out: Path) -> None:
     head = (
-        f"{'target':16} {'executions':>11} {'execs/s':>8} {'cov':>6} {'features':>9} {'seconds':>8}  finding"
+        f"{'target':16} {'executions':>11} {'execs/s':>8} {'cov':>6} {'features':>9} {'corpus':>7} "
+        f"{'seconds':>8}  finding"
     )
     print(head)
     for r in results:
         finding = "none" if r.finding is None else f"{r.finding}: {r.detail}"
         print(
             f"{r.target:16} {r.executions:>11} {r.execs_per_s:>8} {r.coverage:>6} {r.features:>9} "
-            f"{r.seconds:>8}  {finding}"
+            f"{r.corpus:>7} {r.seconds:>8}  {finding}"
         )
         if r.input:
             print(f"{'':16} input saved: {r.input}")
