@@ -304,7 +304,7 @@ def _serial(_scratch: Path) -> Harness:
             assert len(decoder._buf) <= decoder._max_body, "decoder buffered past its bound"
         # Round trips: what the encoder produces, the decoder gives back exactly once.
         assert cobs_decode(cobs_encode(stream)) == stream
-        payload = stream[:256]
+        payload = stream[:64]  # short: the bitwise CRC is the slowest part of an execution
         assert FrameDecoder(max_payload=max(1, len(payload))).feed(encode_frame(payload)) == [payload]
 
     good = encode_frame(b"\x00\x00\x00\x07" + np.arange(6, dtype="<f4").tobytes())
@@ -313,7 +313,7 @@ def _serial(_scratch: Path) -> Harness:
         bytes([24, 3]) + b"\x00garbage" + good[:10] + good + good,
         bytes([0, 0]) + bytes(range(256)),
     )
-    return Harness(one_input, seeds, max_len=512)
+    return Harness(one_input, seeds, max_len=320)
 
 
 # --- MQTT inbound
