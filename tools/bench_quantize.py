@@ -38,17 +38,9 @@ SPEED_TARGET, IOU_TARGET = 1.6, 0.9
 
 def _preprocessor() -> Preprocessor:
     manifest = Manifest(
-        format="onnx",
-        name="yolov8n",
-        version=1,
-        created="",
-        payload_sha256="",
-        payload_size=0,
-        chunk_size=1,
-        publisher_key_id="",
-        recipient_key_ids=(),
-        inputs=(TensorSpec("images", "float32", (1, 3, 320, 320)),),
-        preprocess={"resize": "letterbox"},
+        format="onnx", name="yolov8n", version=1, created="", payload_sha256="", payload_size=0,
+        chunk_size=1, publisher_key_id="", recipient_key_ids=(),
+        inputs=(TensorSpec("images", "float32", (1, 3, 320, 320)),), preprocess={"resize": "letterbox"},
     )
     spec = parse_preprocess(manifest)
     assert spec is not None
@@ -89,12 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                 (photos / key).write_bytes(zoo.fetch(key).read_bytes())
             console.print("quantizing YOLOv8n with the accuracy guard ...")
             start = time.perf_counter()
-            report = quantize_onnx(
-                fp32_path,
-                photos,
-                tmp / "int8.onnx",
-                options=QuantizeOptions(input_shapes={"images": (1, 3, 320, 320)}),
-            )
+            report = quantize_onnx(fp32_path, photos, tmp / "int8.onnx",
+                                   options=QuantizeOptions(input_shapes={"images": (1, 3, 320, 320)}))
             console.print(f"quantized in {time.perf_counter() - start:.1f} s: {report.reason}")
             chosen = report.chosen or "none"
             int8_path = tmp / "int8.onnx"
@@ -110,66 +98,38 @@ def main(argv: list[str] | None = None) -> int:
             fp32_ms, int8_ms = _median_ms(fp32, int8, feed, args.runs)
             both = ref[0].shape[0] and got[0].shape[0]
             iou = float(box_iou(ref[0][:1], got[0][:1])[0, 0]) if both else None
-            rows.append(
-                {
-                    "image": key,
-                    "fp32_ms": round(fp32_ms, 3),
-                    "int8_ms": round(int8_ms, 3),
-                    "speedup": round(fp32_ms / int8_ms, 3),
-                    "fp32_top": ref[2][:3].tolist(),
-                    "int8_top": got[2][:3].tolist(),
-                    "same_top_classes": set(ref[2][:3].tolist()) == set(got[2][:3].tolist()),
-                    "top_box_iou": None if iou is None else round(iou, 4),
-                }
-            )
+            rows.append({
+                "image": key, "fp32_ms": round(fp32_ms, 3), "int8_ms": round(int8_ms, 3),
+                "speedup": round(fp32_ms / int8_ms, 3),
+                "fp32_top": ref[2][:3].tolist(), "int8_top": got[2][:3].tolist(),
+                "same_top_classes": set(ref[2][:3].tolist()) == set(got[2][:3].tolist()),
+                "top_box_iou": None if iou is None else round(iou, 4),
+            })
     speedup = float(np.median([r["speedup"] for r in rows]))
     ious = [r["top_box_iou"] for r in rows if r["top_box_iou"] is not None]
     same = all(r["same_top_classes"] for r in rows)
     # An image where fp32 finds something and int8 nothing counts as IoU 0 through same_top_classes.
     ok = speedup >= SPEED_TARGET and same and all(v >= IOU_TARGET for v in ious)
-    summary = {
-        "model": "yolov8n (nudenet 320n)",
-        "candidate": chosen,
-        "median_speedup": round(speedup, 3),
-        "same_top_classes": same,
-        "min_top_box_iou": min(ious) if ious else None,
-        "targets": {"speedup": SPEED_TARGET, "top_box_iou": IOU_TARGET},
-        "met": ok,
-        "images": rows,
-    }
+    summary = {"model": "yolov8n (nudenet 320n)", "candidate": chosen, "median_speedup": round(speedup, 3),
+               "same_top_classes": same, "min_top_box_iou": min(ious) if ious else None,
+               "targets": {"speedup": SPEED_TARGET, "top_box_iou": IOU_TARGET}, "met": ok, "images": rows}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         title = f"YOLOv8n int8 ({chosen}) vs fp32, onnxruntime {ort.__version__}, same session options"
         table = Table(title=title)
-        for column in (
-            "image",
-            "fp32 ms",
-            "int8 ms",
-            "speed-up",
-            "fp32 top classes",
-            "int8 top classes",
-            "top-box IoU",
-        ):
+        for column in ("image", "fp32 ms", "int8 ms", "speed-up", "fp32 top classes", "int8 top classes",
+                       "top-box IoU"):
             table.add_column(column)
         for r in rows:
             iou_text = "-" if r["top_box_iou"] is None else f"{r['top_box_iou']:.3f}"
-            table.add_row(
-                r["image"],
-                f"{r['fp32_ms']:.2f}",
-                f"{r['int8_ms']:.2f}",
-                f"{r['speedup']:.2f}x",
-                str(r["fp32_top"]),
-                str(r["int8_top"]),
-                iou_text,
-            )
+            table.add_row(r["image"], f"{r['fp32_ms']:.2f}", f"{r['int8_ms']:.2f}", f"{r['speedup']:.2f}x",
+                          str(r["fp32_top"]), str(r["int8_top"]), iou_text)
         out = Console()
         out.print(table)
-        out.print(
-            f"median speed-up {speedup:.2f}x (target >= {SPEED_TARGET}x); same top classes: {same}; "
-            f"min top-box IoU {summary['min_top_box_iou']} (target >= {IOU_TARGET}): "
-            + ("[green]targets met[/]" if ok else "[red]targets NOT met[/]")
-        )
+        out.print(f"median speed-up {speedup:.2f}x (target >= {SPEED_TARGET}x); same top classes: {same}; "
+                  f"min top-box IoU {summary['min_top_box_iou']} (target >= {IOU_TARGET}): "
+                  + ("[green]targets met[/]" if ok else "[red]targets NOT met[/]"))
     return 0 if ok else 1
 
 
