@@ -41,6 +41,8 @@ from pathlib import Path
 
 TOOLS = Path(__file__).resolve().parent
 ROOT = TOOLS.parent
+# The tree this tool is in, not whatever edgeguard is installed: a fuzz run tests the code beside it.
+sys.path[:0] = [str(TOOLS), str(ROOT)]
 # Coverage of these guides the fuzzer: our parsers, and numpy's .npy header reader (its functions only).
 INSTRUMENT = ["edgeguard"]
 NUMPY_FORMAT = ("numpy.lib._format_impl", "numpy.lib.format")  # numpy 2 / numpy 1
@@ -88,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.child:
         return _child(args)
-    sys.path.insert(0, str(TOOLS))
     from fuzzing.harnesses import TARGETS
     from fuzzing.selftest import SELFTESTS
 
@@ -208,7 +209,6 @@ def _table(results: list[Result], out: Path) -> None:
 def _child(args: argparse.Namespace) -> int:
     import atheris
 
-    sys.path.insert(0, str(TOOLS))
     for name in THIRD_PARTY:
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
