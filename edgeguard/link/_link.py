@@ -246,7 +246,13 @@ class MqttLink:
             wait.done.set()
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        self._inbound.deliver(msg.topic, bytes(msg.payload))
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            # paho hands on a topic that is not UTF-8 (only a broker can send one) and raises when it is read;
+            # raised here, that would end the link thread. It matches no route: dropped and counted.
+            topic = "(topic not UTF-8)"
+        self._inbound.deliver(topic, bytes(msg.payload))
 
     # ---------------------------------------------------------------------------------------------- the loop
     def _run(self) -> None:
