@@ -265,31 +265,40 @@ def run_leg(leg: Leg, pytest_args: Sequence[str]) -> tuple[bool, str]:
 
 # --- aarch64 wheels ---------------------------------------------------------------------------------------
 
-def check_wheels(pythons: Sequence[str] = ("3.10", "3.11", "3.12")) -> tuple[bool, list[str]]:
-    """Resolve the runtime dependencies (and the tflite extra) for manylinux aarch64 per Python version."""
+# (label, Python version, requirements beyond the runtime dependencies): the combinations boards install.
+WHEEL_TARGETS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("Python 3.10 (JetPack 6)", "3.10", ("ai-edge-litert",)),
+    ("Python 3.10 + numpy 1.x", "3.10", ("ai-edge-litert", "numpy<2")),
+    ("Python 3.10 + tflite-runtime (Coral)", "3.10", ("tflite-runtime", "numpy<2")),
+    ("Python 3.11 (Raspberry Pi OS 12)", "3.11", ("ai-edge-litert",)),
+    ("Python 3.12", "3.12", ("ai-edge-litert",)),
+)
+
+
+def check_wheels() -> tuple[bool, list[str]]:
+    """Resolve each target's requirements for manylinux aarch64 (pip's resolver, metadata only)."""
     runtime, _ = _requirements()
-    extras = _project()["optional-dependencies"]
-    reqs = [*runtime, *extras["tflite"]]
     ok, lines = True, []
-    for py in pythons:
+    for label, py, extra in WHEEL_TARGETS:
         with tempfile.TemporaryDirectory() as tmp:
             report = Path(tmp) / "report.json"
             cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--quiet",
                    "--disable-pip-version-check", "--ignore-installed", "--only-binary=:all:",
                    "--target", str(Path(tmp) / "t"),
                    "--python-version", py, "--implementation", "cp", "--abi", f"cp{py.replace('.', '')}",
-                   *(f"--platform={tag}" for tag in MANYLINUX_AARCH64), "--report", str(report), *reqs]
+                   *(f"--platform={tag}" for tag in MANYLINUX_AARCH64), "--report", str(report),
+                   *runtime, *extra]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 ok = False
                 err = [ln for ln in proc.stderr.splitlines() if ln.startswith("ERROR")][:2]
-                lines.append(f"wheels Python {py} aarch64: FAILED to resolve: {' '.join(err)[:300]}")
+                lines.append(f"wheels aarch64 {label}: FAILED to resolve: {' '.join(err)[:300]}")
                 continue
             got = {_canonical(i["metadata"]["name"]): i["metadata"]["version"]
                    for i in json.loads(report.read_text())["install"]}
-            shown = ", ".join(f"{n} {got[n]}" for n in ("onnxruntime", "ai-edge-litert", "numpy",
-                                                          "cryptography") if n in got)
-            lines.append(f"wheels Python {py} aarch64: ok · {len(got)} wheels · {shown}")
+            shown = ", ".join(f"{n} {got[n]}" for n in ("onnxruntime", "ai-edge-litert", "tflite-runtime",
+                                                          "numpy", "cryptography") if n in got)
+            lines.append(f"wheels aarch64 {label}: ok · {len(got)} wheels · {shown}")
     return ok, lines
 
 
