@@ -20,6 +20,7 @@ resolver (metadata only, nothing installed). pip needs every manylinux tag spell
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -259,8 +260,12 @@ def run_leg(leg: Leg, pytest_args: Sequence[str]) -> tuple[bool, str]:
     took = time.monotonic() - start
     ok = rc == 0 and (leg.skips_allowed or not skipped)
     verdict = "ok" if ok else ("FAILED: skipped tests are not allowed in this leg" if rc == 0 else "FAILED")
-    return ok, (f"leg {leg.name}: {verdict} · {summary or f'pytest exited {rc}'} · {_describe(libs)} · "
+    return ok, (f"leg {leg.name}: {verdict} · {summary or _exit_text(rc)} · {_describe(libs)} · "
                 f"{took:.0f} s ({how} in {prepared:.0f} s)")
+
+
+def _exit_text(rc: int) -> str:
+    return f"pytest killed by signal {-rc}" if rc < 0 else f"pytest exited {rc} without a summary"
 
 
 # --- aarch64 wheels ---------------------------------------------------------------------------------------
@@ -313,6 +318,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.what == "constraints":
         print(lowest_constraints(), end="")
         return 0
+    LEGS_DIR.mkdir(exist_ok=True)
+    with (LEGS_DIR / ".lock").open("w") as lock:
+        # A second run would delete and rebuild venvs the first one is running tests in (seen as SIGBUS).
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(f"waiting for another tools/legs.py run ({LEGS_DIR.relative_to(ROOT)}/.lock)")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     results: list[tuple[bool, str]] = []
     if args.what == "run":
         extra = [a for a in args.pytest_args if a != "--"]
