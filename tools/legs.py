@@ -310,11 +310,14 @@ def check_wheels() -> tuple[bool, list[str]]:
 # --- command line -----------------------------------------------------------------------------------------
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="arguments after -- are passed on to pytest")
     p.add_argument("what", nargs="?", choices=("run", "constraints", "wheels"), default="run")
     p.add_argument("--leg", action="append", choices=[leg.name for leg in LEGS], help="run only this leg")
-    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="after --: passed on to pytest")
-    args = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:split])
+    args.pytest_args = argv[split + 1:]  # what follows "--" goes to pytest as it is
     if args.what == "constraints":
         print(lowest_constraints(), end="")
         return 0
@@ -332,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     results: list[tuple[bool, str]] = []
     if args.what == "run":
-        extra = [a for a in args.pytest_args if a != "--"]
+        extra = list(args.pytest_args)
         for leg in LEGS:
             if args.leg is None or leg.name in args.leg:
                 results.append(run_leg(leg, extra))
