@@ -2,7 +2,8 @@
 # EdgeGuard set-up for a fresh Debian, Ubuntu or Raspberry Pi OS machine. Idempotent: run it again at will.
 #
 #   bash tools/bootstrap.sh demo [ARGS]   install EdgeGuard into ./.venv and run `edgeguard demo`
-#   bash tools/bootstrap.sh test [ARGS]   install the test needs (mosquitto too) and run ruff, mypy, pytest
+#   bash tools/bootstrap.sh test [ARGS]   install the test needs (mosquitto too) and run ruff, mypy, pytest,
+#                                         then the compatibility legs (tools/legs.py, venvs in .venv-legs/)
 #
 # It installs Debian packages only when something is missing (python3-venv, mosquitto), with sudo when not root.
 set -euo pipefail
@@ -63,4 +64,6 @@ say "ruff"
 say "mypy"
 "$venv/bin/mypy"
 say "pytest"
-exec "$venv/bin/pytest" "$@"
+"$venv/bin/pytest" "$@"
+# The same core on the library versions boards have (tflite-runtime, onnxruntime 1.23, lower bounds).
+exec "$venv/bin/python" tools/legs.py

@@ -12,6 +12,7 @@ import re
 import zipfile
 import zlib
 from collections.abc import Mapping
+from typing import Any, cast
 
 import numpy as np
 
@@ -46,7 +47,10 @@ def encode_golden(samples: list[GoldenSample]) -> bytes:
             for name, value in tensors.items():
                 arrays[f"{i}/{side}/{name}"] = np.ascontiguousarray(value)
     buf = io.BytesIO()
-    np.savez(buf, allow_pickle=False, **arrays)
+    # No allow_pickle argument: numpy < 2.1 has none and stores it as one more array named "allow_pickle",
+    # which the decoder then refuses (packing failed on numpy 1.x). Pickles are kept out on the way back in:
+    # decode_golden loads with allow_pickle=False, and pack runs it before sealing.
+    np.savez(buf, **cast("dict[str, Any]", arrays))  # the stubs read **arrays as allow_pickle=
     return buf.getvalue()
 
 

@@ -19,8 +19,9 @@ from edgeguard._hardening import harden_process, memory_protection
 from edgeguard.bundle import open_bundle
 from edgeguard.engine import Engine, profile_cache_dirs, unavailable_reason
 from edgeguard.engine._bench import run_benchmarks
-from edgeguard.engine._litert import DEFAULT_DELEGATE_LIBRARIES
-from edgeguard.errors import ConfigError, InputRejected
+from edgeguard.engine._litert import DEFAULT_DELEGATE_LIBRARIES, litert_library
+from edgeguard.engine._onnx import onnxruntime_library
+from edgeguard.errors import BackendError, ConfigError, InputRejected
 from edgeguard.keys import load_device_key
 from edgeguard.posture._host import read_swaps
 from edgeguard.profiles import (
@@ -187,12 +188,29 @@ def _presence(fmt: str, acc: Accelerator) -> str | None:
     return reason
 
 
+def _libraries() -> dict[str, dict[str, str | None]]:
+    """The library each backend family would use, its version, and why another one is not used.
+
+    Boards carry older wheels (tflite-runtime beside numpy 1.x, onnxruntime 1.23 on JetPack 6); a report
+    that names them is the first thing to read when a model behaves differently on one board.
+    """
+    try:
+        ort_version, ort_note = onnxruntime_library()
+        onnx = {"library": "onnxruntime", "version": ort_version, "note": ort_note}
+    except BackendError as exc:
+        onnx = {"library": None, "version": None, "note": str(exc)}
+    lite = litert_library()
+    return {"onnx": onnx, "tflite": {"library": lite.module, "version": lite.version, "note": lite.note},
+            "arrays": {"library": "numpy", "version": np.__version__, "note": None}}
+
+
 def _doctor(args: argparse.Namespace) -> int:
     facts = read_board_facts(args.root)
     profile, how = _profile(args, args.root)
     report: dict[str, Any] = {"board": facts.to_json(), "profile": profile.name, "profile_source": how,
                               "profile_file": profile.source, "threads": profile.effective_threads,
                               "accelerators": {}}
+    report["libraries"] = _libraries()
     for fmt in ("onnx", "tflite"):
         report["accelerators"][fmt] = [
             {"label": a.label, "kind": a.kind, "present": (r := _presence(fmt, a)) is None, "reason": r}
@@ -211,6 +229,12 @@ def _doctor(args: argparse.Namespace) -> int:
                   + (f" · L4T {report['board']['nv_tegra_release']}" if facts.nv_tegra_release else ""))
     console.print(f"[bold]profile[/]: {profile.name} ({how}; {profile.source}), "
                   f"{profile.effective_threads} threads")
+    libs = report["libraries"]
+    console.print("[bold]libraries[/]: " + " · ".join(
+        f"{lib['library'] or '(none)'} {lib['version'] or ''}".rstrip() for lib in libs.values()))
+    for fmt, lib in libs.items():
+        if lib["note"]:
+            console.print(f"  {fmt}: {lib['note']}")
     for fmt in ("onnx", "tflite"):
         table = Table("#", "accelerator", "kind", "present", "why not", title=f"{fmt} candidates, in order")
         for i, row in enumerate(report["accelerators"][fmt]):

@@ -30,6 +30,7 @@ from rich.table import Table
 
 from edgeguard import zoo
 from edgeguard.bundle import open_bundle, pack_bundle
+from edgeguard.errors import BackendError
 from edgeguard.keys import (
     TrustStore,
     generate_keypair,
@@ -40,6 +41,7 @@ from edgeguard.keys import (
 from edgeguard.profiles import detect_profile
 
 from ._engine import Engine
+from ._litert import litert_module
 from ._onnx import OnnxBackend
 
 __all__ = ["run_benchmarks", "Case"]
@@ -91,9 +93,9 @@ def _cases(only: Sequence[str] | None, out: TextIO) -> list[Case]:
 
 def _has_litert(out: TextIO) -> bool:
     try:
-        import ai_edge_litert.interpreter  # noqa: F401, PLC0415 - optional extra
-    except ImportError:
-        print("blazeface: skipped, ai-edge-litert is not installed (edgeguard[bench])", file=out)
+        litert_module()  # ai_edge_litert, or tflite_runtime on boards that only have that
+    except BackendError as exc:
+        print(f"blazeface: skipped, {exc} (edgeguard[bench])", file=out)
         return False
     return True
 
@@ -178,7 +180,7 @@ class _Raw:
             opts.inter_op_num_threads = 1
             source: Any = str(path) if from_path else path.read_bytes()
             return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
-        from ai_edge_litert.interpreter import Interpreter  # noqa: PLC0415 - optional extra
+        Interpreter = litert_module()[0].Interpreter
 
         if from_path:
             interp = Interpreter(model_path=str(path), num_threads=self.threads)

@@ -8,7 +8,9 @@ fails with ``_ARRAY_API not found``, which is reported as such rather than as an
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,27 +21,73 @@ from edgeguard.profiles import Accelerator
 from ._backend import Backend, TensorInfo, one_line, scrub_bytes
 from ._cache_dirs import check_cache_dirs
 
-__all__ = ["DEFAULT_DELEGATE_LIBRARIES", "LiteRTBackend", "litert_module", "litert_unavailable"]
+__all__ = ["DEFAULT_DELEGATE_LIBRARIES", "LiteRTBackend", "LiteRTLibrary", "litert_library", "litert_module",
+           "litert_unavailable"]
 
 DEFAULT_DELEGATE_LIBRARIES = {"edgetpu": "libedgetpu.so.1", "gpu": "libtensorflowlite_gpu_delegate.so"}
 
 
 def litert_module() -> tuple[Any, str]:
     """The interpreter module and its package name."""
+    mod, package, _ = _import_litert()
+    if mod is None:
+        raise BackendError("no LiteRT interpreter installed: pip install ai-edge-litert "
+                           "(or tflite-runtime with numpy<2 on boards that only have that)")
+    return mod, package
+
+
+def _import_litert() -> tuple[Any, str, str | None]:
+    """(module or None, package name, why ai-edge-litert was not the one used or None)."""
     try:
         # Imported on first use: LiteRT is an optional extra, and only tflite bundles need it.
         from ai_edge_litert import interpreter as mod  # noqa: PLC0415
 
-        return mod, "ai-edge-litert"
-    except ImportError:
-        pass
+        return mod, "ai-edge-litert", None
+    except ImportError as exc:
+        # A module that is present but fails to import (a broken wheel) must not pass for "not installed".
+        why = ("ai_edge_litert not installed" if exc.name in ("ai_edge_litert", "ai_edge_litert.interpreter")
+               else f"ai_edge_litert failed to import ({one_line(exc)})")
     try:
         from tflite_runtime import interpreter as mod  # noqa: PLC0415
 
-        return mod, "tflite-runtime"
+        return mod, "tflite-runtime", why
     except ImportError:
-        raise BackendError("no LiteRT interpreter installed: pip install ai-edge-litert "
-                           "(or tflite-runtime with numpy<2 on boards that only have that)") from None
+        return None, "", why
+
+
+@dataclass(frozen=True)
+class LiteRTLibrary:
+    """Which LiteRT interpreter this process uses, for ``edgeguard doctor``."""
+
+    module: str | None  # import name ("ai_edge_litert", "tflite_runtime"), None when neither is usable
+    version: str | None
+    note: str | None  # why the preferred one is not used, or what will go wrong with the one that is
+
+
+def litert_library() -> LiteRTLibrary:
+    """Name the interpreter ``LiteRTBackend`` would use, its version, and why the other one is not used."""
+    mod, package, why = _import_litert()
+    if mod is None:
+        return LiteRTLibrary(None, None, f"{why}; tflite_runtime not installed either: no tflite bundle "
+                                         "can run (pip install ai-edge-litert)")
+    module = package.replace("-", "_")
+    version = _distribution_version(package)
+    if package == "tflite-runtime":
+        note = f"{why}; using tflite_runtime"
+        if int(np.__version__.split(".")[0]) >= 2:
+            note += (f", which was built for numpy 1.x and fails with numpy {np.__version__}: install "
+                     "ai-edge-litert or numpy<2")
+        return LiteRTLibrary(module, version, note)
+    other = _distribution_version("tflite-runtime")
+    also = None if other is None else f"tflite_runtime {other} also installed; ai_edge_litert is preferred"
+    return LiteRTLibrary(module, version, also)
+
+
+def _distribution_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def litert_unavailable(accelerator: Accelerator) -> str | None:

@@ -14,7 +14,7 @@ from edgeguard.profiles import Accelerator
 from ._backend import Backend, TensorInfo, one_line, scrub_bytes
 from ._cache_dirs import check_cache_dirs
 
-__all__ = ["OnnxBackend", "PROVIDERS", "onnx_unavailable", "provider_options"]
+__all__ = ["OnnxBackend", "PROVIDERS", "onnx_unavailable", "onnxruntime_library", "provider_options"]
 
 PROVIDERS: Final[dict[str, str]] = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -39,6 +39,16 @@ def _ort() -> Any:
     except ImportError as exc:  # pragma: no cover - onnxruntime is a hard dependency
         raise BackendError(f"onnxruntime is not installed: {exc}") from None
     return onnxruntime
+
+
+def onnxruntime_library() -> tuple[str, str | None]:
+    """onnxruntime's version, and a note when CPU sessions cannot take the binding's no-copy path."""
+    ort = _ort()
+    note = None
+    if _binding_session_class(ort) is None:
+        note = ("onnxruntime binding session not exposed: CPU sessions use the public API "
+                "(one more model copy)")
+    return str(ort.__version__), note
 
 
 def onnx_unavailable(accelerator: Accelerator) -> str | None:
@@ -88,6 +98,16 @@ def provider_options(accelerator: Accelerator, threads: int) -> dict[str, str]:
     return out
 
 
+def _binding_session_class(ort: Any) -> Any:
+    """The binding's session class, or None where this onnxruntime does not expose it.
+
+    A private name (no compatibility promise), so it is looked up defensively, in one place: the tests replace
+    this function to force the public path on every onnxruntime version.
+    """
+    capi = getattr(getattr(ort, "capi", None), "_pybind_state", None)
+    return getattr(capi, "InferenceSession", None)
+
+
 def _direct_session(ort: Any, model: bytes | bytearray, opts: Any, providers: list[Any]) -> Any:
     """A CPU session created straight from the plaintext buffer, or None where that is not possible.
 
@@ -100,8 +120,7 @@ def _direct_session(ort: Any, model: bytes | bytearray, opts: Any, providers: li
     """
     if len(providers) != 1 or not isinstance(model, bytearray):
         return None
-    capi = getattr(getattr(ort, "capi", None), "_pybind_state", None)
-    cls = getattr(capi, "InferenceSession", None)
+    cls = _binding_session_class(ort)
     if cls is None:
         return None
     name, options = providers[0]

@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from edgeguard.bundle import RollbackFloor, inspect_bundle, open_bundle, pack_bundle, verify_bundle
+from edgeguard.engine._litert import litert_module
 from edgeguard.errors import BundleRejected
 from edgeguard.keys import TrustStore, load_trusted_key
 from tests.bundle.conftest import Party, make_party
@@ -65,7 +66,7 @@ def test_several_recipients_each_open_others_refused(
 
 
 def test_tflite_blazeface_with_golden_computed_by_litert(party: Party, blazeface_path: Path) -> None:
-    from ai_edge_litert.interpreter import Interpreter
+    Interpreter = litert_module()[0].Interpreter  # ai_edge_litert, or tflite_runtime in its leg
 
     model = blazeface_path.read_bytes()
     image = np.random.default_rng(2).random((1, 128, 128, 3), dtype=np.float32)

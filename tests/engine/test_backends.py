@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edgeguard.engine import open_backend, unavailable_reason
+from edgeguard.engine import _onnx, open_backend, unavailable_reason
 from edgeguard.engine._backend import one_line, scrub_bytes
 from edgeguard.engine._litert import _numpy2_hint
 from edgeguard.engine._onnx import provider_options
@@ -101,18 +102,27 @@ def test_no_litert_installed_is_a_clear_backend_error(monkeypatch: pytest.Monkey
     assert unavailable_reason("tflite", Accelerator(kind="xnnpack", label="xnnpack")) is not None
 
 
-def test_tflite_runtime_fallback_under_numpy2(monkeypatch: pytest.MonkeyPatch, blazeface_path: Path) -> None:
-    # Runs where tflite-runtime is installed (boards that only have it); elsewhere nothing to fall back to.
-    pytest.importorskip("tflite_runtime.interpreter")
+def test_tflite_runtime_is_used_where_ai_edge_litert_is_absent(monkeypatch: pytest.MonkeyPatch,
+                                                                blazeface_path: Path) -> None:
+    # Every branch asserts: the tflite-runtime leg (tools/legs.py: numpy 1.26 + tflite-runtime 2.14) runs a
+    # real model on tflite_runtime; a venv without it gets the clear "nothing installed" error.
     monkeypatch.setitem(sys.modules, "ai_edge_litert", None)
     acc = Accelerator(kind="xnnpack", label="xnnpack")
-    if int(np.__version__.split(".")[0]) < 2:
-        backend = open_backend("tflite", acc, blazeface_path.read_bytes(), 1)
-        assert getattr(backend, "package", None) == "tflite-runtime"
-        backend.close()
+    if importlib.util.find_spec("tflite_runtime") is None:
+        with pytest.raises(BackendError, match=r"no LiteRT interpreter installed"):
+            open_backend("tflite", acc, blazeface_path.read_bytes(), 1)
         return
-    with pytest.raises(BackendError, match=r"tflite-runtime was built for numpy 1\.x and fails with numpy 2"):
-        open_backend("tflite", acc, blazeface_path.read_bytes(), 1)
+    if int(np.__version__.split(".")[0]) >= 2:
+        with pytest.raises(BackendError, match=r"tflite-runtime was built for numpy 1\.x and fails with num"):
+            open_backend("tflite", acc, blazeface_path.read_bytes(), 1)
+        return
+    backend = open_backend("tflite", acc, blazeface_path.read_bytes(), 1)
+    try:
+        assert getattr(backend, "package", None) == "tflite-runtime"
+        out = backend.run({"input": np.zeros((1, 128, 128, 3), np.float32)})
+        assert out["regressors"].shape == (1, 896, 16)
+    finally:
+        backend.close()
 
 
 def test_cpu_session_is_created_from_the_plaintext_buffer_without_a_copy() -> None:
@@ -134,3 +144,46 @@ def test_cpu_session_is_created_from_the_plaintext_buffer_without_a_copy() -> No
     finally:
         direct.close()
         public.close()
+
+
+class _BytesOnlyBinding:
+    """An onnxruntime binding from before it took a ``bytearray`` (its constructor rejects anything else)."""
+
+    def __init__(self, options: object, model: object, is_path: bool, read_config: bool) -> None:
+        raise TypeError("__init__(): incompatible constructor arguments")
+
+
+@pytest.mark.parametrize("binding", ["absent", "bytes-only"])
+def test_cpu_session_falls_back_to_the_public_api(monkeypatch: pytest.MonkeyPatch, binding: str) -> None:
+    # The no-copy path uses a private onnxruntime name; wherever it is missing or refuses the buffer, the
+    # public API must give the same session, with its copy of the plaintext dropped and wiped.
+    model = conv_model()
+    x = np.random.default_rng(2).uniform(0, 1, (1, 3, 32, 32)).astype(np.float32)
+    acc = Accelerator(kind="cpu", label="cpu")
+    reference = open_backend("onnx", acc, bytearray(model), 2)  # whichever path this onnxruntime takes
+    expected = reference.run({"x": x})["y"]
+    reference.close()
+    monkeypatch.setattr(_onnx, "_binding_session_class",
+                        (lambda ort: None) if binding == "absent" else (lambda ort: _BytesOnlyBinding))
+    unshared: list[bool] = []
+    real_scrub = _onnx.scrub_bytes
+
+    def spy_scrub(buf: bytes) -> bool:
+        # Seen from here, a copy nothing else holds has three references: the caller's variable, this
+        # argument and getrefcount's. (The spy's own reference makes the real scrub below refuse.)
+        unshared.append(sys.getrefcount(buf) == 3)
+        return real_scrub(buf)
+
+    monkeypatch.setattr(_onnx, "scrub_bytes", spy_scrub)
+    backend = open_backend("onnx", acc, bytearray(model), 2)
+    try:
+        sess = backend._sess  # type: ignore[attr-defined]
+        assert type(sess).__module__ == "onnxruntime.capi.onnxruntime_inference_collection"
+        assert unshared == [True]  # the public API's bytes copy reached the wipe with no other holder
+        assert getattr(sess, "_model_bytes", None) is None
+        np.testing.assert_array_equal(backend.run({"x": x})["y"], expected)
+        opts = backend.session_options()  # type: ignore[attr-defined]
+        assert (opts.intra_op_num_threads, opts.inter_op_num_threads) == (2, 1)
+        assert backend.describe()["providers"] == ["CPUExecutionProvider"]
+    finally:
+        backend.close()
