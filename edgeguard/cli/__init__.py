@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from edgeguard import __version__
 from edgeguard.errors import BundleRejected, ConfigError, EdgeGuardError, InputRejected, KeyFileError
 
-from . import _bundle_cmds, _demo, _engine_cmds, _quantize_cmds, _service_cmds
+from . import _bundle_cmds, _demo, _engine_cmds, _fleet_cmds, _quantize_cmds, _service_cmds
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_RUNTIME", "EXIT_USAGE", "EXIT_REJECTED"]
 
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"edgeguard {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (_bundle_cmds, _engine_cmds, _quantize_cmds, _service_cmds, _demo):
+    for module in (_bundle_cmds, _engine_cmds, _quantize_cmds, _service_cmds, _demo, _fleet_cmds):
         module.register(sub)
     return parser
 
