@@ -201,7 +201,7 @@ class IngestProc:
 
 def count(dsn: str, table: str = "results") -> int:
     with psycopg.connect(dsn, autocommit=True) as c:
-        row = c.execute(f"SELECT count(*) FROM edgeguard.{table}").fetchone()  # noqa: S608 - fixed names
+        row = c.execute(f"SELECT count(*) FROM edgeguard.{table}").fetchone()
         assert row is not None
         return int(row[0])
 

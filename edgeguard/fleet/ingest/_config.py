@@ -88,9 +88,9 @@ class IngestConfig:
     Batching: a batch is written when ``batch_max`` messages are waiting or ``flush_interval_s`` after its
     first one. ``receive_max`` is the MQTT 5 Receive Maximum: at most that many unacknowledged messages are
     in this worker at once, which bounds its memory while the database is slow or down (the broker keeps the
-    rest; mosquitto 2.0 honours it only until the first acks, so the worker enforces it itself, together with
-    ``max_pending_bytes``). ``write_method``: "copy" (COPY into a temporary table, then INSERT … SELECT … ON CONFLICT DO
-    NOTHING) or "values" (multi-row INSERT … VALUES … ON CONFLICT DO NOTHING).
+    rest; mosquitto 2.0 honours it only until the first acks, so the worker enforces it itself, together
+    with ``max_pending_bytes``). ``write_method``: "copy" (COPY into a temporary table, then INSERT … SELECT …
+    ON CONFLICT DO NOTHING) or "values" (multi-row INSERT … VALUES … ON CONFLICT DO NOTHING).
     """
 
     fleet: str

@@ -54,6 +54,8 @@ class BatchWriter:
     def _ensure_temp(self) -> None:
         if self._temp_ready:
             return
+        if not self.conn.autocommit:
+            raise ValueError("BatchWriter needs an autocommit connection (each batch is its own transaction)")
         # Epoch seconds travel as double precision and become timestamptz in the INSERT … SELECT: the same
         # float always gives the same timestamptz, which keeps (id, created) a deduplicating key.
         self.conn.execute(
@@ -71,9 +73,12 @@ class BatchWriter:
     def write(self, results: Sequence[ResultRow], messages: Sequence[MessageRow]) -> Written:
         """Insert the rows in one transaction and commit; raises psycopg errors (the caller classifies)."""
         out = Written()
+        if self.method == "copy":
+            # Before the batch's transaction, committed on its own: created inside it, a failed batch would
+            # roll the tables back while this writer believes they exist.
+            self._ensure_temp()
         with self.conn.transaction():
             if self.method == "copy":
-                self._ensure_temp()
                 self._copy(results, messages, out)
             else:
                 self._values(results, messages, out)
