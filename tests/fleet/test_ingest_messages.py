@@ -1,5 +1,5 @@
-"""What devices publish, as the ingest worker stores it: the device link's own envelope, heartbeats, status and
-events, and bad messages (rejected one by one, acknowledged, the worker keeps serving)."""
+"""What devices publish, as the ingest worker stores it: the device link's own envelope, heartbeats, status
+and events, and bad messages (rejected one by one, acknowledged, the worker keeps serving)."""
 
 from __future__ import annotations
 
