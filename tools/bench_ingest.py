@@ -10,7 +10,8 @@ free local port.
    in batches of ``--batch`` (one transaction each, ON CONFLICT DO NOTHING), once with ``copy`` (COPY into a
    temporary table + INSERT … SELECT) and once with ``values`` (multi-row INSERT), each into a fresh database;
    the reference is a raw ``COPY edgeguard.results FROM STDIN`` of the same rows in the same batch size into
-   the same schema (same partitions and indexes, no deduplication). Median of ``--reps``; ratio of rates.
+   the same schema (same partitions and indexes, no deduplication), its rows converted before timing starts.
+   Median of ``--reps``, interleaved; ratio of rates.
 2. End-to-end lag. A real ingest worker (in this process) behind mosquitto; a paho publisher sends results for
    ``--devices`` devices at ``--rate`` results/s for ``--seconds``, each created at its publish time. Lag per
    row = time its batch's COMMIT returned - the result's created time; p50 / p99 / max.
@@ -173,37 +174,45 @@ def prepared(dsn: str) -> psycopg.Connection[tuple[object, ...]]:
 
 # -------------------------------------------------------------------------------------------- 1. write rate
 def write_rate(admin: str, data: list[ResultRow], batch: int, method: str) -> float:
+    # The raw baseline gets its rows ready-made (timestamps already converted) before the clock starts: the
+    # most favourable raw COPY, so the ratio is not flattered by the baseline's own Python work.
+    ready = (
+        [
+            (
+                r.result_id,
+                r.fleet,
+                r.device,
+                r.seq,
+                r.kind,
+                r.priority,
+                dt.datetime.fromtimestamp(r.created, dt.timezone.utc),
+                dt.datetime.fromtimestamp(r.received, dt.timezone.utc),
+                r.data,
+            )
+            for r in data
+        ]
+        if method == "raw-copy"
+        else []
+    )
     with database(admin) as dsn, prepared(dsn) as conn:
         t0 = time.perf_counter()
         if method == "raw-copy":
-            for i in range(0, len(data), batch):
+            for i in range(0, len(ready), batch):
                 with (
                     conn.transaction(),
                     conn.cursor().copy(
                         f"COPY edgeguard.results ({', '.join(RESULT_COLUMNS)}) FROM STDIN".encode()
                     ) as cp,
                 ):
-                    for r in data[i : i + batch]:
-                        cp.write_row(
-                            (
-                                r.result_id,
-                                r.fleet,
-                                r.device,
-                                r.seq,
-                                r.kind,
-                                r.priority,
-                                dt.datetime.fromtimestamp(r.created, dt.timezone.utc),
-                                dt.datetime.fromtimestamp(r.received, dt.timezone.utc),
-                                r.data,
-                            )
-                        )
+                    for row in ready[i : i + batch]:
+                        cp.write_row(row)
         else:
             w = BatchWriter(conn, method=method)
             for i in range(0, len(data), batch):
                 w.write(data[i : i + batch], [])
         elapsed = time.perf_counter() - t0
-        row = conn.execute("SELECT count(*) FROM edgeguard.results").fetchone()
-        assert row is not None and row[0] == len(data), row
+        got = conn.execute("SELECT count(*) FROM edgeguard.results").fetchone()
+        assert got is not None and got[0] == len(data), got
     return len(data) / elapsed
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -168,3 +169,19 @@ def test_cli_status_reads_the_file_and_says_what_is_wrong_first(tmp_path: Path) 
     assert run.returncode == 2 and run.stderr.startswith("edgeguard: status file ")  # links are not followed
     run = _cli("--status", "--status-file", str(tmp_path / "missing.json"))
     assert run.returncode == 2 and run.stderr.count("\n") == 1
+
+
+def test_the_example_config_is_valid_and_documents_every_key() -> None:
+    from edgeguard.fleet.ingest._config import BrokerConfig, IngestConfig
+
+    example = REPO / "examples" / "ingest.toml"
+    cfg = load_ingest_config(example)
+    assert cfg.fleet == "site-b" and cfg.broker.port == 8883
+    text = example.read_text()
+    doc = (REPO / "docs" / "ingest.md").read_text()
+    for name in [f.name for f in dataclasses.fields(IngestConfig)] + [
+        f.name for f in dataclasses.fields(BrokerConfig)
+    ]:
+        if name != "broker":
+            assert name in text, f"{name} missing from examples/ingest.toml"
+            assert f"`{name}`" in doc, f"{name} missing from docs/ingest.md"
