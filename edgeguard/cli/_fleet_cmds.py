@@ -22,7 +22,12 @@ _STATUS_MAX_BYTES = 64 * 1024
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     fleet = sub.add_parser("fleet", help="operator-side tools (ingest into PostgreSQL)")
     fsub = fleet.add_subparsers(dest="fleet_command", metavar="FLEET_COMMAND")
-    fleet.set_defaults(handler=lambda _a: (fleet.print_help(), 2)[1])
+
+    def usage(_args: argparse.Namespace) -> int:
+        fleet.print_help()
+        return 2
+
+    fleet.set_defaults(handler=usage)
     p = fsub.add_parser(
         "ingest",
         help="store the fleet's results, heartbeats, status and events in PostgreSQL, exactly once",

@@ -193,10 +193,12 @@ class IngestWorker:
             self._mqtt_error = f"disconnected ({rc})"
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
-        # paho's thread: append and return. Never raises into paho.
-        item = _Msg(
-            self._conn_gen, msg.mid, msg.qos, msg.topic, bytes(msg.payload), self._wall(), self._clock()
-        )
+        # paho's thread: append and return. Never raises into paho (an exception there ends its loop thread).
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:
+            topic = "(topic not UTF-8)"  # queued all the same: rejected and acknowledged in its turn
+        item = _Msg(self._conn_gen, msg.mid, msg.qos, topic, bytes(msg.payload), self._wall(), self._clock())
         with self._cond:
             if item.qos == 0:
                 if self._qos0 >= _QOS0_MAX:
