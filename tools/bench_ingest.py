@@ -276,11 +276,10 @@ def start_worker(dsn: str, port: int, lags: list[float]) -> IngestWorker:
     worker._committed = timed  # type: ignore[assignment,method-assign]
     worker.start()
     deadline = time.monotonic() + 60
-    while not (worker.status()["db"]["connected"] and worker.status()["mqtt"]["connected"]):
+    while not (worker.status()["db"]["connected"] and worker.status()["mqtt"]["subscribed"]):
         if time.monotonic() > deadline:
             raise RuntimeError(f"worker not ready: {worker.status()}")
         time.sleep(0.05)
-    time.sleep(0.5)  # the shared subscription's SUBACK follows CONNACK
     return worker
 
 

@@ -52,8 +52,8 @@ def _worker(
 
 
 def _subscribed(proc: IngestProc) -> dict[str, object]:
-    # Connected and the schema migrated (the first batch-less pass of the writer is done once db is up).
-    return proc.wait_status(lambda s: s["mqtt"]["connected"] and s["db"]["connected"], timeout=30)
+    # Subscribed (SUBACK received) and the schema migrated: from now on nothing published is missed.
+    return proc.wait_status(lambda s: s["mqtt"]["subscribed"] and s["db"]["connected"], timeout=30)
 
 
 def _ids(dsn: str) -> set[str]:

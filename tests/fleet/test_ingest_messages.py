@@ -117,7 +117,7 @@ def test_bad_messages_are_rejected_one_by_one_and_the_worker_keeps_serving(
         for i in range(20)
     ]
     try:
-        proc.wait_status(lambda s: s["mqtt"]["connected"] and s["db"]["connected"], timeout=30)
+        proc.wait_status(lambda s: s["mqtt"]["subscribed"] and s["db"]["connected"], timeout=30)
         # bogus kind: the topic is outside our subscription, so the broker never sends it: 9 rejections
         stream = [(f"edgeguard/v1/{FLEET}/cam-1/{k}", p) for k, p in BAD] + good
         pub.publish_all(stream)
@@ -164,7 +164,7 @@ def test_heartbeats_status_and_events_are_stored_once_each(
     ).encode()
     online = json.dumps({"state": "online", "device": "cam-3", "fleet": FLEET, "time": now}).encode()
     try:
-        proc.wait_status(lambda s: s["mqtt"]["connected"] and s["db"]["connected"], timeout=30)
+        proc.wait_status(lambda s: s["mqtt"]["subscribed"] and s["db"]["connected"], timeout=30)
         pub.publish_all([(base + "events", event), (base + "events", event), (base + "status", online)])
         # heartbeats are QoS 0 on the device: published at QoS 0 here too, twice (a duplicate anyway)
         pub.publish_all([(base + "heartbeat", hb), (base + "heartbeat", hb)], qos=0)

@@ -105,6 +105,7 @@ class IngestWorker:
         self._ack_lock = threading.Lock()
         self._conn_gen = 0  # bumped on every CONNACK (paho thread)
         self._mqtt_connected = False
+        self._mqtt_subscribed = False
         self._mqtt_error: str | None = None
         self._mqtt_connects = 0
         self._db: psycopg.Connection[tuple[object, ...]] | None = None
@@ -162,6 +163,7 @@ class IngestWorker:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, rc: ReasonCode, _p: Any) -> None:
@@ -184,11 +186,20 @@ class IngestWorker:
         opts = SubscribeOptions(qos=1)
         client.subscribe([(topic, opts) for topic in self.config.shared_topics])
 
+    def _on_subscribe(self, _c: Any, _u: Any, _mid: int, rcs: list[ReasonCode], _p: Any) -> None:
+        refused = [rc for rc in rcs if rc.is_failure]
+        if refused:  # e.g. an ACL, or a broker without shared subscriptions: nothing will arrive
+            self._mqtt_error = f"broker refused the subscription ({refused[0]})"
+            log.error("ingest: %s", self._mqtt_error)
+            return
+        self._mqtt_subscribed = True
+
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
         if self._mqtt_connected and not self._leaving:
             log.warning("ingest: disconnected from the broker (%s); paho reconnects", rc)
         with self._ack_lock:
             self._mqtt_connected = False
+        self._mqtt_subscribed = False
         if rc.is_failure:
             self._mqtt_error = f"disconnected ({rc})"
 
@@ -507,6 +518,8 @@ class IngestWorker:
             reasons.append(self._db_error)
         if not self._mqtt_connected:
             reasons.append(f"broker not connected{': ' + self._mqtt_error if self._mqtt_error else ''}")
+        elif not self._mqtt_subscribed:
+            reasons.append(self._mqtt_error or "not subscribed yet")
         state = "failed" if self._fatal else ("degraded" if reasons else "ok")
         return {
             "state": state,
@@ -515,7 +528,11 @@ class IngestWorker:
             "client_id": self.config.client_id,
             "group": self.config.group,
             "fleet": self.config.fleet,
-            "mqtt": {"connected": self._mqtt_connected, "connects": self._mqtt_connects},
+            "mqtt": {
+                "connected": self._mqtt_connected,
+                "subscribed": self._mqtt_subscribed,
+                "connects": self._mqtt_connects,
+            },
             "db": {
                 "connected": self._db is not None and self._db_error is None,
                 "error": self._db_error,
