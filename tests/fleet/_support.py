@@ -9,6 +9,7 @@ import os
 import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -76,6 +77,8 @@ class Publisher:
         self._acked = 0
         self._cond = threading.Condition()
         self.client.on_publish = self._on_publish
+        if broker.tls is not None:
+            self.client.tls_set(ca_certs=str(broker.tls.ca_cert), cert_reqs=ssl.CERT_REQUIRED)
         self.client.connect(broker.host, broker.port, keepalive=30)
         self.client.loop_start()
 
@@ -91,6 +94,12 @@ class Publisher:
             start = self._acked
         n = 0
         for topic, payload in messages:
+            if qos and n % 1000 == 0:
+                # paho's message ids are 16-bit: with more than 65,535 unacknowledged publishes they wrap and
+                # overwrite each other in paho's table. Keep at most 10,000 outstanding.
+                with self._cond:
+                    if not self._cond.wait_for(lambda sent=n: sent - (self._acked - start) < 10_000, timeout):
+                        raise TimeoutError(f"broker acknowledged {self._acked - start} of {n}")
             self.client.publish(topic, payload, qos=qos)
             n += 1
         with self._cond:
@@ -132,6 +141,8 @@ def write_config(
     }
     lines = ["[ingest]"] + [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
     lines += ["[ingest.broker]", f'host = "{broker.host}"', f"port = {broker.port}", "keepalive_s = 5"]
+    if broker.tls is not None:
+        lines.append(f'ca_file = "{broker.tls.ca_cert}"')
     path.write_text("\n".join(lines) + "\n")
     return path
 

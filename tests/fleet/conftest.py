@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import psycopg  # the dev extra installs it: a missing driver fails these tests, it does not skip them
 import pytest
 
-from tests.support.broker import broker_factory, mosquitto, recorder_factory
+from tests.support.broker import broker_factory, mosquitto, pki, recorder_factory
 
-__all__ = ["broker_factory", "mosquitto", "recorder_factory", "pg_dsn", "PG_ADMIN_DSN"]
+__all__ = ["broker_factory", "mosquitto", "pki", "recorder_factory", "pg_dsn", "PG_ADMIN_DSN"]
 
 # The PostgreSQL these machines and CI run (trust auth); EDGEGUARD_TEST_PG points elsewhere.
 PG_ADMIN_DSN = os.environ.get("EDGEGUARD_TEST_PG", "host=127.0.0.1 port=5432 user=postgres dbname=postgres")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -14,7 +15,7 @@ from edgeguard.fleet.ingest._parse import ResultRow, parse_message
 from edgeguard.link import LinkConfig, MqttLink
 from edgeguard.outbox import Outbox
 from tests.fleet._support import IngestProc, Publisher, count, envelope, wait_rows, write_config
-from tests.support.broker import MosquittoBroker, Recorder
+from tests.support.broker import MosquittoBroker, Pki, Recorder
 
 FLEET = "site-b"
 
@@ -182,6 +183,42 @@ def test_heartbeats_status_and_events_are_stored_once_each(
             ev = c.execute("SELECT body->>'kind', body->>'reason' FROM edgeguard.events").fetchone()
             assert ev == ("bundle-rejected", "signature")
         assert count(pg_dsn, "heartbeats") == 1 and count(pg_dsn, "events") == 1
+    finally:
+        pub.close()
+        proc.stop()
+
+
+@pytest.mark.slow
+def test_over_tls_a_burst_larger_than_receive_max_is_stored_exactly_with_bounded_holding(
+    tmp_path: Path, broker_factory: Callable[..., MosquittoBroker], pki: Pki, pg_dsn: str
+) -> None:
+    """TLS to the broker (verified against the fleet CA); 3,000 results at once against receive_max 100: the
+    worker never holds more than 100, and every result is stored once (mosquitto sends past Receive Maximum
+    after the first acks; the worker stops reading until it has room)."""
+    broker = broker_factory(tls=pki)
+    proc = _proc(tmp_path, broker, pg_dsn, receive_max=100, batch_max=50).start()
+    pub = Publisher(broker)
+    now = time.time()
+    msgs = [
+        (
+            f"edgeguard/v1/{FLEET}/cam-{i % 30}/results",
+            envelope(f"cam-{i % 30}", i // 30, created=now, data=b"{}"),
+        )
+        for i in range(3000)
+    ]
+    try:
+        proc.wait_status(lambda s: s["mqtt"]["subscribed"] and s["db"]["connected"], timeout=30)
+        pub.publish_all(msgs)
+        peak = 0
+        deadline = time.monotonic() + 90
+        while count(pg_dsn) < len(msgs) and time.monotonic() < deadline:
+            snap = proc.status()
+            peak = max(peak, snap["pending"] if snap else 0)
+            time.sleep(0.02)
+        assert count(pg_dsn) == len(msgs)
+        done = proc.wait_status(lambda s: s["pending"] == 0 and s["state"] == "ok")
+        assert peak <= 100 and done["counters"]["inserted"] == len(msgs)
+        assert done["counters"]["full_waits"] > 0  # the bound was reached and held, not just never tested
     finally:
         pub.close()
         proc.stop()

@@ -97,7 +97,6 @@ class IngestWorker:
         # bounded by receive_max and max_pending_bytes
         self._held = 0
         self._held_bytes = 0
-        self._resync_needed = False
         self._leaving = False
         # Acks are sent only on the connection their messages came in on: the writer checks generation and
         # connectedness and queues the PUBACK under this lock, and paho's callbacks change both under it
@@ -125,10 +124,9 @@ class IngestWorker:
                 "acked",
                 "batches",
                 "db_errors",
-                "overflow",
+                "full_waits",
                 "qos0_dropped",
                 "stale_acks_skipped",
-                "resyncs",
             ),
             0,
         )
@@ -216,23 +214,28 @@ class IngestWorker:
                     self.counters["qos0_dropped"] += 1
                     return
                 self._qos0 += 1
-            elif (
-                self._held >= self.config.receive_max
-                or self._held_bytes + len(item.payload) > self.config.max_pending_bytes
-            ):
-                # Our own bound, whatever the broker does (mosquitto 2.0 honours Receive Maximum only until
-                # the first PUBACKs, then sends its whole backlog). Dropped unacknowledged: the broker still
-                # counts it as in flight to us and sends it again when we resume the session, which the
-                # writer does once everything held is committed (_resync).
-                self.counters["overflow"] += 1
-                self._resync_needed = True
-                return
             else:
+                # Our own bound, whatever the broker does (mosquitto 2.0 honours Receive Maximum only until
+                # the first PUBACKs, then sends its whole backlog): while full, this thread waits here and
+                # stops reading the socket, so TCP pushes back and the rest stays with the broker. Pings stop
+                # too: a wait longer than 1.5 x keepalive ends the connection, and the broker redelivers what
+                # was not acknowledged on the next one (the key absorbs the copies).
+                waited = False
+                while self._held > 0 and (
+                    self._held >= self.config.receive_max
+                    or self._held_bytes + len(item.payload) > self.config.max_pending_bytes
+                ):
+                    if self._stop.is_set():
+                        return  # stopping: not acknowledged, so the broker keeps it
+                    if not waited:
+                        self.counters["full_waits"] += 1
+                        waited = True
+                    self._cond.wait(0.25)
                 self._held += 1
                 self._held_bytes += len(item.payload)
             self._queue.append(item)
             self.counters["received"] += 1
-            self._cond.notify()
+            self._cond.notify_all()  # the writer waits on this condition for messages, this thread for room
 
     # ---------------------------------------------------------------------------------------------- running
     def start(self) -> None:
@@ -245,6 +248,9 @@ class IngestWorker:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = b.session_expiry_s
         props.ReceiveMaximum = self.config.receive_max
+        # The broker must not send us packets much larger than we store (paho would read any size into
+        # memory): topic and properties get 64 KiB beyond the largest payload we accept.
+        props.MaximumPacketSize = self.config.max_payload_bytes + 65536
         try:
             # connect_async: the first attempt happens in paho's thread and is retried there like any other,
             # so a broker that is down at start is the same condition as one that goes away later.
@@ -254,18 +260,6 @@ class IngestWorker:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"ingest.broker: {exc}") from None
         self._client.loop_start()
-
-    def _resync(self) -> None:
-        """Resume the session on a new connection, so the broker sends again what we dropped on overflow.
-        Writer thread, with nothing held: the PUBACKs queued so far go out before the DISCONNECT."""
-        self._resync_needed = False
-        self.counters["resyncs"] += 1
-        log.info("ingest: resuming the session to receive the messages dropped while full")
-        self._leaving = True
-        self._client.disconnect()
-        self._client.loop_stop()
-        self._leaving = False
-        self._start_mqtt()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the batch being written (commit + acks), then disconnect. What is still queued stays
@@ -321,8 +315,6 @@ class IngestWorker:
                     if self._in_batch:
                         self._write_batch(self._in_batch)
                         self._in_batch = []
-                    if self._resync_needed and self._nothing_held():
-                        self._resync()
                     backoff = self.config.db_retry_initial_s
                 except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                     self._db_failed(exc)
@@ -332,10 +324,6 @@ class IngestWorker:
             log.exception("ingest: writer failed")
             self._fatal = _one_line(exc)
             self._stop.set()
-
-    def _nothing_held(self) -> bool:
-        with self._cond:
-            return self._held == 0
 
     def _take_batch(self) -> list[_Msg]:
         cfg = self.config
@@ -490,6 +478,7 @@ class IngestWorker:
         with self._cond:
             self._held -= len(held)
             self._held_bytes -= sum(len(m.payload) for m in held)
+            self._cond.notify_all()  # room for paho's thread
         self.counters["batches"] += 1
         self.counters["inserted"] += written.inserted
         self.counters["duplicates"] += written.duplicates
