@@ -3,12 +3,13 @@
 Three threads, each with one job:
 
 - paho's network thread (``loop_start``) receives messages and only appends them to a bounded queue; it never
-  waits on the database, so keepalives flow while the database is slow or down;
+  touches the database. When the worker holds ``receive_max`` messages (or ``max_pending_bytes``), this
+  thread waits for room and stops reading the socket: TCP pushes back and the broker keeps the rest (it is
+  also told Receive Maximum, which mosquitto 2.0 honours only until the first acks);
 - the writer thread takes batches from the queue, parses them (``_parse``, the gatekeeper), writes them in
   one transaction and, only after COMMIT returned, acknowledges their QoS 1 messages to the broker, in the
   order they arrived (MQTT 5 §4.6). While the database refuses, it retries the same batch with backoff and
-  acknowledges nothing: the broker stops sending once ``receive_max`` messages are unacknowledged (MQTT 5
-  Receive Maximum) and keeps the rest in our persistent session, so memory stays bounded;
+  acknowledges nothing, so memory stays bounded and the backlog waits in our persistent session;
 - the caller's thread (``run``) writes the status snapshot every ``status_interval_s``.
 
 Exactly once: rows are keyed by the device's ids (``_schema``), inserted with ON CONFLICT DO NOTHING. A crash
