@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import stat
+import sys
 import threading
 import time
 from pathlib import Path
@@ -135,7 +136,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
     code = worker.run(stop, write_status)
     if worker.fatal is not None:
-        print(f"edgeguard: ingest: {worker.fatal}")
+        print(f"edgeguard: ingest: {worker.fatal}", file=sys.stderr)
     return code
 
 

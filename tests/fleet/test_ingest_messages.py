@@ -11,6 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from edgeguard.fleet.ingest import SCHEMA_VERSION, migrate
 from edgeguard.fleet.ingest._parse import ResultRow, parse_message
 from edgeguard.link import LinkConfig, MqttLink
 from edgeguard.outbox import Outbox
@@ -222,3 +223,21 @@ def test_over_tls_a_burst_larger_than_receive_max_is_stored_exactly_with_bounded
     finally:
         pub.close()
         proc.stop()
+
+
+def test_a_database_with_a_newer_schema_stops_the_worker_with_one_line_and_exit_1(
+    tmp_path: Path, mosquitto: MosquittoBroker, pg_dsn: str
+) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True) as c:
+        migrate(c)
+        c.execute("INSERT INTO edgeguard.schema_version (version, description) VALUES (99, 'future')")
+    proc = _proc(tmp_path, mosquitto, pg_dsn).start()
+    assert proc.proc is not None
+    assert proc.proc.wait(60) == 1
+    tail = proc.log_tail()
+    assert tail.rstrip().splitlines()[-1] == (
+        f"edgeguard: ingest: database schema is version 99, newer than this EdgeGuard's {SCHEMA_VERSION}"
+    )
+    assert "Traceback" not in tail
+    status = proc.status()
+    assert status is not None and status["state"] == "failed"

@@ -321,7 +321,11 @@ class IngestWorker:
                     self._db_failed(exc)
                     self._stop.wait(backoff)  # stop() cuts the wait short
                     backoff = min(backoff * 2, self.config.db_retry_max_s)
-        except Exception as exc:  # a bug or a refused migration: stop loudly, never ack past it
+        except DatabaseError as exc:  # e.g. a schema newer than this EdgeGuard: nothing to retry
+            log.error("ingest: %s; stopping", exc)
+            self._fatal = _one_line(exc)
+            self._stop.set()
+        except Exception as exc:  # a bug: stop loudly (traceback in the log), never ack past it
             log.exception("ingest: writer failed")
             self._fatal = _one_line(exc)
             self._stop.set()
@@ -372,7 +376,7 @@ class IngestWorker:
             try:
                 applied = migrate(conn)
             except RuntimeError as exc:
-                raise DatabaseError(f"ingest: {exc}") from None
+                raise DatabaseError(str(exc)) from None
             if applied:
                 self._next_maintenance = 0.0
         except BaseException:
