@@ -24,6 +24,9 @@ __all__ = [
     "LinkError",
     "WatchdogError",
     "ServiceUnavailable",
+    "ArchiveRejected",
+    "ArchiveCheck",
+    "ARCHIVE_CHECKS",
 ]
 
 # The one-word (or two-word) names of the checks a bundle can fail; they are part of the CLI contract.
@@ -88,3 +91,21 @@ class WatchdogError(EdgeGuardError):
 
 class ServiceUnavailable(EdgeGuardError):
     """The service cannot take a request now (safe state, stopping, too many in flight); try again later."""
+
+
+# The checks a provisioning archive can fail (edgeguard/provisioning/_archive.py runs them in this order).
+ArchiveCheck = Literal[
+    "too large", "malformed", "untrusted signer", "signature", "wrong device", "not a recipient", "integrity"
+]
+ARCHIVE_CHECKS: Final[tuple[str, ...]] = get_args(ArchiveCheck)
+
+
+class ArchiveRejected(EdgeGuardError):
+    """A provisioning archive failed verification (exit code 3, like a bundle). ``check`` names the check."""
+
+    def __init__(self, check: ArchiveCheck, detail: str) -> None:
+        if check not in ARCHIVE_CHECKS:
+            raise ValueError(f"unknown archive check {check!r}")
+        self.check: ArchiveCheck = check
+        self.detail = cut(detail)
+        super().__init__(f"archive rejected: {check}: {self.detail}")
