@@ -72,7 +72,8 @@ Write a mosquitto configuration for the fleet into DIR: TLS listener requiring f
 (CN = MQTT user name = client id), the ACL (devices: only their own topics; operators: read all, write cmd),
 the CRL of revoked certificates, max_packet_size, persistence.
 Start it with `mosquitto -c DIR/mosquitto.conf`.
-ACL changes load on SIGHUP; a new CRL (after revoke-device) needs a restart of mosquitto 2.0.
+After add-operator or revoke-device, re-run it and send mosquitto SIGHUP (ACL and CRL apply to new
+connections; restart mosquitto to also cut a revoked device that is connected).
 
 example:
   edgeguard fleet -f plant-a broker-config -o /etc/mosquitto/edgeguard"""
@@ -194,7 +195,8 @@ def register_fleet(fsub: argparse._SubParsersAction[Any]) -> None:
         "revoke-device",
         "revoke a device: CRL, no longer a bundle recipient, inventory",
         "Put the device's certificate on the CRL (ca/crl.pem), mark it revoked in the inventory (fleet "
-        "seal leaves it out from now on). Then re-run broker-config and restart mosquitto.",
+        "seal leaves it out from now on). Then re-run broker-config and reload mosquitto (SIGHUP; a restart "
+        "also cuts the device if it is connected).",
         _revoke_device,
     )
     p.add_argument("ids", nargs="+", metavar="ID")
@@ -368,8 +370,8 @@ def _revoke_device(args: argparse.Namespace) -> int:
             )
         inv.save(fd.inventory)
     print(
-        "next: edgeguard fleet broker-config -o <broker dir>, then restart mosquitto "
-        "(it reads the CRL at start)"
+        "next: edgeguard fleet broker-config -o <broker dir>, then SIGHUP mosquitto "
+        "(restart it to also drop a revoked device that is connected now)"
     )
     return 0
 

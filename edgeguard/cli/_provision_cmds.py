@@ -76,7 +76,7 @@ def _enroll(args: argparse.Namespace) -> int:
     how = "made" if e.created else "kept (already there)"
     print(
         f"enrolled {args.id}: keys {how} in {args.out} (device key {e.device_key_id}, signing key "
-        f"{e.sign_key_id}); send {e.csr} to the operator: edgeguard fleet sign-device {e.csr.name}"
+        f"{e.sign_key_id}); send {e.csr} to the operator (edgeguard fleet sign-device)"
     )
     return 0
 

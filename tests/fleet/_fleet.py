@@ -29,9 +29,19 @@ def ok(*argv: str | Path) -> str:
     return out
 
 
-def make_fleet(root: Path, *, broker_port: int = 8883, api_port: int = 8780, groups: tuple[str, ...] = ()) -> str:
+def make_fleet(
+    root: Path, *, broker_port: int = 8883, api_port: int = 8780, groups: tuple[str, ...] = ()
+) -> str:
     """``fleet init`` into ``root``; returns the fleet key id it prints."""
-    args: list[str | Path] = ["fleet", "init", root, "--name", "plant", "--broker", f"127.0.0.1:{broker_port}"]
+    args: list[str | Path] = [
+        "fleet",
+        "init",
+        root,
+        "--name",
+        "plant",
+        "--broker",
+        f"127.0.0.1:{broker_port}",
+    ]
     for g in groups:
         args += ["--group", g]
     out = ok(*args, "--api-port", str(api_port))
@@ -49,7 +59,9 @@ class TlsClient:
         self.connected: bool | None = None
         self.subacks = 0
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name, protocol=mqtt.MQTTv311)
-        self.client.tls_set(ca_certs=str(ca), certfile=str(cert), keyfile=str(key), cert_reqs=ssl.CERT_REQUIRED)
+        self.client.tls_set(
+            ca_certs=str(ca), certfile=str(cert), keyfile=str(key), cert_reqs=ssl.CERT_REQUIRED
+        )
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
@@ -106,6 +118,10 @@ class TlsClient:
     def wait_topic(self, topic: str, timeout: float = 10.0) -> bool:
         with self.cond:
             return self.cond.wait_for(lambda: any(t == topic for t, _ in self.messages), timeout)
+
+    def wait_message(self, topic: str, payload: bytes, timeout: float = 10.0) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: (topic, payload) in self.messages, timeout)
 
     def topics(self) -> list[str]:
         with self.cond:

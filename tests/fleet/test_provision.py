@@ -28,8 +28,17 @@ def _inventory(fleet: Path) -> dict:
 
 def test_init_writes_private_keys_0600_prints_no_secret_and_refuses_a_non_empty_dir(tmp_path: Path) -> None:
     fleet = tmp_path / "fleet"
-    code, out, err = cli("fleet", "init", fleet, "--broker", "broker.example.net", "--broker", "10.0.0.5:8884",
-                         "--group", "line-1")
+    code, out, err = cli(
+        "fleet",
+        "init",
+        fleet,
+        "--broker",
+        "broker.example.net",
+        "--broker",
+        "10.0.0.5:8884",
+        "--group",
+        "line-1",
+    )
     assert code == 0, err
     for rel in PRIVATE:
         assert _mode(fleet / rel) == 0o600, rel
@@ -109,7 +118,9 @@ def test_provision_installs_the_archive_and_rerunning_changes_nothing(tmp_path: 
     cfg = load_config(etc / "edgeguard.toml")
     assert cfg.device.id == "cam-1" and cfg.device.fleet == "plant"
     assert cfg.device.state_dir.resolve() == (root / "var/lib/edgeguard").resolve()
-    assert cfg.link.client_cert is not None and cfg.link.client_cert.resolve() == (etc / "client.pem").resolve()
+    assert (
+        cfg.link.client_cert is not None and cfg.link.client_cert.resolve() == (etc / "client.pem").resolve()
+    )
     assert [p.resolve() for p in cfg.model.trust] == [(etc / "publisher.pub").resolve()]
 
 
@@ -143,7 +154,7 @@ def test_a_tampered_or_foreign_archive_is_refused_and_nothing_is_installed(tmp_p
         tmp_path / "junk.egp": "archive rejected: malformed:",
     }
     for archive, reason in cases.items():
-        code, out, err = cli("provision", archive, "--root", root, "--fleet-key-id", kid)
+        code, _out, err = cli("provision", archive, "--root", root, "--fleet-key-id", kid)
         assert code == 3, (archive, err)
         assert err.startswith(f"edgeguard: {reason}") and err.count("\n") == 1, err
         assert not root.exists(), archive  # refused before anything was written
@@ -172,11 +183,15 @@ def test_enrolled_device_keeps_its_private_keys_and_gets_a_sealed_archive(tmp_pa
     assert code == 3 and "archive rejected: not a recipient:" in err
     # Another device's enrolment cannot open it either.
     ok("enroll", "--id", "cam-7", "--out", tmp_path / "impostor", "--fleet-key-id", kid)
-    code, _, err = cli("provision", fleet / "archives/cam-7.egp", "--root", root, "--keys", tmp_path / "impostor")
+    code, _, err = cli(
+        "provision", fleet / "archives/cam-7.egp", "--root", root, "--keys", tmp_path / "impostor"
+    )
     assert code == 3 and "not a recipient" in err
     assert not root.exists()
 
-    ok("provision", fleet / "archives/cam-7.egp", "--root", root, "--keys", enr)  # fleet key id pinned at enroll
+    ok(
+        "provision", fleet / "archives/cam-7.egp", "--root", root, "--keys", enr
+    )  # fleet key id pinned at enroll
     for name, data in keys.items():
         assert (root / "etc/edgeguard" / name).read_bytes() == data
     # A CSR edited after the device signed it is refused.
@@ -194,13 +209,32 @@ def test_seal_to_a_group_opens_on_its_devices_only_and_revoked_devices_are_left_
     model.write_bytes(tiny_onnx())
     ok("fleet", "add-device", "-f", fleet, "a1", "a2", "--group", "line-1")
     ok("fleet", "add-device", "-f", fleet, "b1", "--group", "line-2")
-    out = ok("fleet", "seal", "-f", fleet, model, "--name", "sensor", "--version", "1", "--to", "line-1",
-             "-o", tmp_path / "s1.egm")  # fmt: skip
+    out = ok(
+        "fleet",
+        "seal",
+        "-f",
+        fleet,
+        model,
+        "--name",
+        "sensor",
+        "--version",
+        "1",
+        "--to",
+        "line-1",
+        "-o",
+        tmp_path / "s1.egm",
+    )
     assert "for 2 device(s) (a1, a2)" in out
 
     def verify(bundle: str, device: str) -> tuple[int, str]:
-        code, _, err = cli("verify", tmp_path / bundle, "--trust", fleet / "keys/publisher.pub",
-                           "--device-key", fleet / "devices" / device / "device.key")  # fmt: skip
+        code, _, err = cli(
+            "verify",
+            tmp_path / bundle,
+            "--trust",
+            fleet / "keys/publisher.pub",
+            "--device-key",
+            fleet / "devices" / device / "device.key",
+        )
         return code, err
 
     assert verify("s1.egm", "a1") == (0, "") and verify("s1.egm", "a2") == (0, "")
@@ -209,15 +243,54 @@ def test_seal_to_a_group_opens_on_its_devices_only_and_revoked_devices_are_left_
 
     ok("fleet", "revoke-device", "-f", fleet, "a2")
     assert _inventory(fleet)["devices"]["a2"]["state"] == "revoked"
-    out = ok("fleet", "seal", "-f", fleet, model, "--name", "sensor", "--version", "2", "--to", "all",
-             "-o", tmp_path / "s2.egm")  # fmt: skip
+    out = ok(
+        "fleet",
+        "seal",
+        "-f",
+        fleet,
+        model,
+        "--name",
+        "sensor",
+        "--version",
+        "2",
+        "--to",
+        "all",
+        "-o",
+        tmp_path / "s2.egm",
+    )
     assert "for 2 device(s) (a1, b1)" in out
     assert verify("s2.egm", "b1")[0] == 0 and verify("s2.egm", "a2")[0] == 3
-    code, _, err = cli("fleet", "seal", "-f", fleet, model, "--name", "sensor", "--version", "3", "--to", "a2",
-                       "-o", tmp_path / "s3.egm")  # fmt: skip
+    code, _, err = cli(
+        "fleet",
+        "seal",
+        "-f",
+        fleet,
+        model,
+        "--name",
+        "sensor",
+        "--version",
+        "3",
+        "--to",
+        "a2",
+        "-o",
+        tmp_path / "s3.egm",
+    )
     assert code == 2 and "a2 is revoked" in err and not (tmp_path / "s3.egm").exists()
-    code, _, err = cli("fleet", "seal", "-f", fleet, model, "--name", "sensor", "--version", "3", "--to", "nope",
-                       "-o", tmp_path / "s3.egm")  # fmt: skip
+    code, _, err = cli(
+        "fleet",
+        "seal",
+        "-f",
+        fleet,
+        model,
+        "--name",
+        "sensor",
+        "--version",
+        "3",
+        "--to",
+        "nope",
+        "-o",
+        tmp_path / "s3.egm",
+    )
     assert code == 2 and "no device and no group" in err
     # A revoked device is not re-issued by accident.
     code, _, err = cli("fleet", "add-device", "-f", fleet, "a2")

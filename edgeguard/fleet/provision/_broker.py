@@ -4,8 +4,9 @@ One TLS listener that requires a client certificate issued by the fleet CA and n
 certificate's CN becomes the MQTT user name (``use_identity_as_username``) and the client id
 (``use_username_as_clientid``: a device cannot take over another's session by choosing its client id). The
 ACL gives each device its own topics only, and operators (CN ``op:<name>``) read everything and write ``cmd``.
-mosquitto re-reads ``acl_file`` on SIGHUP; the CRL it reads only at start (2.0.x reloads the server
-certificate on SIGHUP, not the CA store or the CRL), so a revocation takes a restart (docs/fleet.md).
+mosquitto (2.0.11, tested) re-reads ``acl_file`` and the CRL on SIGHUP and applies them to new connections;
+a revoked device that is connected at that moment keeps its session until it reconnects, so cutting it at
+once takes a restart (docs/fleet.md, tests/fleet/test_provision_broker.py).
 """
 
 from __future__ import annotations
