@@ -234,8 +234,14 @@ class Issuer:
         serial = self._ensure_client_cert(d, tls_key.public_key(), device_id)
         self._ensure_tokens(d)
         return self._record(
-            device_id=device_id, groups=groups, old=old, d=d, sign_pub=sign_pub, serial=serial,
-            enrolled="fleet", rotate=rotate,
+            device_id=device_id,
+            groups=groups,
+            old=old,
+            d=d,
+            sign_pub=sign_pub,
+            serial=serial,
+            enrolled="fleet",
+            rotate=rotate,
         )
 
     def sign_device(
@@ -259,8 +265,14 @@ class Issuer:
         serial = self._ensure_client_cert(d, tls_pub, device_id)
         self._ensure_tokens(d)
         return self._record(
-            device_id=device_id, groups=groups, old=old, d=d, sign_pub=sign_pub, serial=serial,
-            enrolled="device", rotate=rotate,
+            device_id=device_id,
+            groups=groups,
+            old=old,
+            d=d,
+            sign_pub=sign_pub,
+            serial=serial,
+            enrolled="device",
+            rotate=rotate,
         )
 
     def _retire(self, old: DeviceRecord, d: Path) -> None:

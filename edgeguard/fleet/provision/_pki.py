@@ -146,8 +146,12 @@ def issue_server_cert(
         except ValueError:
             sans.append(x509.DNSName(host))
     builder = _leaf(
-        ca_key=ca_key, ca_cert=ca_cert, subject=_name("EdgeGuard broker", "brokers", fleet),
-        public_key=key.public_key(), usage=ExtendedKeyUsageOID.SERVER_AUTH, now=now,
+        ca_key=ca_key,
+        ca_cert=ca_cert,
+        subject=_name("EdgeGuard broker", "brokers", fleet),
+        public_key=key.public_key(),
+        usage=ExtendedKeyUsageOID.SERVER_AUTH,
+        now=now,
     )
     return builder.add_extension(x509.SubjectAlternativeName(sans), critical=False).sign(
         ca_key, hashes.SHA256()
@@ -165,8 +169,12 @@ def issue_client_cert(
     now: datetime | None = None,
 ) -> x509.Certificate:
     builder = _leaf(
-        ca_key=ca_key, ca_cert=ca_cert, subject=_name(cn, ou, fleet), public_key=public_key,
-        usage=ExtendedKeyUsageOID.CLIENT_AUTH, now=now,
+        ca_key=ca_key,
+        ca_cert=ca_cert,
+        subject=_name(cn, ou, fleet),
+        public_key=public_key,
+        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+        now=now,
     )
     return builder.sign(ca_key, hashes.SHA256())
 
