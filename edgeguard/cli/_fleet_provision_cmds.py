@@ -1,5 +1,5 @@
 """``edgeguard fleet init | add-device | add-devices | sign-device | add-operator | broker-config |
-revoke-device | seal | devices``: fleet provisioning from the command line (docs/fleet.md).
+revoke-device | revoke-operator | seal | devices``: fleet provisioning from the command line (docs/fleet.md).
 
 Every command takes the fleet directory with ``-f/--fleet DIR`` (default ``$EDGEGUARD_FLEET`` or ``.``).
 Private keys are written 0600 and never printed; what is printed is key ids, serials and paths.
@@ -201,6 +201,15 @@ def register_fleet(fsub: argparse._SubParsersAction[Any]) -> None:
     )
     p.add_argument("ids", nargs="+", metavar="ID")
 
+    p = add(
+        "revoke-operator",
+        "revoke an operator's broker certificate",
+        "Put the operator's certificate on the CRL and drop it from the ACL; then re-run broker-config and "
+        "reload mosquitto.",
+        _revoke_operator,
+    )
+    p.add_argument("name", metavar="NAME")
+
     p = add("seal", "seal a model for the fleet's devices (all, groups, ids)", _SEAL_HELP, _seal)
     p.add_argument("model", type=Path, metavar="MODEL", help="model file (.onnx or .tflite)")
     p.add_argument("--name", required=True, help="model name")
@@ -373,6 +382,16 @@ def _revoke_device(args: argparse.Namespace) -> int:
         "next: edgeguard fleet broker-config -o <broker dir>, then SIGHUP mosquitto "
         "(restart it to also drop a revoked device that is connected now)"
     )
+    return 0
+
+
+def _revoke_operator(args: argparse.Namespace) -> int:
+    fd = _fleet_dir(args)
+    with fd.locked():
+        inv = Inventory.load(fd.inventory, fd.config.name)
+        rec = Issuer(fd, inv).revoke_operator(args.name)
+        inv.save(fd.inventory)
+    print(f"revoked operator {rec.name}: certificate {rec.cert_serial[:16]}... on {fd.crl}")
     return 0
 
 

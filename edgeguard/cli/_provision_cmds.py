@@ -68,6 +68,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument(
         "--keys", type=Path, metavar="DIR", help="the enroll directory of a device that made its keys"
     )
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="re-provision a board that is provisioned as another device (default: refuse)",
+    )
     p.set_defaults(handler=_provision)
 
 
@@ -82,7 +87,9 @@ def _enroll(args: argparse.Namespace) -> int:
 
 
 def _provision(args: argparse.Namespace) -> int:
-    r = install_archive(args.archive, root=args.root, fleet_key_id=args.fleet_key_id, keys_dir=args.keys)
+    r = install_archive(
+        args.archive, root=args.root, fleet_key_id=args.fleet_key_id, keys_dir=args.keys, replace=args.replace
+    )
     changed = (
         f"{len(r.written)} file(s) written, {len(r.unchanged)} unchanged" if r.written else "nothing changed"
     )

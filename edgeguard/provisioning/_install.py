@@ -132,6 +132,18 @@ def _check_key_pairs(files: dict[str, tuple[int, bytes]], where: Path) -> None:
         raise KeyFileError(f"{where / 'client.key'} does not match the certificate in the archive")
 
 
+def _installed_device(etc: Path) -> str | None:
+    """The device this board is provisioned as (its certificate's CN), or None on a fresh board."""
+    cert = _current(etc / "client.pem")
+    if cert is None:
+        return None
+    try:
+        names = x509.load_pem_x509_certificate(cert).subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    except ValueError:
+        return None
+    return str(names[0].value) if names else None
+
+
 def _service_owner(root: Path) -> tuple[int, int] | None:
     if root.resolve() != Path("/") or os.geteuid() != 0:
         return None
@@ -155,7 +167,10 @@ def install_archive(
     root: Path = Path("/"),
     fleet_key_id: str | None = None,
     keys_dir: Path | None = None,
+    replace: bool = False,
 ) -> InstallReport:
+    """Verify and install ``archive`` below ``root``. ``replace``: allow re-provisioning a board that is
+    provisioned as another device (its identity, keys and tokens change; the state dir is kept)."""
     etc, state = root / "etc/edgeguard", root / "var/lib/edgeguard"
     data = read_archive_file(archive)
     pinned = _pinned_key_id(etc, keys_dir, fleet_key_id)
@@ -165,6 +180,12 @@ def install_archive(
     elif (etc / "device.key").exists():
         device_key = load_device_key(etc / "device.key")  # re-provisioning an enrolled device in place
     opened = open_archive(data, fleet_key_id=pinned, device=_expected_device(keys_dir), device_key=device_key)
+    current = _installed_device(etc)
+    if current is not None and current != opened.device and not replace:
+        raise ConfigError(
+            f"this board is provisioned as {current}; the archive is for {opened.device} "
+            "(--replace re-provisions it under the new identity)"
+        )
     files = _merge_enrolled_keys(opened, keys_dir if keys_dir is not None else etc)
     try:
         _check_key_pairs(files, keys_dir or etc)

@@ -112,6 +112,12 @@ def test_provision_installs_the_archive_and_rerunning_changes_nothing(tmp_path: 
     assert "nothing changed" in out
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in etc.iterdir()} == before
 
+    # A board provisioned as cam-1 is not silently turned into cam-2.
+    ok("fleet", "add-device", "-f", fleet, "cam-2")
+    code, _, err = cli("provision", fleet / "archives/cam-2.egp", "--root", root)
+    assert code == 2 and "provisioned as cam-1" in err and "--replace" in err
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in etc.iterdir()} == before
+
     # The installed config is one the service accepts, pointing at the installed files.
     from edgeguard.service.config import load_config
 

@@ -143,7 +143,11 @@ def test_a_revoked_device_is_refused_after_the_broker_reloads_the_crl(
     b = _client(root, broker, "dev-b")
     assert b.wait_connected(), broker.log_tail()
     b.close()
+    ops = _client(root, broker, "ops")
+    assert ops.wait_connected(), broker.log_tail()
+    ops.close()
     ok("fleet", "revoke-device", "-f", root, "dev-b")
+    ok("fleet", "revoke-operator", "-f", root, "ops")
     inv = json.loads((root / "inventory.json").read_text())
     assert inv["devices"]["dev-b"]["state"] == "revoked" and inv["devices"]["dev-b"]["revoked_at"]
     ok(
@@ -161,13 +165,15 @@ def test_a_revoked_device_is_refused_after_the_broker_reloads_the_crl(
     # mosquitto 2.0.11 re-reads the CRL on SIGHUP for new connections; a revoked device that is connected
     # at that moment keeps its session until it reconnects (docs/fleet.md: restart the broker to cut it).
     _reload(broker)
-    b, a = _client(root, broker, "dev-b"), _client(root, broker, "dev-a")
+    b, a, ops = _client(root, broker, "dev-b"), _client(root, broker, "dev-a"), _client(root, broker, "ops")
     try:
         assert not b.wait_connected(), "a revoked certificate was accepted"
+        assert not ops.wait_connected(), "a revoked operator certificate was accepted"
         assert a.wait_connected(), broker.log_tail()  # the others are not affected
     finally:
-        a.close()
-        b.close()
+        for c in (a, b, ops):
+            c.close()
+    assert "user op:ops" not in (tmp_path / "broker/acl").read_text()
     broker.stop()
     broker.start()  # and after a restart (the way to cut a revoked device that is still connected)
     b = _client(root, broker, "dev-b")
