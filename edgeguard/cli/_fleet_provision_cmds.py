@@ -262,13 +262,20 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _progress(total: int) -> Any:
-    """A rich progress bar on a terminal; None when piped (one summary line is printed instead)."""
+    """A rich progress bar on stderr when that is a terminal; None when piped (stdout then gets one summary
+    line, and a script reading stdout never sees the bar)."""
     if total < 2 or not sys.stderr.isatty():
         return None
+    from rich.console import Console  # noqa: PLC0415
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: PLC0415
 
     return Progress(
-        TextColumn("provisioning"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
+        TextColumn("provisioning"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
     )
 
 

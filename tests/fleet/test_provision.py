@@ -319,3 +319,102 @@ def test_add_devices_from_csv_provisions_100_devices(tmp_path: Path) -> None:
     assert len({d["cert_serial"] for d in inv.values()}) == 100
     assert len(list((fleet / "archives").iterdir())) == 100
     assert load_recipient_key(fleet / "devices/dev-042/device.pub").key_id == inv["dev-042"]["bundle_key_id"]
+
+
+def test_the_device_config_carries_groups_signing_key_and_commands_when_the_runtime_knows_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Until the signed-commands config keys exist, they are left out (the loader would refuse them); once
+    they do, the one template writes them. Rendered both ways here, the second with the check patched."""
+    import sys
+
+    from edgeguard.fleet.provision import _template
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    args = dict(device_id="cam-1", fleet="plant", groups=("line-1", "night"), broker_host="10.0.0.5",
+                broker_port=8883, api_port=8780)  # fmt: skip
+    known = _template.optional_keys()
+    doc = tomllib.loads(_template.render_device_config(**args))
+    assert ("groups" in doc["device"]) == known[0] and ("commands" in doc) == known[2]
+    assert doc["link"] == {"host": "10.0.0.5", "port": 8883, "ca_file": "fleet-ca.pem",
+                           "client_cert": "client.pem", "client_key": "client.key"}  # fmt: skip
+
+    monkeypatch.setattr(_template, "optional_keys", lambda: (True, True, True))
+    monkeypatch.setattr("edgeguard.service.config.parse_config", lambda doc, path: None)
+    doc = tomllib.loads(_template.render_device_config(**args))
+    assert doc["device"]["groups"] == ["line-1", "night"]
+    assert doc["device"]["signing_key"] == "device-sign.key"
+    assert doc["commands"] == {"enabled": True, "operator_keys": ["operator.pub"]}
+
+
+def test_devices_csv_header_comments_and_bad_rows(tmp_path: Path) -> None:
+    from edgeguard.fleet.provision import read_devices_csv
+
+    csv = tmp_path / "d.csv"
+    csv.write_text("# exported from the asset list\nid,groups\ncam-1,line-1;night\ncam-2\n")
+    assert read_devices_csv(csv) == [("cam-1", ("line-1", "night")), ("cam-2", ())]
+    fleet = tmp_path / "fleet"
+    make_fleet(fleet)
+    for text, why in (
+        ("cam-1\ncam-1\n", "listed twice"),
+        ("cam/1\n", "device id"),
+        ("cam-1,all\n", "group"),
+    ):
+        csv.write_text(text)
+        code, _, err = cli("fleet", "add-devices", "-f", fleet, csv)
+        assert code == 2 and why in err and err.count("\n") == 1, err
+    assert not (fleet / "archives").exists() or not any((fleet / "archives").iterdir())
+
+
+def test_add_devices_shows_a_progress_bar_on_a_terminal_and_one_line_on_stdout(tmp_path: Path) -> None:
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    fleet = tmp_path / "fleet"
+    make_fleet(fleet)
+    (tmp_path / "d.csv").write_text("".join(f"cam-{i}\n" for i in range(3)))
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "edgeguard",
+                "fleet",
+                "add-devices",
+                "-f",
+                str(fleet),
+                str(tmp_path / "d.csv"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            timeout=120,
+            check=False,
+        )
+        os.close(slave)
+        slave = -1
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the terminal's other side is closed and drained
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    assert proc.returncode == 0
+    assert (
+        proc.stdout.decode().strip()
+        == f"provisioned 3 device(s) of fleet plant: archives in {fleet / 'archives'}"
+    )
+    assert b"provisioning" in seen and b"3/3" in seen, seen[-500:]

@@ -163,11 +163,13 @@ def read_devices_csv(path: Path) -> list[tuple[str, tuple[str, ...]]]:
         raise ConfigError(f"{path} is not UTF-8 text") from None
     rows: list[tuple[str, tuple[str, ...]]] = []
     seen: set[str] = set()
+    first = True
     for n, row in enumerate(csv.reader(io.StringIO(text)), 1):
         if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
             continue
         device_id = row[0].strip()
-        if n == 1 and device_id.lower() == "id":
+        header, first = first and device_id.lower() == "id", False
+        if header:  # the first row that is not a comment may be the header
             continue
         if not ID_RE.fullmatch(device_id):
             raise ConfigError(f"{path}:{n}: device id {device_id[:80]!r}: 1..64 of A-Z a-z 0-9 _ . -")

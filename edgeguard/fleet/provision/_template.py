@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from pathlib import Path
 
 __all__ = ["DEVICE_CONFIG_TEMPLATE", "render_device_config", "optional_keys"]
 
@@ -83,5 +84,9 @@ def render_device_config(
         broker_port=broker_port,
         commands_table=_COMMANDS_TABLE.format(fleet=fleet, device_id=device_id) if has_commands else "",
     )
-    tomllib.loads(text)  # a template bug fails here, at the operator, not on a hundred boards
+    # The runtime's own parser judges the result: a template bug (or a key this runtime refuses) fails here,
+    # at the operator, not on a hundred boards.
+    from edgeguard.service.config import parse_config  # noqa: PLC0415
+
+    parse_config(tomllib.loads(text), path=Path("/etc/edgeguard/edgeguard.toml"))
     return text
