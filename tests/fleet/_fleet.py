@@ -7,6 +7,7 @@ import io
 import re
 import ssl
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,10 @@ class TlsClient:
     def wait_message(self, topic: str, payload: bytes, timeout: float = 10.0) -> bool:
         with self.cond:
             return self.cond.wait_for(lambda: (topic, payload) in self.messages, timeout)
+
+    def wait_for(self, predicate: Callable[[list[tuple[str, bytes]]], bool], timeout: float = 10.0) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: predicate(self.messages), timeout)
 
     def topics(self) -> list[str]:
         with self.cond:

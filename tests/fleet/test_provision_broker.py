@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.fleet._fleet import TlsClient, make_fleet, ok
+from tests.service._env import TINY_META, tiny_onnx
 from tests.support.broker import MosquittoBroker, free_port, make_pki
 
 PREFIX = "edgeguard/v1/plant"
@@ -183,7 +184,13 @@ def test_a_revoked_device_is_refused_after_the_broker_reloads_the_crl(
         b.close()
 
 
-def test_a_device_provisioned_from_its_archive_connects_with_the_generated_config(
+def _serving(payload: bytes) -> tuple[str, int] | None:
+    doc = json.loads(payload)
+    model = doc.get("model")
+    return (model["name"], model["version"]) if doc.get("state") == "serving" and model else None
+
+
+def test_a_device_provisioned_from_its_archive_connects_and_serves_a_fleet_sealed_model(
     fleet: tuple[Path, FleetBroker, str], tmp_path: Path
 ) -> None:
     """`edgeguard provision --root` then `edgeguard run` with the installed edgeguard.toml, as systemd starts
@@ -192,6 +199,26 @@ def test_a_device_provisioned_from_its_archive_connects_with_the_generated_confi
     board = tmp_path / "board"
     ok("provision", root / "archives/dev-a.egp", "--root", board, "--fleet-key-id", kid)
     etc = board / "etc/edgeguard"
+    # A model sealed for this device's fleet entry, where the generated config looks for it.
+    (tmp_path / "tiny.onnx").write_bytes(tiny_onnx())
+    (tmp_path / "meta.json").write_text(json.dumps(TINY_META))
+    ok(
+        "fleet",
+        "seal",
+        "-f",
+        root,
+        tmp_path / "tiny.onnx",
+        "--name",
+        "sensor",
+        "--version",
+        "3",
+        "--to",
+        "dev-a",
+        "--meta",
+        tmp_path / "meta.json",
+        "-o",
+        board / "var/lib/edgeguard/model.egm",
+    )
     creds = tmp_path / "credentials"
     creds.mkdir(mode=0o700)
     shutil.copy(etc / "device.key", creds / "device-key")
@@ -213,7 +240,11 @@ def test_a_device_provisioned_from_its_archive_connects_with_the_generated_confi
         assert online, (tmp_path / "service.log").read_text()[-3000:] + broker.log_tail()
         status = json.loads(next(p for t, p in ops.messages if t.endswith("/status")))
         assert status["state"] == "online" and status["device"] == "dev-a"
-        assert ops.wait_topic(f"{PREFIX}/dev-a/heartbeat", timeout=30)
+        # It serves the fleet-sealed model: the device trusts the fleet's publisher key and holds the key
+        # the bundle was sealed to.
+        assert ops.wait_for(
+            lambda msgs: any(t.endswith("/heartbeat") and _serving(p) == ("sensor", 3) for t, p in msgs), 60
+        ), [p[:300] for t, p in ops.messages if t.endswith("/heartbeat")][-1:]
     finally:
         ops.close()
         proc.send_signal(signal.SIGTERM)
