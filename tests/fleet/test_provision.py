@@ -418,3 +418,34 @@ def test_add_devices_shows_a_progress_bar_on_a_terminal_and_one_line_on_stdout(t
         == f"provisioned 3 device(s) of fleet plant: archives in {fleet / 'archives'}"
     )
     assert b"provisioning" in seen and b"3/3" in seen, seen[-500:]
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["--broker", "bad host:8883"], "not a host name or IP address"),
+        (["--broker", "broker.lan:0"], "port must be 1..65535"),
+        (["--broker", "broker.lan", "--name", "a/b"], "fleet name"),
+        (["--broker", "broker.lan", "--group", "all"], "group name"),
+        (["--broker", "broker.lan", "--api-port", "70000"], "device_api_port"),
+    ],
+)
+def test_bad_init_options_are_one_line_errors_and_write_nothing(
+    tmp_path: Path, args: list[str], why: str
+) -> None:
+    code, out, err = cli("fleet", "init", tmp_path / "f", *args)
+    assert code == 2 and why in err and err.count("\n") == 1 and out == "", err
+    assert not (tmp_path / "f").exists()
+
+
+def test_a_damaged_fleet_directory_is_a_one_line_error(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet"
+    make_fleet(fleet)
+    (fleet / "inventory.json").write_text('{"fleet": "plant", "devices": {"x": {}}}')
+    code, _, err = cli("fleet", "add-device", "-f", fleet, "cam-1")
+    assert code == 2 and "inventory" in err and "damaged" in err and err.count("\n") == 1, err
+    code, _, err = cli("fleet", "devices", "-f", tmp_path)
+    assert code == 2 and "not a fleet directory" in err
+    (fleet / "fleet.toml").write_text('name = "plant"\nbrokers = ["b:1"]\ntopic_prefix = "other/v1/plant"\n')
+    code, _, err = cli("fleet", "devices", "-f", fleet)
+    assert code == 2 and "topic_prefix must be" in err

@@ -190,6 +190,7 @@ def _serving(payload: bytes) -> tuple[str, int] | None:
     return (model["name"], model["version"]) if doc.get("state") == "serving" and model else None
 
 
+@pytest.mark.slow
 def test_a_device_provisioned_from_its_archive_connects_and_serves_a_fleet_sealed_model(
     fleet: tuple[Path, FleetBroker, str], tmp_path: Path
 ) -> None:
