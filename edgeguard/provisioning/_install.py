@@ -89,8 +89,10 @@ def _expected_device(keys_dir: Path | None) -> str | None:
     if keys_dir is None or not (keys_dir / "device.csr").is_file():
         return None
     data = read_checked(keys_dir / "device.csr", what="CSR", limit=16 * 1024, error=ConfigError).data
-    csr = x509.load_pem_x509_csr(data)
-    names = csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    try:
+        names = x509.load_pem_x509_csr(data).subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    except ValueError:
+        raise ConfigError(f"{keys_dir / 'device.csr'} is not a readable CSR (re-run enroll)") from None
     return str(names[0].value) if names else None
 
 

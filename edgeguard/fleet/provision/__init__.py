@@ -7,9 +7,11 @@ device runtime.
 """
 
 from ._broker import MAX_PACKET_SIZE, BrokerFiles, write_broker_config
+from ._csv import read_devices_csv
 from ._fleetdir import BrokerAddress, FleetConfig, FleetDir, parse_broker
+from ._init import FleetIds, init_fleet
 from ._inventory import DeviceRecord, Inventory, OperatorRecord
-from ._issue import FleetIds, Issuer, init_fleet, read_devices_csv
+from ._issue import Issuer
 from ._pki import OPERATOR_CN_PREFIX
 from ._seal import seal_for_fleet
 from ._template import DEVICE_CONFIG_TEMPLATE, render_device_config

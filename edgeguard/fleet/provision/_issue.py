@@ -1,5 +1,5 @@
-"""Issuing identities: the fleet itself (``init``), devices (``add-device``, ``sign-device``), operators, and
-revoking them. Every function here changes the fleet directory; callers hold ``FleetDir.locked()`` and save
+"""Issuing identities: devices (``add-device``, ``sign-device``) and operators, their archives, and revoking
+them. Every function here changes the fleet directory; callers hold ``FleetDir.locked()`` and save
 the inventory once at the end of their batch.
 
 Idempotent by construction: whatever already exists in a device's directory (keys, certificate, tokens) is
@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from edgeguard._atomic import atomic_write
@@ -29,159 +28,30 @@ from edgeguard.keys import (
     generate_keypair,
     load_publisher_key,
     load_recipient_key,
-    load_trusted_key,
     public_key_id,
 )
 from edgeguard.provisioning import (
     DEVICE_KEY_URN,
     SIGN_KEY_URN,
     build_archive,
-    load_private_pem,
-    new_private_file,
 )
 
 from . import _pki as pki
-from ._fleetdir import ID_RE, FleetConfig, FleetDir, render_fleet_toml
+from ._fleetdir import ID_RE, FleetDir
 from ._inventory import DeviceRecord, Inventory, OperatorRecord
+from ._keyfiles import ensure_ec_key, ensure_ed25519, read_cert
 from ._template import render_device_config
 
-__all__ = ["FleetIds", "Issuer", "init_fleet", "read_devices_csv", "MAX_CSR_BYTES"]
+__all__ = ["Issuer", "MAX_CSR_BYTES"]
 
 MAX_CSR_BYTES = 16 * 1024
-_MAX_CSV_BYTES = 16 * 1024 * 1024
 _PEM_PUB = (serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 _RAW = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
-@dataclass(frozen=True)
-class FleetIds:
-    publisher_key_id: str  # the fleet key id devices pin (provision --fleet-key-id)
-    operator_key_id: str
-    ca_fingerprint: str  # SHA-256 of the CA certificate (DER)
-
-
 def _now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def _ensure_ed25519(key_path: Path, pub_path: Path) -> Ed25519PublicKey:
-    """An Ed25519 key pair in the publisher key's PEM format (``edgeguard keygen``); kept when present."""
-    if key_path.exists():
-        key = load_private_pem(key_path)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise KeyFileError(f"{key_path}: expected an Ed25519 private key")
-        return key.public_key()
-    new = Ed25519PrivateKey.generate()
-    new_private_file(
-        key_path,
-        new.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ),
-    )
-    atomic_write(pub_path, new.public_key().public_bytes(*_PEM_PUB), mode=0o644)
-    return new.public_key()
-
-
-def _ensure_ec_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    if path.exists():
-        key = load_private_pem(path)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise KeyFileError(f"{path}: expected an EC private key")
-        return key
-    key = pki.new_key()
-    new_private_file(path, pki.key_pem(key))
-    return key
-
-
-def _read_cert(path: Path) -> x509.Certificate | None:
-    if not path.exists():
-        return None
-    data = read_checked(path, what="certificate", limit=64 * 1024, error=ConfigError).data
-    return x509.load_pem_x509_certificate(data)
-
-
-def init_fleet(
-    root: Path, *, name: str, brokers: tuple[str, ...], groups: tuple[str, ...], api_port: int, force: bool
-) -> tuple[FleetDir, FleetIds]:
-    """Create the fleet directory (``force``: keys kept; broker certificate and fleet.toml renewed)."""
-    from ._fleetdir import parse_broker  # noqa: PLC0415
-
-    cfg = FleetConfig(
-        name=name, brokers=tuple(parse_broker(b) for b in brokers), groups=groups, device_api_port=api_port
-    )
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"{root} exists and is not a directory")
-    if root.is_dir() and any(root.iterdir()) and not force:
-        raise ConfigError(f"{root} is not empty (--force writes into it; keys there are kept)")
-    if (root / "fleet.toml").exists():
-        old = FleetDir.open(root).config
-        if old.name != name:
-            raise ConfigError(f"{root} holds fleet {old.name!r}: its devices would not follow a rename")
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for sub in ("ca", "keys", "broker", "devices", "operators", "archives"):
-        (root / sub).mkdir(mode=0o700, exist_ok=True)
-    fd = FleetDir(root, cfg)
-    if fd.ca_key.exists():
-        ca_key = _ensure_ec_key(fd.ca_key)
-        ca_cert = _read_cert(fd.ca_cert)
-        if ca_cert is None:
-            raise ConfigError(f"{fd.ca_key} exists without {fd.ca_cert}")
-    else:
-        ca_key, ca_cert = pki.new_ca(name)
-        new_private_file(fd.ca_key, pki.key_pem(ca_key))
-        atomic_write(fd.ca_cert, pki.cert_pem(ca_cert), mode=0o644)
-    if not fd.publisher_key.exists():
-        generate_keypair("publisher", root / "keys")
-    operator = _ensure_ed25519(root / "keys/operator.key", fd.operator_pub)
-    server_key = _ensure_ec_key(fd.server_key)
-    server = pki.issue_server_cert(ca_key, ca_cert, server_key, [b.host for b in cfg.brokers], fleet=name)
-    atomic_write(fd.server_cert, pki.cert_pem(server), mode=0o644)
-    atomic_write(root / "fleet.toml", render_fleet_toml(cfg).encode(), mode=0o644)
-    with fd.locked():
-        inv = Inventory.load(fd.inventory, name)
-        Issuer(fd, inv).write_crl()
-        inv.save(fd.inventory)
-    from cryptography.hazmat.primitives import hashes  # noqa: PLC0415
-
-    return fd, FleetIds(
-        publisher_key_id=public_key_id(load_trusted_key(fd.publisher_pub)),
-        operator_key_id=public_key_id(operator),
-        ca_fingerprint=ca_cert.fingerprint(hashes.SHA256()).hex(),
-    )
-
-
-def read_devices_csv(path: Path) -> list[tuple[str, tuple[str, ...]]]:
-    """``id,groups`` rows (header optional; groups separated by ';' or spaces); '#' lines are comments."""
-    import csv  # noqa: PLC0415
-    import io  # noqa: PLC0415
-
-    data = read_checked(path, what="devices CSV", limit=_MAX_CSV_BYTES, error=ConfigError).data
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path} is not UTF-8 text") from None
-    rows: list[tuple[str, tuple[str, ...]]] = []
-    seen: set[str] = set()
-    first = True
-    for n, row in enumerate(csv.reader(io.StringIO(text)), 1):
-        if not row or not row[0].strip() or row[0].lstrip().startswith("#"):
-            continue
-        device_id = row[0].strip()
-        header, first = first and device_id.lower() == "id", False
-        if header:  # the first row that is not a comment may be the header
-            continue
-        if not ID_RE.fullmatch(device_id):
-            raise ConfigError(f"{path}:{n}: device id {device_id[:80]!r}: 1..64 of A-Z a-z 0-9 _ . -")
-        if device_id in seen:
-            raise ConfigError(f"{path}:{n}: device {device_id} listed twice")
-        seen.add(device_id)
-        groups = tuple(g for cell in row[1:] for g in re.split(r"[;\s]+", cell.strip()) if g)
-        for g in groups:
-            if not ID_RE.fullmatch(g) or g == "all":
-                raise ConfigError(f"{path}:{n}: group {g[:80]!r}: 1..64 of A-Z a-z 0-9 _ . - (not 'all')")
-        rows.append((device_id, groups))
-    return rows
 
 
 def _check_device_id(device_id: str) -> None:
@@ -194,8 +64,8 @@ class Issuer:
 
     def __init__(self, fd: FleetDir, inventory: Inventory) -> None:
         self.fd, self.inv, self.cfg = fd, inventory, fd.config
-        self.ca_key = _ensure_ec_key(fd.ca_key) if fd.ca_key.exists() else None
-        ca_cert = _read_cert(fd.ca_cert)
+        self.ca_key = ensure_ec_key(fd.ca_key) if fd.ca_key.exists() else None
+        ca_cert = read_cert(fd.ca_cert)
         if self.ca_key is None or ca_cert is None:
             raise ConfigError(
                 f"{fd.root}: fleet CA missing (ca/ca.key, ca/ca.pem); run `edgeguard fleet init`"
@@ -231,8 +101,8 @@ class Issuer:
         if not (d / "device.key").exists():
             (d / "device.pub").unlink(missing_ok=True)  # a half-made pair from an interrupted run
             generate_keypair("device", d)
-        sign_pub = _ensure_ed25519(d / "device-sign.key", d / "device-sign.pub")
-        tls_key = _ensure_ec_key(d / "client.key")
+        sign_pub = ensure_ed25519(d / "device-sign.key", d / "device-sign.pub")
+        tls_key = ensure_ec_key(d / "client.key")
         serial = self._ensure_client_cert(d, tls_key.public_key(), device_id)
         self._ensure_tokens(d)
         return self._record(
@@ -295,7 +165,7 @@ class Issuer:
     def _ensure_client_cert(
         self, d: Path, public_key: ec.EllipticCurvePublicKey, cn: str, ou: str = "devices"
     ) -> str:
-        cert = _read_cert(d / "client.pem")
+        cert = read_cert(d / "client.pem")
         if cert is not None and cert.public_key() == public_key and pki.subject_cn(cert.subject) == cn:
             return pki.serial_hex(cert)  # same key, same certificate: re-running changes nothing
         assert self.ca_key is not None
@@ -406,7 +276,7 @@ class Issuer:
             raise ConfigError(f"operator {name} is revoked; pick a new name")
         d = self.fd.operator_dir(name)
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
-        key = _ensure_ec_key(d / "client.key")
+        key = ensure_ec_key(d / "client.key")
         serial = self._ensure_client_cert(d, key.public_key(), pki.OPERATOR_CN_PREFIX + name, ou="operators")
         rec = OperatorRecord(
             name=name, cert_serial=serial, added=old.added if old else _now().isoformat(timespec="seconds")
