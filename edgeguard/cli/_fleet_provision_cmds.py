@@ -13,23 +13,16 @@ import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeguard._atomic import atomic_write
 from edgeguard._safeio import read_checked
 from edgeguard.errors import ConfigError
-from edgeguard.fleet.provision import (
-    MAX_PACKET_SIZE,
-    FleetDir,
-    Inventory,
-    Issuer,
-    init_fleet,
-    read_devices_csv,
-    seal_for_fleet,
-    write_broker_config,
-)
 
 from ._bundle_cmds import _checked_expiry
+
+if TYPE_CHECKING:
+    from edgeguard.fleet.provision import FleetDir
 
 __all__ = ["register_fleet"]
 
@@ -87,7 +80,9 @@ example:
 
 
 def _fleet_dir(args: argparse.Namespace) -> FleetDir:
-    return FleetDir.open(args.fleet)
+    from edgeguard.fleet import provision as fp  # noqa: PLC0415 - operator code, loaded only when used
+
+    return fp.FleetDir.open(args.fleet)
 
 
 def register_fleet(fsub: argparse._SubParsersAction[Any]) -> None:
@@ -241,8 +236,10 @@ def register_fleet(fsub: argparse._SubParsersAction[Any]) -> None:
 
 
 def _init(args: argparse.Namespace) -> int:
+    from edgeguard.fleet import provision as fp  # noqa: PLC0415
+
     name = args.name or args.dir.resolve().name
-    fd, ids = init_fleet(
+    fd, ids = fp.init_fleet(
         args.dir,
         name=name,
         brokers=tuple(args.broker),
@@ -280,9 +277,11 @@ def _progress(total: int) -> Any:
 
 
 def _provision_many(fd: FleetDir, rows: list[tuple[str, tuple[str, ...] | None]], rotate: bool) -> int:
+    from edgeguard.fleet import provision as fp  # noqa: PLC0415
+
     with fd.locked():
-        inv = Inventory.load(fd.inventory, fd.config.name)
-        issuer = Issuer(fd, inv)
+        inv = fp.Inventory.load(fd.inventory, fd.config.name)
+        issuer = fp.Issuer(fd, inv)
         progress = _progress(len(rows))
         task = progress.add_task("devices", total=len(rows)) if progress is not None else None
         try:
@@ -318,20 +317,24 @@ def _add_device(args: argparse.Namespace) -> int:
 
 
 def _add_devices(args: argparse.Namespace) -> int:
-    rows = read_devices_csv(args.csv)
+    from edgeguard.fleet import provision as fp  # noqa: PLC0415
+
+    rows = fp.read_devices_csv(args.csv)
     if not rows:
         raise ConfigError(f"{args.csv}: no devices")
     return _provision_many(_fleet_dir(args), [(i, g) for i, g in rows], args.rotate)
 
 
 def _sign_device(args: argparse.Namespace) -> int:
+    from edgeguard.fleet import provision as fp  # noqa: PLC0415
+
     fd = _fleet_dir(args)
     from edgeguard.fleet.provision._issue import MAX_CSR_BYTES  # noqa: PLC0415
 
     csr = read_checked(args.csr, what="CSR", limit=MAX_CSR_BYTES, error=ConfigError).data
     with fd.locked():
-        inv = Inventory.load(fd.inventory, fd.config.name)
-        issuer = Issuer(fd, inv)
+        inv = fp.Inventory.load(fd.inventory, fd.config.name)
+        issuer = fp.Issuer(fd, inv)
         rec = issuer.sign_device(
             csr, tuple(args.group) if args.group is not None else None, rotate=args.rotate
         )
@@ -347,10 +350,12 @@ def _sign_device(args: argparse.Namespace) -> int:
 
 
 def _add_operator(args: argparse.Namespace) -> int:
+    from edgeguard.fleet import provision as fp  # noqa: PLC0415
+
     fd = _fleet_dir(args)
     with fd.locked():
-        inv = Inventory.load(fd.inventory, fd.config.name)
-        _rec, d = Issuer(fd, inv).add_operator(args.name)
+        inv = fp.Inventory.load(fd.inventory, fd.config.name)
+        _rec, d = fp.Issuer(fd, inv).add_operator(args.name)
         inv.save(fd.inventory)
     print(
         f"operator {args.name}: {d / 'client.pem'} and {d / 'client.key'} (CN op:{args.name}); "
@@ -360,25 +365,29 @@ def _add_operator(args: argparse.Namespace) -> int:
 
 
 def _broker_config(args: argparse.Namespace) -> int:
+    from edgeguard.fleet import provision as fp  # noqa: PLC0415
+
     fd = _fleet_dir(args)
     out = args.out or fd.root / "broker/mosquitto"
     with fd.locked():
-        inv = Inventory.load(fd.inventory, fd.config.name)
-        files = write_broker_config(fd, inv, out, port=args.port, bind=args.bind, run_as=args.user)
+        inv = fp.Inventory.load(fd.inventory, fd.config.name)
+        files = fp.write_broker_config(fd, inv, out, port=args.port, bind=args.bind, run_as=args.user)
     revoked = len(inv.revoked_certs)
     print(
         f"mosquitto config for fleet {fd.config.name}: {files.conf} (port {files.port}, ACL {files.acl}, "
-        f"CRL with {revoked} revoked certificate(s), max_packet_size {MAX_PACKET_SIZE})"
+        f"CRL with {revoked} revoked certificate(s), max_packet_size {fp.MAX_PACKET_SIZE})"
     )
     print(f"start: mosquitto -c {files.conf}")
     return 0
 
 
 def _revoke_device(args: argparse.Namespace) -> int:
+    from edgeguard.fleet import provision as fp  # noqa: PLC0415
+
     fd = _fleet_dir(args)
     with fd.locked():
-        inv = Inventory.load(fd.inventory, fd.config.name)
-        issuer = Issuer(fd, inv)
+        inv = fp.Inventory.load(fd.inventory, fd.config.name)
+        issuer = fp.Issuer(fd, inv)
         for device_id in args.ids:
             rec = issuer.revoke_device(device_id)
             print(
@@ -393,10 +402,12 @@ def _revoke_device(args: argparse.Namespace) -> int:
 
 
 def _revoke_operator(args: argparse.Namespace) -> int:
+    from edgeguard.fleet import provision as fp  # noqa: PLC0415
+
     fd = _fleet_dir(args)
     with fd.locked():
-        inv = Inventory.load(fd.inventory, fd.config.name)
-        rec = Issuer(fd, inv).revoke_operator(args.name)
+        inv = fp.Inventory.load(fd.inventory, fd.config.name)
+        rec = fp.Issuer(fd, inv).revoke_operator(args.name)
         inv.save(fd.inventory)
     print(f"revoked operator {rec.name}: certificate {rec.cert_serial[:16]}... on {fd.crl}")
     return 0
@@ -404,6 +415,7 @@ def _revoke_operator(args: argparse.Namespace) -> int:
 
 def _seal(args: argparse.Namespace) -> int:
     from edgeguard.bundle import load_golden_npz, load_meta, read_model  # noqa: PLC0415
+    from edgeguard.fleet import provision as fp  # noqa: PLC0415
 
     if args.version < 0:
         raise ConfigError("--version must be a non-negative integer")
@@ -421,8 +433,8 @@ def _seal(args: argparse.Namespace) -> int:
         from ._golden import golden_from_images  # noqa: PLC0415
 
         golden = golden_from_images(args.golden_from, model=model, model_format=model_format, meta=meta or {})
-    inv = Inventory.load(fd.inventory, fd.config.name)
-    data, chosen = seal_for_fleet(
+    inv = fp.Inventory.load(fd.inventory, fd.config.name)
+    data, chosen = fp.seal_for_fleet(
         fd,
         inv,
         model=model,
@@ -443,8 +455,10 @@ def _seal(args: argparse.Namespace) -> int:
 
 
 def _devices(args: argparse.Namespace) -> int:
+    from edgeguard.fleet import provision as fp  # noqa: PLC0415
+
     fd = _fleet_dir(args)
-    inv = Inventory.load(fd.inventory, fd.config.name)
+    inv = fp.Inventory.load(fd.inventory, fd.config.name)
     if args.json:
         json.dump(inv.to_json(), sys.stdout, indent=1)
         print()

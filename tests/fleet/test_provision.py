@@ -449,3 +449,20 @@ def test_a_damaged_fleet_directory_is_a_one_line_error(tmp_path: Path) -> None:
     (fleet / "fleet.toml").write_text('name = "plant"\nbrokers = ["b:1"]\ntopic_prefix = "other/v1/plant"\n')
     code, _, err = cli("fleet", "devices", "-f", fleet)
     assert code == 2 and "topic_prefix must be" in err
+
+
+def test_the_device_side_never_imports_the_fleet_package() -> None:
+    """`edgeguard run` builds the whole parser; the operator package must stay off the board's process."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, edgeguard.cli, edgeguard.service, edgeguard.provisioning\n"
+        "edgeguard.cli.build_parser()\n"
+        "bad = sorted(m for m in sys.modules if m.startswith('edgeguard.fleet'))\n"
+        "assert not bad, bad\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
