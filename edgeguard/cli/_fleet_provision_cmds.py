@@ -371,6 +371,8 @@ def _broker_config(args: argparse.Namespace) -> int:
     out = args.out or fd.root / "broker/mosquitto"
     with fd.locked():
         inv = fp.Inventory.load(fd.inventory, fd.config.name)
+        # A fresh CRL each time (valid a year from now): re-running broker-config is how it is renewed.
+        fp.Issuer(fd, inv).write_crl()
         files = fp.write_broker_config(fd, inv, out, port=args.port, bind=args.bind, run_as=args.user)
     revoked = len(inv.revoked_certs)
     print(

@@ -466,3 +466,16 @@ def test_the_device_side_never_imports_the_fleet_package() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_broker_config_signs_a_fresh_crl_each_run(tmp_path: Path) -> None:
+    from cryptography import x509
+
+    fleet = tmp_path / "fleet"
+    make_fleet(fleet)
+    ok("fleet", "broker-config", "-f", fleet, "-o", tmp_path / "b", "--user", "root")
+    first = x509.load_pem_x509_crl((tmp_path / "b/crl.pem").read_bytes())
+    ok("fleet", "broker-config", "-f", fleet, "-o", tmp_path / "b", "--user", "root")
+    second = x509.load_pem_x509_crl((tmp_path / "b/crl.pem").read_bytes())
+    assert second.signature != first.signature  # re-signed (ECDSA signatures differ each time)
+    assert second.next_update_utc is not None and second.next_update_utc >= first.next_update_utc
