@@ -71,17 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"edgeguard {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in (
-        _bundle_cmds,
-        _engine_cmds,
-        _quantize_cmds,
-        _service_cmds,
-        _demo,
-        _zoo_cmds,
-        _init_cmd,
-        _token_cmds,
-        _status_cmd,
-        _provision_cmds,
-        _fleet_cmds,
+        _bundle_cmds, _engine_cmds, _quantize_cmds, _service_cmds, _demo,
+        _zoo_cmds, _init_cmd, _token_cmds, _status_cmd, _provision_cmds, _fleet_cmds,
     ):
         module.register(sub)
     _describe_defaults(parser)

@@ -307,4 +307,5 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+
 __all__ = ["register", "add_trust_args", "trust_from_args"]

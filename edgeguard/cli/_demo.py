@@ -28,14 +28,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "reachable and deliver them to the local MQTT broker when one is there. Needs no broker.",
     )
     p.add_argument("--workdir", type=Path, help="keep keys, bundle and state here (default: a temp dir)")
-    p.add_argument(
-        "--broker",
-        type=_broker,
-        default=("127.0.0.1", 1883),
-        metavar="HOST:PORT",
-        help="MQTT broker for the delivery step, used only if reachable (default 127.0.0.1:1883; "
-        "'none' skips it)",
-    )
+    p.add_argument("--broker", type=_broker, default=("127.0.0.1", 1883), metavar="HOST:PORT",
+                   help="MQTT broker for the delivery step, used only if reachable (default 127.0.0.1:1883; "
+                   "'none' skips it)")
     p.add_argument("--profile", help="device profile name or .toml path (default: detected)")
     p.set_defaults(handler=_run)
 

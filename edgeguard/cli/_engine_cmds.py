@@ -63,9 +63,8 @@ example:
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add ``infer``, ``doctor`` and ``bench``."""
-    p = sub.add_parser(
-        "infer", help="run one input through a sealed model", description=_INFER_HELP, formatter_class=_RAW
-    )
+    p = sub.add_parser("infer", help="run one input through a sealed model", description=_INFER_HELP,
+                       formatter_class=_RAW)
     p.add_argument("--bundle", required=True, type=Path, metavar="B", help="the sealed bundle (.egm)")
     add_trust_args(p)
     p.add_argument("--device-key", required=True, type=Path, metavar="KEY", help="device.key")
@@ -75,12 +74,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=_infer)
 
-    p = sub.add_parser(
-        "doctor",
-        help="board, accelerators, and which one a model would use",
-        description=_DOCTOR_HELP,
-        formatter_class=_RAW,
-    )
+    p = sub.add_parser("doctor", help="board, accelerators, and which one a model would use",
+                       description=_DOCTOR_HELP, formatter_class=_RAW)
     _profile_arg(p)
     p.add_argument("--bundle", type=Path, metavar="B", help="also load this bundle and show the choice")
     p.add_argument("--trust", action="append", type=Path, metavar="PUB", help="trusted publisher.pub")
@@ -91,19 +86,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(handler=_doctor)
 
-    p = sub.add_parser(
-        "bench",
-        help="engine vs raw library throughput and cold start (ratios)",
-        description=_BENCH_HELP,
-        formatter_class=_RAW,
-    )
+    p = sub.add_parser("bench", help="engine vs raw library throughput and cold start (ratios)",
+                       description=_BENCH_HELP, formatter_class=_RAW)
     p.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, noisy figures)")
-    p.add_argument(
-        "--only",
-        action="append",
-        choices=("yolov8n", "yolov8n-int8", "ppocr-det", "blazeface"),
-        help="run only these models (repeatable)",
-    )
+    p.add_argument("--only", action="append", choices=("yolov8n", "yolov8n-int8", "ppocr-det", "blazeface"),
+                   help="run only these models (repeatable)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.add_argument("--strict", action="store_true", help="exit 1 when a ratio misses its target")
     p.set_defaults(handler=_bench)
@@ -121,7 +108,6 @@ def _profile(args: argparse.Namespace, root: Path = Path("/")) -> tuple[Profile,
 
 
 # --- infer --------------------------------------------------------------------------------------------------
-
 
 def read_input(path: Path) -> dict[str, np.ndarray] | bytes:
     """The tensors in a .npy/.npz, or the bytes of an image file; ``InputRejected`` when unreadable."""
@@ -151,13 +137,8 @@ def _infer(args: argparse.Namespace) -> int:
     payload = read_input(args.input)  # a bad input is refused before any key or bundle work
     profile, _ = _profile(args)
     device_key = load_device_key(args.device_key)
-    opened = open_bundle(
-        args.bundle,
-        trust=trust_from_args(args),
-        device_key=device_key,
-        state_dir=args.state,
-        commit_floor=False,
-    )
+    opened = open_bundle(args.bundle, trust=trust_from_args(args), device_key=device_key,
+                         state_dir=args.state, commit_floor=False)
     with Engine.load(opened, profile=profile) as engine:
         opened.commit_rollback_floor()  # only once the model has proven it runs here
         if isinstance(payload, bytes):
@@ -166,20 +147,16 @@ def _infer(args: argparse.Namespace) -> int:
             if "" in payload:  # a bare .npy: the model's only input
                 names = [s.name for s in engine.manifest.inputs]
                 if len(names) != 1:
-                    raise InputRejected(
-                        f"{args.input}: a .npy feeds one input, the model has {len(names)} "
-                        f"({', '.join(names)}); use a .npz keyed by input name"
-                    )
+                    raise InputRejected(f"{args.input}: a .npy feeds one input, the model has {len(names)} "
+                                        f"({', '.join(names)}); use a .npz keyed by input name")
                 payload = {names[0]: payload[""]}
             result = engine.infer(payload)
     if args.json:
         print(json.dumps(result.to_json()))
         return 0
     console = Console()
-    console.print(
-        f"[bold]{engine.manifest.name}[/] v{engine.manifest.version} on {result.backend}/"
-        f"{result.accelerator} in {result.latency_ms:.1f} ms ({profile.name})"
-    )
+    console.print(f"[bold]{engine.manifest.name}[/] v{engine.manifest.version} on {result.backend}/"
+                  f"{result.accelerator} in {result.latency_ms:.1f} ms ({profile.name})")
     if result.ood:
         console.print(f"[yellow]out of distribution:[/] {result.ood}")
     if result.post is not None:
@@ -187,20 +164,13 @@ def _infer(args: argparse.Namespace) -> int:
     table = Table("output", "shape", "dtype", "min", "max", "mean")
     for name, value in result.outputs.items():
         v = np.asarray(value, dtype=np.float64)
-        table.add_row(
-            name,
-            str(list(value.shape)),
-            str(value.dtype),
-            f"{v.min():.4g}",
-            f"{v.max():.4g}",
-            f"{v.mean():.4g}",
-        )
+        table.add_row(name, str(list(value.shape)), str(value.dtype), f"{v.min():.4g}", f"{v.max():.4g}",
+                      f"{v.mean():.4g}")
     console.print(table)
     return 0
 
 
 # --- doctor -------------------------------------------------------------------------------------------------
-
 
 def _presence(fmt: str, acc: Accelerator) -> str | None:
     """Why an accelerator is missing here, or None when its provider/library is present."""
@@ -217,14 +187,9 @@ def _presence(fmt: str, acc: Accelerator) -> str | None:
 def _doctor(args: argparse.Namespace) -> int:
     facts = read_board_facts(args.root)
     profile, how = _profile(args, args.root)
-    report: dict[str, Any] = {
-        "board": facts.to_json(),
-        "profile": profile.name,
-        "profile_source": how,
-        "profile_file": profile.source,
-        "threads": profile.effective_threads,
-        "accelerators": {},
-    }
+    report: dict[str, Any] = {"board": facts.to_json(), "profile": profile.name, "profile_source": how,
+                              "profile_file": profile.source, "threads": profile.effective_threads,
+                              "accelerators": {}}
     for fmt in ("onnx", "tflite"):
         report["accelerators"][fmt] = [
             {"label": a.label, "kind": a.kind, "present": (r := _presence(fmt, a)) is None, "reason": r}
@@ -238,19 +203,15 @@ def _doctor(args: argparse.Namespace) -> int:
         print(json.dumps(report))
         return 0
     console = Console()
-    console.print(
-        f"[bold]board[/]: {facts.device_tree_model or '(no device-tree model)'} · arch {facts.arch}"
-        + (f" · L4T {report['board']['nv_tegra_release']}" if facts.nv_tegra_release else "")
-    )
-    console.print(
-        f"[bold]profile[/]: {profile.name} ({how}; {profile.source}), {profile.effective_threads} threads"
-    )
+    console.print(f"[bold]board[/]: {facts.device_tree_model or '(no device-tree model)'} · arch {facts.arch}"
+                  + (f" · L4T {report['board']['nv_tegra_release']}" if facts.nv_tegra_release else ""))
+    console.print(f"[bold]profile[/]: {profile.name} ({how}; {profile.source}), "
+                  f"{profile.effective_threads} threads")
     for fmt in ("onnx", "tflite"):
         table = Table("#", "accelerator", "kind", "present", "why not", title=f"{fmt} candidates, in order")
         for i, row in enumerate(report["accelerators"][fmt]):
-            table.add_row(
-                str(i + 1), row["label"], row["kind"], "yes" if row["present"] else "no", row["reason"] or ""
-            )
+            table.add_row(str(i + 1), row["label"], row["kind"], "yes" if row["present"] else "no",
+                          row["reason"] or "")
         console.print(table)
     caches = profile_cache_dirs(profile)
     if not caches:
@@ -260,12 +221,8 @@ def _doctor(args: argparse.Namespace) -> int:
         console.print(f"[bold]model cache[/]: {c.label} {c.option} = {c.path} ({c.filesystem}; {verdict})")
     if "model" in report:
         m = report["model"]
-        table = Table(
-            "accelerator",
-            "status",
-            "reason",
-            title=f"model {m['name']} v{m['version']} ({m['format']}): runs on {m['accelerator']}",
-        )
+        table = Table("accelerator", "status", "reason",
+                      title=f"model {m['name']} v{m['version']} ({m['format']}): runs on {m['accelerator']}")
         for c in m["candidates"]:
             table.add_row(c["label"], c["status"], c["reason"] or "")
         console.print(table)
@@ -277,25 +234,18 @@ def _doctor_bundle(args: argparse.Namespace, profile: Profile) -> dict[str, Any]
     if not args.trust or args.device_key is None:
         raise ConfigError("--bundle needs --trust PUB and --device-key KEY")
     device_key = load_device_key(args.device_key)
-    opened = open_bundle(
-        args.bundle, trust=trust_from_args(args), device_key=device_key, state_dir=None, commit_floor=False
-    )
+    opened = open_bundle(args.bundle, trust=trust_from_args(args), device_key=device_key, state_dir=None,
+                         commit_floor=False)
     with Engine.load(opened, profile=profile) as engine:
         engine.wait_standby(timeout=120.0)
         h = engine.health()
-        return {
-            "name": engine.manifest.name,
-            "version": engine.manifest.version,
-            "format": engine.manifest.format,
-            "accelerator": h["accelerator"],
-            "candidates": h["candidates"],
-            "load_ms": h["load_ms"],
-            "selftest_ms": h["selftest_ms"],
-        }
+        return {"name": engine.manifest.name, "version": engine.manifest.version,
+                "format": engine.manifest.format, "accelerator": h["accelerator"],
+                "candidates": h["candidates"],
+                "load_ms": h["load_ms"], "selftest_ms": h["selftest_ms"]}
 
 
 # --- bench --------------------------------------------------------------------------------------------------
-
 
 def _bench(args: argparse.Namespace) -> int:
     return run_benchmarks(

@@ -127,3 +127,4 @@ def synthetic_golden(model: bytes, *, model_format: str, meta: Mapping[str, Any]
             lo, hi = spec.value_range or (0.0, 1.0)
             tensors[spec.name] = rng.uniform(lo, hi, size=shape).astype(dtype)
     return [{"in": tensors, "out": {}}]
+

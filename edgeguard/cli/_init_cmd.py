@@ -82,21 +82,15 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("dir", type=Path, metavar="DIR", help="directory to create (must be empty unless --force)")
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        choices=_MODELS,
-        help=f"zoo model to seal (default: {DEFAULT_MODEL})",
-    )
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=_MODELS,
+                   help=f"zoo model to seal (default: {DEFAULT_MODEL})")
     p.add_argument("--port", type=int, default=8780, help="local API port on 127.0.0.1 (default: 8780)")
     p.add_argument(
         "--device-id", default="dev-1", help="device id in MQTT topics and result ids (default: dev-1)"
     )
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="write into a non-empty DIR: keys there are kept, the other files replaced (default: refuse)",
-    )
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty DIR: keys there are kept, the other files replaced "
+                   "(default: refuse)")
     p.set_defaults(handler=_init)
 
 
@@ -122,9 +116,7 @@ def _init(args: argparse.Namespace) -> int:
     DeviceSection(id=args.device_id)  # checked before it goes into the TOML text (no quotes, no newlines)
     # Validate the config text before anything is written: a bad option is one line, not a half-made DIR.
     text = CONFIG_TEMPLATE.format(
-        device_id=args.device_id,
-        model=args.model,
-        port=args.port,
+        device_id=args.device_id, model=args.model, port=args.port,
         model_name_line=_model_name_line(args.model),
     )
     parse_config(tomllib.loads(text), path=root.resolve() / "edgeguard.toml")
@@ -167,10 +159,8 @@ def _init(args: argparse.Namespace) -> int:
     config = root / "edgeguard.toml"
     atomic_write(config, text.encode(), mode=0o600)
     q = shlex.quote
-    print(
-        f"created {root}: keys/, tokens (app: infer,status; ops: admin,status), "
-        f"model.egm ({args.model} v{version}), edgeguard.toml"
-    )
+    print(f"created {root}: keys/, tokens (app: infer,status; ops: admin,status), "
+          f"model.egm ({args.model} v{version}), edgeguard.toml")
     print("next:")
     print(f"  edgeguard run -c {q(str(config))}          # the service (Ctrl-C stops it)")
     print(f"  edgeguard status -c {q(str(config))}       # in another terminal")

@@ -41,53 +41,26 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", type=Path, metavar="MODEL", help="fp32 .onnx model (or a pre-quantized .tflite)")
-    p.add_argument(
-        "--calibration",
-        type=Path,
-        metavar="DATA",
-        help="folder of .png/.jpg images or an .npz (arrays named after the inputs, samples "
-        "stacked on axis 0, or golden-vector '<i>/in/<name>' keys)",
-    )
+    p.add_argument("--calibration", type=Path, metavar="DATA",
+                   help="folder of .png/.jpg images or an .npz (arrays named after the inputs, samples "
+                   "stacked on axis 0, or golden-vector '<i>/in/<name>' keys)")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="where to write the model")
-    p.add_argument(
-        "--input-shape",
-        action="append",
-        default=[],
-        metavar="[NAME=]D,D,...",
-        help="static shape for an input with dynamic axes, e.g. images=1,3,320,320 (repeatable)",
-    )
-    p.add_argument(
-        "--budget",
-        type=float,
-        default=None,
-        help="minimum agreement with fp32 in [0, 1] (default by output kind: boxes 0.9 top-box "
-        "IoU, classes 0.9 top-1 agreement, mask 0.8 IoU, others 0.99 cosine)",
-    )
-    p.add_argument(
-        "--preprocess",
-        type=Path,
-        default=None,
-        metavar="FILE.json",
-        help="how calibration images become tensors (the manifest 'preprocess' schema); default: "
-        "letterbox to the model size, RGB, /255, NCHW float32",
-    )
+    p.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]D,D,...",
+                   help="static shape for an input with dynamic axes, e.g. images=1,3,320,320 (repeatable)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="minimum agreement with fp32 in [0, 1] (default by output kind: boxes 0.9 top-box "
+                   "IoU, classes 0.9 top-1 agreement, mask 0.8 IoU, others 0.99 cosine)")
+    p.add_argument("--preprocess", type=Path, default=None, metavar="FILE.json",
+                   help="how calibration images become tensors (the manifest 'preprocess' schema); default: "
+                   "letterbox to the model size, RGB, /255, NCHW float32")
     p.add_argument("--samples", type=int, default=32, help="calibration + held-out samples from images")
-    p.add_argument(
-        "--activations",
-        choices=("uint8", "int8"),
-        default="uint8",
-        help="activation type (uint8 with int8 weights is fastest on x86; measure on ARM)",
-    )
+    p.add_argument("--activations", choices=("uint8", "int8"), default="uint8",
+                   help="activation type (uint8 with int8 weights is fastest on x86; measure on ARM)")
     p.add_argument("--no-per-channel", action="store_true", help="per-tensor instead of per-channel weights")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads to time with (0: default)")
     p.add_argument("--bench-runs", type=int, default=30, help="timed runs per candidate")
-    p.add_argument(
-        "--report",
-        type=Path,
-        default=None,
-        metavar="FILE.json",
-        help="also write the report as JSON (fits the manifest's 'quantization' field)",
-    )
+    p.add_argument("--report", type=Path, default=None, metavar="FILE.json",
+                   help="also write the report as JSON (fits the manifest's 'quantization' field)")
     p.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
     p.set_defaults(handler=_quantize)
 
@@ -119,11 +92,9 @@ def _tflite(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(check.to_json(), indent=2))
     else:
-        print(
-            f"{args.model.name}: pre-quantized TFLite ({check.quantized_tensors} quantized, "
-            f"{check.float_tensors} float tensors; inputs {', '.join(check.input_dtypes)}): accepted as is "
-            f"-> {args.output}"
-        )
+        print(f"{args.model.name}: pre-quantized TFLite ({check.quantized_tensors} quantized, "
+              f"{check.float_tensors} float tensors; inputs {', '.join(check.input_dtypes)}): accepted as is "
+              f"-> {args.output}")
     return 0
 
 
@@ -140,9 +111,8 @@ def _quantize(args: argparse.Namespace) -> int:
             quantize_onnx,
         )
     except ImportError as exc:
-        raise ConfigError(
-            f"quantize needs the 'quantize' extra (pip install 'edgeguard[quantize]'): {exc}"
-        ) from None
+        raise ConfigError(f"quantize needs the 'quantize' extra (pip install 'edgeguard[quantize]'): "
+                          f"{exc}") from None
     shapes = _parse_shapes(args.input_shape)
     if "" in shapes:
         shapes = _single_input_shape(args.model, shapes)
@@ -154,13 +124,8 @@ def _quantize(args: argparse.Namespace) -> int:
             raise ConfigError(f"--preprocess {args.preprocess}: {exc}") from None
     try:
         options = QuantizeOptions(
-            budget=args.budget,
-            input_shapes=shapes,
-            preprocess=preprocess,
-            samples=args.samples,
-            per_channel=not args.no_per_channel,
-            activations=args.activations,
-            bench_runs=args.bench_runs,
+            budget=args.budget, input_shapes=shapes, preprocess=preprocess, samples=args.samples,
+            per_channel=not args.no_per_channel, activations=args.activations, bench_runs=args.bench_runs,
             threads=args.threads,
         )
     except ValueError as exc:
@@ -173,23 +138,16 @@ def _quantize(args: argparse.Namespace) -> int:
     root = logging.getLogger()
     root.addHandler(quiet)
     try:
-        with Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            transient=True,
-        ) as bar:
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
             task = bar.add_task("quantizing", total=1)
 
             def progress(what: str, done: int, total: int) -> None:
                 bar.update(task, description=what, completed=done, total=total)
 
             try:
-                report = quantize_onnx(
-                    args.model, args.calibration, args.output, options=options, progress=progress
-                )
+                report = quantize_onnx(args.model, args.calibration, args.output, options=options,
+                                       progress=progress)
             except QuantizeError as exc:
                 if isinstance(exc.report, QuantizeReport):
                     _show(exc.report, args)
@@ -232,30 +190,16 @@ def _show(report: Any, args: argparse.Namespace) -> None:
             continue
         agreement = ", ".join(f"{a.value:.3f}" for a in c.agreements)
         budget = ", ".join(f"{b:g}" for b in report.budgets)
-        verdict = (
-            "[bold green]chosen[/]"
-            if c.name == report.chosen
-            else ("passes" if c.passes else "[red]below budget[/]")
-        )
+        verdict = "[bold green]chosen[/]" if c.name == report.chosen else (
+            "passes" if c.passes else "[red]below budget[/]")
         ms = f"{c.latency_ms:.2f}" if c.latency_ms else "-"
-        table.add_row(
-            c.name,
-            str(len(c.excluded)),
-            agreement,
-            budget,
-            ms,
-            f"{c.speedup:.2f}x" if c.speedup else "-",
-            verdict,
-        )
+        table.add_row(c.name, str(len(c.excluded)), agreement, budget, ms,
+                      f"{c.speedup:.2f}x" if c.speedup else "-", verdict)
     out = Console()
     metrics = next((c.agreements for c in report.candidates if c.agreements), ())
-    out.print(
-        f"calibration: {report.calibration}; input shapes: {report.input_shapes}; "
-        f"opset {report.opset[0]} -> {report.opset[1]}; agreement = "
-        + ", ".join(f"{a.metric} ({a.kind})" for a in metrics),
-        soft_wrap=True,
-        markup=False,
-    )
+    out.print(f"calibration: {report.calibration}; input shapes: {report.input_shapes}; "
+              f"opset {report.opset[0]} -> {report.opset[1]}; agreement = "
+              + ", ".join(f"{a.metric} ({a.kind})" for a in metrics), soft_wrap=True, markup=False)
     out.print(table)
     out.print(f"choice: {report.reason}", soft_wrap=True, markup=False)
     if report.output:

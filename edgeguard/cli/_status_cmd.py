@@ -55,20 +55,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="CONFIG.toml",
         help="service configuration (default: /etc/edgeguard/edgeguard.toml)",
     )
-    p.add_argument(
-        "--tokens",
-        type=Path,
-        metavar="FILE",
-        help="tokens file holding a token of scope status (default: the config's tokens_file)",
-    )
+    p.add_argument("--tokens", type=Path, metavar="FILE",
+                   help="tokens file holding a token of scope status (default: the config's tokens_file)")
     p.add_argument("--json", action="store_true", help="print one JSON object (default: text)")
-    p.add_argument(
-        "--wait",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="keep asking until the service is OK or this many seconds passed (default: 0, once)",
-    )
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="keep asking until the service is OK or this many seconds passed (default: 0, once)")
     p.set_defaults(handler=_status)
 
 
@@ -82,13 +73,8 @@ class Report:
     supervisor: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok,
-            "summary": self.summary,
-            "source": self.source,
-            "health": self.health,
-            "supervisor": self.supervisor,
-        }
+        return {"ok": self.ok, "summary": self.summary, "source": self.source, "health": self.health,
+                "supervisor": self.supervisor}
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -210,19 +196,14 @@ def _from_state_files(cfg: Any, why: str) -> Report:
     if not path.exists():
         return Report(False, f"NOT OK: not running ({why}); never started here (no {path})", "state files")
     sup = read_state(path).to_json()
-    last = (
-        "in the SAFE STATE: " + str(sup["safe_reason"])
-        if sup.get("safe_state")
-        else (f"last failure: {sup['last_reason']}" if sup.get("last_reason") else "no failure recorded")
-    )
+    last = "in the SAFE STATE: " + str(sup["safe_reason"]) if sup.get("safe_state") else (
+        f"last failure: {sup['last_reason']}" if sup.get("last_reason") else "no failure recorded")
     details = [
         f"state      {path}",
         f"restarts   {sup['restarts']} (failures {sup['failures']}), MTBF {_fmt_s(sup['mtbf_s'])}, "
         f"MTTR {_fmt_s(sup['mttr_s'])}",
-    ] + [
-        f"failure    {f['reason']} at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(f['at']))}"
-        for f in sup["history"][-3:]
-    ]
+    ] + [f"failure    {f['reason']} at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(f['at']))}"
+         for f in sup["history"][-3:]]
     return Report(False, f"NOT OK: not running ({why}); {last}", "state files", details, supervisor=sup)
 
 

@@ -129,13 +129,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
     def where(q: argparse.ArgumentParser) -> None:
         g = q.add_mutually_exclusive_group()
-        g.add_argument(
-            "-c",
-            "--config",
-            type=Path,
-            metavar="CONFIG.toml",
-            help="service config whose sources.api.tokens_file is edited",
-        )
+        g.add_argument("-c", "--config", type=Path, metavar="CONFIG.toml",
+                       help="service config whose sources.api.tokens_file is edited")
         g.add_argument("--tokens", type=Path, metavar="FILE", help="the tokens file itself")
 
     q = tsub.add_parser("add", help="create a token and print it once")
@@ -146,11 +141,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="SCOPES",
         help=f"comma-separated, of {', '.join(SCOPES)} (default: infer)",
     )
-    q.add_argument(
-        "--create",
-        action="store_true",
-        help="create the tokens file (mode 0600) when it does not exist (default: refuse)",
-    )
+    q.add_argument("--create", action="store_true",
+                   help="create the tokens file (mode 0600) when it does not exist (default: refuse)")
     where(q)
     q.set_defaults(handler=_add)
     q = tsub.add_parser("list", help="names, scopes and fingerprints (never the secrets)")

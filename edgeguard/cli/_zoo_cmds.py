@@ -27,12 +27,8 @@ example:
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add this module's subcommands to ``sub``; each sets ``handler`` returning an exit code."""
-    p = sub.add_parser(
-        "zoo",
-        help="list and fetch the known models and sample photos",
-        description=_ZOO_HELP,
-        formatter_class=_RAW,
-    )
+    p = sub.add_parser("zoo", help="list and fetch the known models and sample photos", description=_ZOO_HELP,
+                       formatter_class=_RAW)
     zsub = p.add_subparsers(dest="zoo_command", metavar="ACTION", required=True)
     q = zsub.add_parser("list", help="what each model does, its licence and size, and whether it is cached")
     q.add_argument("--json", action="store_true", help="one JSON array instead of the table (default: table)")
@@ -80,10 +76,8 @@ def _list(args: argparse.Namespace) -> int:
     # Plain columns that fit 100 characters; `does` wraps last so names and sizes stay aligned.
     print(f"{'NAME':<14}{'KIND':<7}{'SIZE':>9}  {'LICENCE':<21}{'CACHED':<7}WHAT IT DOES")
     for item in zoo.ITEMS.values():
-        head = (
-            f"{item.key:<14}{item.kind:<7}{_size(item.size):>9}  {item.licence:<21}"
-            f"{'yes' if zoo.cached(item.key) else 'no':<7}"
-        )
+        head = (f"{item.key:<14}{item.kind:<7}{_size(item.size):>9}  {item.licence:<21}"
+                f"{'yes' if zoo.cached(item.key) else 'no':<7}")
         words, line, lines = item.does.split(), "", []
         for word in words:
             if line and len(head) + len(line) + 1 + len(word) > 100:
@@ -95,9 +89,8 @@ def _list(args: argparse.Namespace) -> int:
         print(head + lines[0])
         for rest in lines[1:]:
             print(" " * len(head) + rest)
-    print(
-        "\n`edgeguard zoo fetch NAME -o FILE` downloads one; examples/<name>-meta.json describes each model."
-    )
+    print("\n`edgeguard zoo fetch NAME -o FILE` downloads one; examples/<name>-meta.json describes each "
+          "model.")
     return 0
 
 
