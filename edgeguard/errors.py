@@ -25,6 +25,9 @@ __all__ = [
     "WatchdogError",
     "ServiceUnavailable",
     "DatabaseError",
+    "ArchiveRejected",
+    "ArchiveCheck",
+    "ARCHIVE_CHECKS",
 ]
 
 # The one-word (or two-word) names of the checks a bundle can fail; they are part of the CLI contract.
@@ -93,3 +96,21 @@ class ServiceUnavailable(EdgeGuardError):
 
 class DatabaseError(EdgeGuardError):
     """The fleet database (operator side) refused what EdgeGuard needs: a schema newer than this version."""
+
+
+# The checks a provisioning archive can fail (edgeguard/provisioning/_archive.py runs them in this order).
+ArchiveCheck = Literal[
+    "too large", "malformed", "untrusted signer", "signature", "wrong device", "not a recipient", "integrity"
+]
+ARCHIVE_CHECKS: Final[tuple[str, ...]] = get_args(ArchiveCheck)
+
+
+class ArchiveRejected(EdgeGuardError):
+    """A provisioning archive failed verification (exit code 3, like a bundle). ``check`` names the check."""
+
+    def __init__(self, check: ArchiveCheck, detail: str) -> None:
+        if check not in ARCHIVE_CHECKS:
+            raise ValueError(f"unknown archive check {check!r}")
+        self.check: ArchiveCheck = check
+        self.detail = cut(detail)
+        super().__init__(f"archive rejected: {check}: {self.detail}")

@@ -1,10 +1,10 @@
 """The ``edgeguard`` command line.
 
 Each concern registers its own subcommands (``_bundle_cmds``, ``_engine_cmds``, ``_service_cmds``, ``_demo``,
-``_zoo_cmds``, ``_init_cmd``, ``_token_cmds``, ``_status_cmd``);
+``_zoo_cmds``, ``_init_cmd``, ``_token_cmds``, ``_status_cmd``, ``_provision_cmds``, ``_fleet_cmds``);
 this module only builds the parser and maps error families to the exit-code contract:
 
-    0 ok · 1 runtime error · 2 usage/config error · 3 bundle rejected
+    0 ok · 1 runtime error · 2 usage/config error · 3 bundle (or provisioning archive) rejected
 
 A failure prints one line on stderr and no traceback (``EDGEGUARD_DEBUG=1`` shows the traceback).
 """
@@ -18,7 +18,14 @@ import sys
 from collections.abc import Sequence
 
 from edgeguard import __version__
-from edgeguard.errors import BundleRejected, ConfigError, EdgeGuardError, InputRejected, KeyFileError
+from edgeguard.errors import (
+    ArchiveRejected,
+    BundleRejected,
+    ConfigError,
+    EdgeGuardError,
+    InputRejected,
+    KeyFileError,
+)
 
 from . import (
     _bundle_cmds,
@@ -26,6 +33,7 @@ from . import (
     _engine_cmds,
     _fleet_cmds,
     _init_cmd,
+    _provision_cmds,
     _quantize_cmds,
     _scan_cmds,
     _service_cmds,
@@ -65,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in (
         _bundle_cmds, _engine_cmds, _quantize_cmds, _service_cmds, _scan_cmds, _demo,
-        _zoo_cmds, _init_cmd, _token_cmds, _status_cmd, _fleet_cmds,
+        _zoo_cmds, _init_cmd, _token_cmds, _status_cmd, _provision_cmds, _fleet_cmds,
     ):
         module.register(sub)
     _describe_defaults(parser)
@@ -110,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = os.environ.get("EDGEGUARD_DEBUG") == "1"
     try:
         return int(handler(args))
-    except BundleRejected as exc:
+    except (BundleRejected, ArchiveRejected) as exc:
         return _fail(EXIT_REJECTED, str(exc))
     except (ConfigError, KeyFileError, InputRejected) as exc:
         if debug:

@@ -21,7 +21,11 @@ _STATUS_MAX_BYTES = 64 * 1024
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    fleet = sub.add_parser("fleet", help="operator-side tools (ingest into PostgreSQL)")
+    fleet = sub.add_parser(
+        "fleet",
+        help="operate a fleet: CA, devices, broker config, sealing, ingest into PostgreSQL (docs/fleet.md)",
+        description="Operator-side fleet tools (docs/fleet.md, docs/ingest.md). Never needed on a device.",
+    )
     fsub = fleet.add_subparsers(dest="fleet_command", metavar="FLEET_COMMAND")
 
     def usage(_args: argparse.Namespace) -> int:
