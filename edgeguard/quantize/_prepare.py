@@ -134,11 +134,17 @@ def _infer_shapes(fixed: Path, prepared: Path) -> list[str]:
     Returns what happened, one entry per fallback taken; raises the last failure when every way failed.
     """
     steps: list[str] = []
+    # On failure onnxruntime's symbolic inference saves its partial model to this name in the current
+    # directory; remove what it left there unless the file was the user's to begin with.
+    litter = Path("sym_shape_infer_temp.onnx")
+    had_litter = litter.exists()
     try:
         quant_pre_process(str(fixed), str(prepared), skip_symbolic_shape=False)
         return steps
     except Exception as exc:
         steps.append(f"symbolic shape inference failed ({_first_line(exc)}); used ONNX shape inference")
+        if not had_litter:
+            litter.unlink(missing_ok=True)
     try:
         quant_pre_process(str(fixed), str(prepared), skip_symbolic_shape=True)
         return steps
@@ -148,6 +154,22 @@ def _infer_shapes(fixed: Path, prepared: Path) -> list[str]:
     model = onnx.shape_inference.infer_shapes(onnx.load(str(fixed)))
     onnx.save(model, str(prepared))
     return steps
+
+
+def _fix_input(model: Any, name: str, shape: Sequence[int]) -> None:
+    """Make input ``name`` static. onnxruntime's helper replaces a named dynamic axis everywhere it occurs,
+    which fails when one name stands for two sizes (PP-OCR's classifier calls both height and width "?");
+    then the input's own dims are set and the stale intermediate shapes dropped for inference to redo."""
+    try:
+        make_input_shape_fixed(model.graph, name, list(shape))
+        return
+    except ValueError:
+        pass
+    value = next(v for v in model.graph.input if v.name == name)
+    for dim, size in zip(value.type.tensor_type.shape.dim, shape, strict=True):
+        dim.Clear()
+        dim.dim_value = int(size)
+    del model.graph.value_info[:]
 
 
 def prepare_model(
@@ -162,19 +184,24 @@ def prepare_model(
     static = resolve_shapes(input_shapes(model), shapes or {})
     opset_from = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     stage = "upgrading the opset"
+    early: list[str] = []
     try:
         if opset_from < MIN_OPSET:
             # Per-channel QDQ needs QuantizeLinear's axis attribute (opset 13).
             model = version_converter.convert_version(model, MIN_OPSET)
         stage = "fixing the input shapes"
         for name, shape in static.items():
-            make_input_shape_fixed(model.graph, name, list(shape))
-        fix_output_shapes(model)
+            _fix_input(model, name, shape)
+        try:
+            fix_output_shapes(model)
+        except Exception as exc:
+            # Only a convenience: shape inference below works out the output shapes it can anyway.
+            early.append(f"output shapes left as declared ({_first_line(exc)})")
         fixed = work_dir / "fixed.onnx"
         onnx.save(model, str(fixed))
         stage = "inferring shapes"
         prepared = work_dir / "prepared.onnx"
-        steps = _infer_shapes(fixed, prepared)
+        steps = early + _infer_shapes(fixed, prepared)
         final = onnx.load(str(prepared))
     except Exception as exc:
         raise QuantizeError(f"preparing {source.name} failed while {stage}: {_first_line(exc)}") from None

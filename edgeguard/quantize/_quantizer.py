@@ -47,7 +47,7 @@ from ._calibration import CalibrationSet, calibration_shapes, load_calibration
 from ._candidates import Candidate, find_candidates
 from ._errors import QuantizeError
 from ._metrics import DEFAULT_BUDGETS, Agreement, OutputKind, agreement, output_kind
-from ._prepare import PreparedModel, input_shapes, prepare_model, read_model
+from ._prepare import PreparedModel, input_shapes, prepare_model, quantized_nodes, read_model
 
 __all__ = ["QuantizeOptions", "CandidateResult", "QuantizeReport", "quantize_onnx"]
 
@@ -266,8 +266,13 @@ def _build(prepared: Path, out: Path, data: CalibrationSet, cand: Candidate, gra
         try:
             _quantize(prepared, out, data.calibration, cand, (*cand.exclude, *extra), options=options,
                       cache=cache, workarounds=workarounds)
+            if not quantized_nodes(onnx.load(str(out), load_external_data=False)):
+                # Every node excluded or none quantizable: fp32 under another name, not a candidate.
+                raise QuantizeError("quantized nothing (every quantizable node kept fp32)")
             session = cpu_session(out, options.threads)
             return session, _run_all(session, data.held_out), tuple(extra), tuple(notes)
+        except QuantizeError:
+            raise
         except Exception as exc:
             if cand.method == "static" and not workarounds and "truth value of an array" in str(exc):
                 workarounds["QDQDisableWeightAdjustForInt32Bias"] = True
