@@ -10,6 +10,8 @@ For each model of the suite (real models from PyPI wheels, through the zoo) and 
   prepared it (fixed shapes, opset >= 13, shape inference) so that only the quantizer's choices differ;
 * EdgeGuard's choice (``quantize_onnx``), which may be the fp32 model ("kept fp32").
 
+Speed-ups are against the original fp32 file, which is also the agreement reference.
+
 All are judged with the same agreement metric and budget on the same held-out samples, and timed in one
 interleaved benchmark. Verdict per model: ``ok`` when EdgeGuard is at least as fast as the fastest raw
 candidate that meets the budget (within ``--tolerance``, timing noise on a shared machine), ``explained``
@@ -191,7 +193,8 @@ def compare(model: SuiteModel, work: Path, *, runs: int, threads: int, tolerance
     prepared = prepare_model(src, prep_dir, shapes=report.input_shapes)
     data = load_calibration(calibration, prepared.inputs, dtypes=prepared.input_dtypes,
                             preprocess=model.preprocess, samples=16)
-    fp32 = cpu_session(prepared.path, threads)
+    # The baseline is the user's own fp32 file (what "kept fp32" hands back), not EdgeGuard's prepared copy.
+    fp32 = cpu_session(src, threads)
     ref = [fp32.run(None, s) for s in data.held_out]
     kinds = [output_kind(o.shape, o) for o in ref[0]]
     budgets = [DEFAULT_BUDGETS[k] for k in kinds]
