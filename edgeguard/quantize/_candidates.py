@@ -63,6 +63,17 @@ def _compute_after(graph: Any) -> list[int]:
     return after
 
 
+def _op_types(graph: Any) -> set[str]:
+    """Operator types in ``graph`` and its subgraphs (If/Loop/Scan branches: silero VAD's LSTM is in one)."""
+    found: set[str] = set()
+    for node in graph.node:
+        found.add(node.op_type)
+        for attr in node.attribute:
+            for sub in (attr.g, *attr.graphs) if attr.HasField("g") else attr.graphs:
+                found |= _op_types(sub)
+    return found
+
+
 def find_candidates(model: Any, *, activations: Literal["uint8", "int8"] = "uint8") -> list[Candidate]:
     """Candidates for an ``onnx.ModelProto``: exclusion sets smallest first (duplicates removed), then the
     whole model with the other activation type, compute layers only, and dynamic quantization."""
@@ -100,7 +111,7 @@ def find_candidates(model: Any, *, activations: Literal["uint8", "int8"] = "uint
     if any(compute):
         out.append(Candidate("int8-compute-only", "only Conv/MatMul/Gemm quantized, the rest kept fp32", (),
                              op_types=tuple(sorted(COMPUTE_OPS))))
-    present = sorted({n.op_type for n in nodes if n.op_type in DYNAMIC_OPS})
+    present = sorted(_op_types(graph) & set(DYNAMIC_OPS))
     if present:
         out.append(Candidate("dynamic", f"dynamic quantization of {'/'.join(present)}", (), method="dynamic",
                              op_types=tuple(present)))
