@@ -177,7 +177,8 @@ def _raw(prepared: Path, out: Path, data: CalibrationSet, method: str) -> str | 
 def _median_ms(sessions: dict[str, Any], feed: dict[str, np.ndarray], runs: int) -> dict[str, float]:
     times: dict[str, list[float]] = {k: [] for k in sessions}
     for s in sessions.values():
-        s.run(None, feed)
+        for _ in range(3):  # first runs allocate and tune: not what a device sees after start-up
+            s.run(None, feed)
     for _ in range(runs):
         for name, s in sessions.items():
             start = time.perf_counter()

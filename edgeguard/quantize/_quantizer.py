@@ -175,6 +175,9 @@ def cpu_session(path: Path, threads: int) -> Any:
         opts.intra_op_num_threads = threads
     # Several sessions take turns here: a spinning idle pool would steal the CPU from the next one to run.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # A candidate that cannot run fails with an exception the report records; onnxruntime's own error log
+    # of the same failure would only tear the progress bar.
+    opts.log_severity_level = 4
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
