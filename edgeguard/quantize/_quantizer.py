@@ -20,6 +20,7 @@ The steps, each reported through ``progress``:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 import tempfile
@@ -307,6 +308,8 @@ def _atomic_copy(src: Path, dst: Path) -> None:
 
 
 _TIE: float = 0.03  # latencies within 3 % are a tie on a noisy machine: then the most accurate one wins
+_CONFIRM_BELOW: float = 1.5  # a winner with less speed-up than this is timed again before it is kept
+_MAX_CONFIRMATIONS = 3
 
 
 def _margin(result: CandidateResult) -> float:
@@ -427,9 +430,29 @@ def quantize_onnx(
             results[name] = CandidateResult(cand.name, cand.description, cand.exclude, agreements, passes,
                                             ms, fp32_ms / ms if ms > 0 else None, method=cand.method,
                                             auto_excluded=extra, notes=notes)
-        ordered = tuple(results[c.name] for c in candidates)
-        eligible = [r for r in ordered if r.passes and (r.speedup or 0.0) >= opts.min_speedup]
+        eligible = [r for r in results.values() if r.passes and (r.speedup or 0.0) >= opts.min_speedup]
         chosen = _choose(eligible)
+        confirmations = 0
+        while chosen is not None and (chosen.speedup or 0.0) < _CONFIRM_BELOW:
+            # A small speed-up on a busy machine may be noise: time the winner against fp32 once more, alone,
+            # and keep it only if it is still faster (seen on a 1.6 ms classifier: 1.6x, then 0.9x). After
+            # three winners that were not confirmed, int8 does not pay here: fp32 is kept.
+            if confirmations == _MAX_CONFIRMATIONS:
+                chosen = None
+                break
+            confirmations += 1
+            say(f"confirming {chosen.name} ({chosen.speedup or 0.0:.2f}x) against fp32", total - 1, total)
+            again = _bench({"fp32": fp32, chosen.name: built[chosen.name][1]}, data.held_out[0],
+                           opts.bench_runs)
+            ratio = again["fp32"] / again[chosen.name] if again[chosen.name] > 0 else 0.0
+            if ratio >= opts.min_speedup:
+                break
+            results[chosen.name] = dataclasses.replace(
+                chosen, speedup=min(chosen.speedup or 0.0, ratio),
+                notes=(*chosen.notes, f"speed-up not confirmed: {ratio:.2f}x when timed again"))
+            eligible = [r for r in eligible if r.name != chosen.name]
+            chosen = _choose(eligible)
+        ordered = tuple(results[c.name] for c in candidates)
         if chosen is None:
             reason = _kept_reason(ordered, budgets, opts.min_speedup)
         else:

@@ -241,3 +241,27 @@ def test_sequence_outputs_are_judged_by_edit_distance() -> None:
     # A YOLO head of the same rank is still boxes: its rows are not probability distributions.
     head = np.random.default_rng(0).random((1, 22, 2100)).astype(np.float32)
     assert output_kind(head.shape, head) == "boxes"
+
+
+def test_a_small_speed_up_is_timed_again_before_it_is_kept(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first timing says every candidate is 1.1x; timed again, none is faster: fp32 is kept."""
+    from edgeguard.quantize import _quantizer
+
+    rounds: list[list[str]] = []
+
+    def scripted(sessions: dict[str, object], sample: object, runs: int) -> dict[str, float]:
+        rounds.append(list(sessions))
+        first = len(rounds) == 1
+        return {name: 1.0 if name == "fp32" else (0.9 if first else 1.2) for name in sessions}
+
+    monkeypatch.setattr(_quantizer, "_bench", scripted)
+    model = token_model(tmp_path / "tokens.onnx")
+    calib = tmp_path / "ids.npz"
+    np.savez(calib, ids=np.random.default_rng(0).integers(0, 256, (8, 32), dtype=np.int64))
+    report = quantize_onnx(model, calib, None, options=QuantizeOptions(bench_runs=3))
+    assert report.kept_fp32, report.reason
+    assert len(rounds) == 4 and all(len(r) == 2 for r in rounds[1:])  # three confirmations, one each
+    unconfirmed = [c for c in report.candidates if any("speed-up not confirmed" in n for n in c.notes)]
+    assert len(unconfirmed) == 3 and all(c.speedup == pytest.approx(1 / 1.2) for c in unconfirmed)
+    assert report.reason.startswith("kept fp32: best candidate ")
