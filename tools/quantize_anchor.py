@@ -209,7 +209,7 @@ def compare(model: SuiteModel, work: Path, *, runs: int, threads: int, tolerance
     # A second session of the same fp32 file measures the timing noise of this run: two identical models
     # that differ by 20 % say that a 20 % difference between candidates means nothing here.
     sessions: dict[str, Any] = {"fp32": fp32, "fp32 again": cpu_session(src, threads),
-                                "edgeguard": cpu_session(out, threads)}
+                                "edgeguard": cpu_session(src if report.kept_fp32 else out, threads)}
     errors: dict[str, str] = {}
     for method in ("static", "dynamic"):
         path = work / f"{model.key}-raw-{method}.onnx"

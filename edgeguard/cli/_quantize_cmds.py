@@ -10,6 +10,7 @@ command runs: it needs the optional ``quantize`` extra (onnx, sympy), which a de
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -192,6 +193,12 @@ def _quantize(args: argparse.Namespace) -> int:
                     from None
     finally:
         root.removeHandler(quiet)
+    if report.kept_fp32:
+        # Kept fp32 is an answer: -o receives the original file byte for byte, so the next step of a
+        # pipeline (pack) still finds a model, and the table says which one it is.
+        if args.model.resolve() != args.output.resolve():
+            atomic_write(args.output, args.model.read_bytes(), mode=0o644)
+        report = dataclasses.replace(report, output=str(args.output))
     _show(report, args)
     return 0
 

@@ -364,8 +364,9 @@ def quantize_onnx(
 ) -> QuantizeReport:
     """Quantize ``model`` to int8, guarded by accuracy, and write the chosen model to ``output``.
 
-    When no candidate is both within budget and faster, the report says "kept fp32: ..." and ``output``
-    receives the original model unchanged (a pipeline that packs ``output`` next still gets a model).
+    When no candidate is both within budget and faster, the report says "kept fp32: ..." (``kept_fp32``)
+    and nothing is written: an int8 path must not receive an fp32 model behind the caller's back (the CLI
+    copies the original there itself, and says so).
     Raises ``ConfigError`` for bad arguments or data and ``QuantizeError`` (one line naming the stage) when
     a stage cannot run at all. ``output=None`` measures without writing.
     """
@@ -464,13 +465,12 @@ def quantize_onnx(
             if failing:
                 reason += f"; not eligible: {', '.join(failing)}"
         report = QuantizeReport(
-            model=str(model), output=None if output is None else str(output),
+            model=str(model), output=None if output is None or chosen is None else str(output),
             input_shapes=prepared.inputs, opset=(prepared.opset_from, prepared.opset),
             calibration=data.source, kinds=kinds, budgets=budgets, fp32_ms=fp32_ms, candidates=ordered,
             chosen=None if chosen is None else chosen.name, reason=reason, steps=prepared.steps,
         )
         say("done", total, total)
-        if output is not None:
-            # Kept fp32: the original file byte for byte, not the prepared one (fixed shapes, newer opset).
-            _atomic_copy(model if chosen is None else tmp / f"{chosen.name}.onnx", output)
+        if output is not None and chosen is not None:
+            _atomic_copy(tmp / f"{chosen.name}.onnx", output)
         return report

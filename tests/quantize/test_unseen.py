@@ -259,8 +259,10 @@ def test_a_small_speed_up_is_timed_again_before_it_is_kept(tmp_path: Path,
     model = token_model(tmp_path / "tokens.onnx")
     calib = tmp_path / "ids.npz"
     np.savez(calib, ids=np.random.default_rng(0).integers(0, 256, (8, 32), dtype=np.int64))
-    report = quantize_onnx(model, calib, None, options=QuantizeOptions(bench_runs=3))
+    out = tmp_path / "tokens-int8.onnx"
+    report = quantize_onnx(model, calib, out, options=QuantizeOptions(bench_runs=3))
     assert report.kept_fp32, report.reason
+    assert not out.exists() and report.output is None  # the API writes no fp32 model to an int8 path
     assert len(rounds) == 4 and all(len(r) == 2 for r in rounds[1:])  # three confirmations, one each
     unconfirmed = [c for c in report.candidates if any("speed-up not confirmed" in n for n in c.notes)]
     assert len(unconfirmed) == 3 and all(c.speedup == pytest.approx(1 / 1.2) for c in unconfirmed)
