@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             report = quantize_onnx(fp32_path, photos, tmp / "int8.onnx",
                                    options=QuantizeOptions(input_shapes={"images": (1, 3, 320, 320)}))
             console.print(f"quantized in {time.perf_counter() - start:.1f} s: {report.reason}")
+            if report.kept_fp32:  # no int8 model to compare: the quantizer kept fp32 and said why
+                return 1
             chosen = report.chosen or "none"
             int8_path = tmp / "int8.onnx"
         else:

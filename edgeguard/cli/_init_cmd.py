@@ -32,7 +32,8 @@ else:  # pragma: no cover - Python 3.10
 __all__ = ["register", "CONFIG_TEMPLATE"]
 
 DEFAULT_MODEL = "yolov8n"
-_MODELS = [key for key, item in zoo.ITEMS.items() if item.kind == "model"]
+# Only models with a META can be sealed by init (the quantizer-suite models have none).
+_MODELS = [key for key, item in zoo.ITEMS.items() if item.kind == "model" and key in zoo.META]
 
 # The one template of the generated config: every path is relative to the file, so DIR can move.
 CONFIG_TEMPLATE = """\

@@ -1,14 +1,16 @@
 """``edgeguard quantize MODEL --calibration DATA -o OUT``: int8 quantization with an accuracy guard.
 
 ONNX models are quantized (see ``edgeguard.quantize``); a progress bar shows the steps on stderr and a table
-of the candidates, with the choice and the reason, is printed at the end. Pre-quantized TFLite models are
-checked and accepted as they are. ``edgeguard.quantize`` is imported only when the command runs: it needs the
-optional ``quantize`` extra (onnx, sympy), which a device does not install.
+of the candidates, with the choice and the reason, is printed at the end. When no candidate is faster and
+within budget the fp32 model is kept ("kept fp32: ..."), which is an answer, exit 0. Pre-quantized TFLite
+and ONNX models are checked and accepted as they are. ``edgeguard.quantize`` is imported only when the
+command runs: it needs the optional ``quantize`` extra (onnx, sympy), which a device does not install.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -30,10 +32,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser(
         "quantize",
         help="quantize an fp32 ONNX model to int8, guarded by accuracy",
-        description="Static QDQ int8 quantization (onnxruntime) with an accuracy guard: nodes whose "
-        "quantization breaks agreement with fp32 on held-out data are kept in fp32 automatically, and the "
-        "fastest candidate that meets the budget is written. Pre-quantized int8 .tflite models are checked "
-        "and accepted as they are.",
+        description="Int8 quantization (onnxruntime static QDQ or dynamic) with an accuracy guard: several "
+        "candidates (nodes kept fp32 where quantization breaks agreement, other activation types, compute "
+        "layers only, dynamic) are measured against fp32 on held-out data, and the fastest that meets the "
+        "budget is written; when none does, the fp32 model is kept and written as it is (exit 0). "
+        "Pre-quantized int8 .tflite and .onnx models are checked and accepted as they are.",
         epilog="example:\n  edgeguard quantize yolov8n.onnx --calibration photos/ -o yolov8n-int8.onnx \\\n"
         "      --input-shape images=1,3,320,320\n"
         "  (needs the [quantize] extra: pip install 'edgeguard[quantize]', or .venv/bin/pip install -e "
@@ -42,8 +45,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     p.add_argument("model", type=Path, metavar="MODEL", help="fp32 .onnx model (or a pre-quantized .tflite)")
     p.add_argument("--calibration", type=Path, metavar="DATA",
-                   help="folder of .png/.jpg images or an .npz (arrays named after the inputs, samples "
-                   "stacked on axis 0, or golden-vector '<i>/in/<name>' keys)")
+                   help="folder of .png/.jpg images, folder of raw files (byte/sequence models with one "
+                   "integer input [1, L]), or an .npz in the inputs' own dtypes (arrays named after the "
+                   "inputs, samples stacked on axis 0, or golden-vector '<i>/in/<name>' keys)")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="where to write the model")
     p.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]D,D,...",
                    help="static shape for an input with dynamic axes, e.g. images=1,3,320,320 (repeatable)")
@@ -98,9 +102,37 @@ def _tflite(args: argparse.Namespace) -> int:
     return 0
 
 
+def _already_quantized(args: argparse.Namespace) -> bool:
+    """Accept an ONNX model someone already quantized as it is, like an int8 .tflite; False if it is not."""
+    from edgeguard.quantize._prepare import quantized_nodes, read_model  # noqa: PLC0415 - optional extra
+
+    counts = quantized_nodes(read_model(args.model))
+    if not counts:
+        return False
+    if args.model.resolve() != args.output.resolve():
+        atomic_write(args.output, args.model.read_bytes(), mode=0o644)
+    found = ", ".join(f"{n} {op}" for op, n in sorted(counts.items()))
+    data = {"method": "pre-quantized ONNX (accepted as is)", "path": str(args.model),
+            "quantized_nodes": counts}
+    if args.report:
+        _write_json(args.report, data)
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(f"{args.model.name}: already quantized ONNX ({found}): accepted as is -> {args.output}")
+    return True
+
+
 def _quantize(args: argparse.Namespace) -> int:
     if args.model.suffix.lower() == ".tflite":
         return _tflite(args)
+    try:
+        import onnx  # noqa: F401, PLC0415 - optional extra, see module docstring
+    except ImportError as exc:
+        raise ConfigError(f"quantize needs the 'quantize' extra (pip install 'edgeguard[quantize]'): "
+                          f"{exc}") from None
+    if args.model.is_file() and _already_quantized(args):
+        return 0
     if args.calibration is None:
         raise ConfigError("--calibration DATA is required to quantize an ONNX model")
     try:
@@ -152,8 +184,21 @@ def _quantize(args: argparse.Namespace) -> int:
                 if isinstance(exc.report, QuantizeReport):
                     _show(exc.report, args)
                 raise
+            except (ConfigError, OSError):
+                raise
+            except Exception as exc:
+                # An onnxruntime or onnx failure outside any guarded stage: one line, never a traceback.
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                raise QuantizeError(f"quantizing {args.model.name} failed: {type(exc).__name__}: {first}") \
+                    from None
     finally:
         root.removeHandler(quiet)
+    if report.kept_fp32:
+        # Kept fp32 is an answer: -o receives the original file byte for byte, so the next step of a
+        # pipeline (pack) still finds a model, and the table says which one it is.
+        if args.model.resolve() != args.output.resolve():
+            atomic_write(args.output, args.model.read_bytes(), mode=0o644)
+        report = dataclasses.replace(report, output=str(args.output))
     _show(report, args)
     return 0
 
@@ -191,16 +236,22 @@ def _show(report: Any, args: argparse.Namespace) -> None:
         agreement = ", ".join(f"{a.value:.3f}" for a in c.agreements)
         budget = ", ".join(f"{b:g}" for b in report.budgets)
         verdict = "[bold green]chosen[/]" if c.name == report.chosen else (
-            "passes" if c.passes else "[red]below budget[/]")
+            ("passes" if (c.speedup or 0.0) >= 1.0 else "[yellow]not faster[/]") if c.passes
+            else "[red]below budget[/]")
+        if c.auto_excluded:
+            verdict += f" (+{len(c.auto_excluded)} nodes fp32 where QDQ failed)"
         ms = f"{c.latency_ms:.2f}" if c.latency_ms else "-"
-        table.add_row(c.name, str(len(c.excluded)), agreement, budget, ms,
+        table.add_row(c.name, str(len(c.excluded) + len(c.auto_excluded)), agreement, budget, ms,
                       f"{c.speedup:.2f}x" if c.speedup else "-", verdict)
     out = Console()
     metrics = next((c.agreements for c in report.candidates if c.agreements), ())
     out.print(f"calibration: {report.calibration}; input shapes: {report.input_shapes}; "
               f"opset {report.opset[0]} -> {report.opset[1]}; agreement = "
               + ", ".join(f"{a.metric} ({a.kind})" for a in metrics), soft_wrap=True, markup=False)
+    for step in report.steps:
+        out.print(f"preparation: {step}", soft_wrap=True, markup=False)
     out.print(table)
     out.print(f"choice: {report.reason}", soft_wrap=True, markup=False)
     if report.output:
-        out.print(f"wrote {report.output}", soft_wrap=True, markup=False)
+        what = "the original fp32 model" if report.kept_fp32 else "the int8 model"
+        out.print(f"wrote {what} to {report.output}", soft_wrap=True, markup=False)

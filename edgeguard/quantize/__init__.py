@@ -1,10 +1,12 @@
 """Publisher-side int8 quantization with an accuracy guard (``edgeguard quantize``).
 
-``quantize_onnx`` turns an fp32 ONNX model into a static QDQ int8 model with onnxruntime's quantizer, handling
-the preparation users usually trip over (static shapes, opset upgrade, shape inference), and keeps whichever
-nodes must stay fp32 for the quantized model to agree with the original on held-out data; among the candidates
-that agree it picks the fastest on this machine. ``check_tflite`` accepts pre-quantized TFLite models as they
-are. Needs the ``quantize`` extra (onnx, sympy).
+``quantize_onnx`` turns an fp32 ONNX model (inputs of any dtype) into an int8 model with onnxruntime's
+quantizer, handling the preparation users usually trip over (static shapes, opset upgrade, shape inference
+that degrades instead of failing). It builds several guarded candidates (static QDQ with nodes kept fp32
+where quantization breaks agreement, the other activation type, compute layers only, dynamic), measures
+each against fp32 on held-out data and picks the fastest that agrees; when none is faster and within budget
+it keeps the fp32 model and says so. ``check_tflite`` accepts pre-quantized TFLite models as they are.
+Needs the ``quantize`` extra (onnx, sympy).
 """
 
 from __future__ import annotations

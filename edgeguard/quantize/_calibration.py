@@ -1,10 +1,17 @@
-"""Calibration data: a folder of images or an ``.npz``, split into calibration and held-out samples.
+"""Calibration data: a folder of images, a folder of raw files or an ``.npz``, split into calibration and
+held-out samples.
 
 Images go through the same ``Preprocessor`` the engine uses at run time (from a preprocess declaration, by
 default a YOLO-style letterbox to the model size, RGB, ``/255``, NCHW float32), so the ranges the quantizer
 measures are the ranges the device will see. A handful of real photographs is not enough to calibrate on, so
 each image is augmented with flips and crops (seeded, reproducible). The held-out samples, never used to
 calibrate, are the un-augmented originals plus one crop of each image: the accuracy guard judges on them.
+
+Inputs keep their own dtype: an ``.npz`` may hold integer arrays (token ids, byte values, indices) for
+integer inputs, and a folder of raw files feeds a byte/sequence model with one integer input ``[1, L]`` (or
+``[L]``): every file in it, images included, is read as bytes, each file giving windows of ``L`` byte values
+(0..255, the last window padded with 0), every fourth window held out. Float values are never silently
+truncated into an integer input.
 """
 
 from __future__ import annotations
@@ -21,11 +28,13 @@ from edgeguard.bundle.manifest import Manifest, TensorSpec
 from edgeguard.engine.preprocess import ImageLimits, Preprocessor, decode_image, parse_preprocess
 from edgeguard.errors import ConfigError, InputRejected
 
-__all__ = ["CalibrationSet", "load_calibration", "IMAGE_SUFFIXES"]
+__all__ = ["CalibrationSet", "load_calibration", "calibration_shapes", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _MAX_IMAGES = 1000
 _MAX_NPZ_BYTES = 2 * 1024**3
+_MAX_RAW_FILES = 1000
+_MAX_RAW_BYTES = 16 * 1024**2  # read from each raw file at most: windows past it add nothing new
 
 Sample = dict[str, np.ndarray]
 
@@ -96,14 +105,56 @@ def _from_images(
                           f"{len(held_out)} held-out samples after flips and crops)")
 
 
-def _from_npz(path: Path, inputs: Mapping[str, tuple[int, ...]]) -> CalibrationSet:
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
     if path.stat().st_size > _MAX_NPZ_BYTES:
         raise ConfigError(f"{path}: over {_MAX_NPZ_BYTES} bytes")
     try:
         with np.load(path, allow_pickle=False) as data:
-            arrays = {key: data[key] for key in data.files}
+            return {key: data[key] for key in data.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise ConfigError(f"{path}: not a readable .npz: {exc}") from None
+
+
+def calibration_shapes(source: Path, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """The sample shape of each input an ``.npz`` holds (to fix dynamic axes); empty for other sources."""
+    if source.suffix != ".npz" or not source.is_file():
+        return {}
+    arrays = _read_npz(source)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name in names:
+        if name in arrays and arrays[name].ndim:
+            shapes[name] = (1, *arrays[name].shape[1:])
+        elif f"0/in/{name}" in arrays:
+            shapes[name] = tuple(arrays[f"0/in/{name}"].shape)
+    return shapes
+
+
+def _as_input(path: Path, index: int, name: str, arr: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
+    if arr.dtype == dtype:
+        return np.ascontiguousarray(arr)
+    if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+        if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
+            raise ConfigError(f"{path}: sample {index} input {name!r} holds {arr.dtype} values, the model "
+                              f"takes {dtype} (store the integer values themselves)")
+        if arr.size and dtype != np.bool_:
+            info = np.iinfo(dtype)
+            if int(arr.min()) < info.min or int(arr.max()) > info.max:
+                raise ConfigError(f"{path}: sample {index} input {name!r} has values outside {dtype}")
+    return np.ascontiguousarray(arr.astype(dtype))
+
+
+def _split(samples: list[Sample], what: str) -> CalibrationSet:
+    held = max(1, len(samples) // 4)
+    if len(samples) == 1:
+        return CalibrationSet(tuple(samples), tuple(samples), f"1 sample in {what} (also used as held-out)")
+    return CalibrationSet(tuple(samples[:-held]), tuple(samples[-held:]),
+                          f"{len(samples)} samples in {what} ({len(samples) - held} calibration + "
+                          f"{held} held-out)")
+
+
+def _from_npz(path: Path, inputs: Mapping[str, tuple[int, ...]],
+              dtypes: Mapping[str, np.dtype[Any]]) -> CalibrationSet:
+    arrays = _read_npz(path)
     samples: list[Sample] = []
     if all(key in inputs for key in arrays) and arrays:
         # One array per input, samples stacked along the batch axis.
@@ -130,27 +181,65 @@ def _from_npz(path: Path, inputs: Mapping[str, tuple[int, ...]]) -> CalibrationS
             if tuple(arr.shape) != inputs[name]:
                 raise ConfigError(f"{path}: sample {i} input {name!r} has shape {tuple(arr.shape)}, the "
                                   f"model takes {list(inputs[name])} (pass --input-shape)")
-            sample[name] = np.ascontiguousarray(arr.astype(np.float32, copy=False))
-    held = max(1, len(samples) // 4)
-    if len(samples) == 1:
-        return CalibrationSet(tuple(samples), tuple(samples), f"1 sample in {path} (also used as held-out)")
-    return CalibrationSet(tuple(samples[:-held]), tuple(samples[-held:]),
-                          f"{len(samples)} samples in {path} ({len(samples) - held} calibration + "
-                          f"{held} held-out)")
+            sample[name] = _as_input(path, i, name, arr, dtypes[name])
+    return _split(samples, str(path))
+
+
+def _from_raw_files(
+    folder: Path, files: Sequence[Path], inputs: Mapping[str, tuple[int, ...]],
+    dtypes: Mapping[str, np.dtype[Any]], samples: int,
+) -> CalibrationSet:
+    """Byte windows of raw files for a single integer-input sequence model."""
+    if len(inputs) != 1:
+        raise ConfigError(f"{folder}: raw-file calibration needs a single-input model; this one has "
+                          f"{', '.join(inputs)} (use an .npz)")
+    name, shape = next(iter(inputs.items()))
+    dtype = dtypes[name]
+    fits = len(shape) == 1 or (len(shape) == 2 and shape[0] == 1)
+    if not np.issubdtype(dtype, np.integer) or not fits:
+        raise ConfigError(f"{folder}: raw files feed only an integer input of shape [1, L] or [L]; input "
+                          f"{name!r} is {dtype} {list(shape)} (use an .npz)")
+    length = shape[-1]
+    per_file = max(1, -(-samples // len(files)))
+    windows: list[Sample] = []
+    for path in files:
+        with path.open("rb") as f:
+            data = np.frombuffer(f.read(min(_MAX_RAW_BYTES, length * per_file)), dtype=np.uint8)
+        for start in range(0, max(1, data.size), length):
+            window = np.zeros(length, dtype=dtype)
+            chunk = data[start:start + length]
+            window[:chunk.size] = chunk
+            windows.append({name: window.reshape(shape)})
+            if len(windows) >= max(samples, len(files)) or start + length >= data.size:
+                break
+    # Every fourth window judges (from different files when files are short), the rest calibrate.
+    held = [w for i, w in enumerate(windows) if i % 4 == 3] or windows[-1:]
+    calib = [w for i, w in enumerate(windows) if i % 4 != 3] or windows
+    return CalibrationSet(tuple(calib), tuple(held),
+                          f"{len(files)} raw files in {folder} ({len(calib)} calibration + {len(held)} "
+                          f"held-out windows of {length} bytes)")
 
 
 def load_calibration(
     source: Path,
     inputs: Mapping[str, Sequence[int]],
     *,
+    dtypes: Mapping[str, str] | None = None,
     preprocess: Mapping[str, Any] | None = None,
     samples: int = 32,
     seed: int = 0,
 ) -> CalibrationSet:
-    """Calibration and held-out samples for a model with static ``inputs`` shapes."""
+    """Calibration and held-out samples for a model with static ``inputs`` shapes (``dtypes``: float32)."""
     static = {name: tuple(int(d) for d in shape) for name, shape in inputs.items()}
+    types = {name: np.dtype((dtypes or {}).get(name, "float32")) for name in static}
     if source.is_dir():
-        return _from_images(source, static, preprocess, samples, seed)
+        if all(t == np.float32 for t in types.values()):
+            return _from_images(source, static, preprocess, samples, seed)
+        # A model with an integer input reads any file as raw bytes, images included.
+        entries = sorted(p for p in source.iterdir() if p.is_file() and not p.is_symlink())
+        if not entries:
+            raise ConfigError(f"{source}: no files to calibrate on")
+        return _from_raw_files(source, entries[:_MAX_RAW_FILES], static, types, samples)
     if source.suffix == ".npz" and source.is_file():
-        return _from_npz(source, static)
-    raise ConfigError(f"--calibration {source}: expected a folder of images or an .npz file")
+        return _from_npz(source, static, types)
+    raise ConfigError(f"--calibration {source}: expected a folder of images or raw files, or an .npz file")

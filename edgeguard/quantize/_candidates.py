@@ -10,17 +10,28 @@ path) and offer growing sets of the nodes near the outputs:
 * ``head``        — non-compute nodes with at most one compute layer after them (the whole detection head);
 * ``head+last``   — ``head`` plus the last compute layers themselves.
 
+Besides these structural sets, other ways to quantize the whole model are offered, because which one pays
+depends on the model and the machine:
+
+* ``int8-s8s8`` (or ``int8-u8s8`` when ``--activations int8``): the other activation type;
+* ``int8-compute-only``: only Conv/ConvTranspose/MatMul/Gemm get QDQ, everything between stays fp32 (fewer
+  QuantizeLinear/DequantizeLinear pairs: helps graphs full of element-wise glue);
+* ``dynamic``: onnxruntime's dynamic quantization (weights int8, activations quantized at run time) of
+  MatMul/Gemm/LSTM/GRU/Attention, offered when the graph has such nodes: it needs no calibration and suits
+  recurrent and transformer layers, where static QDQ often cannot be inserted or costs more than it saves.
+
 The accuracy guard measures each and the speed benchmark picks among those that meet the budget.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
-__all__ = ["Candidate", "COMPUTE_OPS", "find_candidates"]
+__all__ = ["Candidate", "COMPUTE_OPS", "DYNAMIC_OPS", "find_candidates"]
 
 COMPUTE_OPS: Final = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+DYNAMIC_OPS: Final = ("MatMul", "Gemm", "LSTM", "GRU", "Attention")
 
 
 @dataclass(frozen=True)
@@ -28,6 +39,9 @@ class Candidate:
     name: str
     description: str
     exclude: tuple[str, ...]  # node names kept in fp32
+    method: Literal["static", "dynamic"] = "static"
+    activations: Literal["uint8", "int8"] | None = None  # None: the options' choice
+    op_types: tuple[str, ...] | None = None  # None: every operator onnxruntime can quantize
 
 
 def _compute_after(graph: Any) -> list[int]:
@@ -49,8 +63,20 @@ def _compute_after(graph: Any) -> list[int]:
     return after
 
 
-def find_candidates(model: Any) -> list[Candidate]:
-    """Candidate exclusion sets for an ``onnx.ModelProto``, smallest first, duplicates removed."""
+def _op_types(graph: Any) -> set[str]:
+    """Operator types in ``graph`` and its subgraphs (If/Loop/Scan branches: silero VAD's LSTM is in one)."""
+    found: set[str] = set()
+    for node in graph.node:
+        found.add(node.op_type)
+        for attr in node.attribute:
+            for sub in (attr.g, *attr.graphs) if attr.HasField("g") else attr.graphs:
+                found |= _op_types(sub)
+    return found
+
+
+def find_candidates(model: Any, *, activations: Literal["uint8", "int8"] = "uint8") -> list[Candidate]:
+    """Candidates for an ``onnx.ModelProto``: exclusion sets smallest first (duplicates removed), then the
+    whole model with the other activation type, compute layers only, and dynamic quantization."""
     graph = model.graph
     nodes = list(graph.node)
     unnamed = [i for i, n in enumerate(nodes) if not n.name]
@@ -78,4 +104,15 @@ def find_candidates(model: Any) -> list[Candidate]:
             continue
         seen.add(key)
         out.append(cand)
+    other: Literal["uint8", "int8"] = "int8" if activations == "uint8" else "uint8"
+    label = "s8s8" if other == "int8" else "u8s8"
+    out.append(Candidate(f"int8-{label}", f"every node quantized, {other} activations", (),
+                         activations=other))
+    if any(compute):
+        out.append(Candidate("int8-compute-only", "only Conv/MatMul/Gemm quantized, the rest kept fp32", (),
+                             op_types=tuple(sorted(COMPUTE_OPS))))
+    present = sorted(_op_types(graph) & set(DYNAMIC_OPS))
+    if present:
+        out.append(Candidate("dynamic", f"dynamic quantization of {'/'.join(present)}", (), method="dynamic",
+                             op_types=tuple(present)))
     return out

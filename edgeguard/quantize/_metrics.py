@@ -7,6 +7,9 @@ held-out sample so one ruined image cannot hide behind an average):
   class; 0 when a class confidently detected (score >= 0.35) by one model is absent (< 0.15) from the other.
 * ``classes`` — ``[1, C]`` scores: the fraction of samples whose top-1 class agrees.
 * ``mask``    — ``[1, 1, H, W]`` probability map (a segmenter or text detector): IoU of the masks at 0.3.
+* ``sequence`` — ``[1, T, C]`` per-step class probabilities (rows sum to 1: a CTC recogniser such as a CRNN
+  OCR model): both outputs are greedy-decoded (argmax, repeats collapsed, blank 0 dropped) and compared by
+  edit distance; the value is 1 - (total edits / total fp32 length), the detail counts exact matches.
 * ``cosine``  — anything else: cosine similarity of the flattened outputs.
 """
 
@@ -22,8 +25,9 @@ from edgeguard.engine.postprocess import box_iou, decode_yolov8
 
 __all__ = ["OutputKind", "Agreement", "output_kind", "DEFAULT_BUDGETS", "agreement"]
 
-OutputKind = Literal["boxes", "classes", "mask", "cosine"]
-DEFAULT_BUDGETS: Final[dict[str, float]] = {"boxes": 0.9, "classes": 0.9, "mask": 0.8, "cosine": 0.99}
+OutputKind = Literal["boxes", "classes", "mask", "sequence", "cosine"]
+DEFAULT_BUDGETS: Final[dict[str, float]] = {"boxes": 0.9, "classes": 0.9, "mask": 0.8, "sequence": 0.95,
+                                             "cosine": 0.99}
 _BOX_LOW: Final = 0.15
 _BOX_HIGH: Final = 0.35
 _MASK_THRESHOLD: Final = 0.3
@@ -40,6 +44,11 @@ class Agreement:
 def output_kind(shape: Sequence[int], sample: np.ndarray) -> OutputKind:
     """Guess the output kind from its static shape and one fp32 value of it."""
     dims = tuple(shape)
+    # Checked before boxes: a CTC output [1, T, C] has the same rank and T < C, but its rows are softmaxes.
+    if len(dims) == 3 and dims[0] == 1 and dims[1] >= 1 and dims[2] >= 2 and sample.size \
+            and float(sample.min()) >= 0.0 and float(sample.max()) <= 1.0 \
+            and bool(np.allclose(sample.sum(axis=-1), 1.0, atol=1e-3)):
+        return "sequence"
     if len(dims) == 3 and dims[0] == 1 and 5 <= dims[1] < dims[2]:
         return "boxes"
     if len(dims) == 2 and dims[0] == 1 and dims[1] >= 2:
@@ -111,6 +120,39 @@ def _cosine(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> Agreement:
     return Agreement("cosine", "min cosine similarity", max(0.0, worst), worst_at or "all outputs agree")
 
 
+def _ctc_decode(probs: np.ndarray) -> list[int]:
+    best = probs.reshape(-1, probs.shape[-1]).argmax(axis=-1)
+    out: list[int] = []
+    previous = -1
+    for label in best.tolist():
+        if label not in (previous, 0):
+            out.append(label)
+        previous = label
+    return out
+
+
+def _edits(a: Sequence[int], b: Sequence[int]) -> int:
+    """Levenshtein distance (two rows: sequences here are a few dozen symbols)."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, start=1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, start=1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def _sequence(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> Agreement:
+    edits = length = exact = 0
+    for r, g in zip(ref, got, strict=True):
+        a, b = _ctc_decode(r), _ctc_decode(g)
+        edits += _edits(a, b)
+        length += len(a)
+        exact += a == b
+    value = max(0.0, 1.0 - edits / max(length, 1))
+    return Agreement("sequence", "1 - edit distance / length (CTC greedy)", value,
+                     f"{exact}/{len(ref)} sequences identical, {edits} edits in {length} symbols")
+
+
 def agreement(kind: OutputKind, ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> Agreement:
     """How well ``got`` (int8 outputs) agrees with ``ref`` (fp32 outputs), sample by sample."""
     if kind == "boxes":
@@ -119,4 +161,6 @@ def agreement(kind: OutputKind, ref: Sequence[np.ndarray], got: Sequence[np.ndar
         return _classes(ref, got)
     if kind == "mask":
         return _mask(ref, got)
+    if kind == "sequence":
+        return _sequence(ref, got)
     return _cosine(ref, got)
