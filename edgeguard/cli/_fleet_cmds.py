@@ -17,6 +17,8 @@ from typing import Any
 
 from edgeguard.errors import ConfigError
 
+from . import _fleet_provision_cmds
+
 _STATUS_MAX_BYTES = 64 * 1024
 
 
@@ -33,6 +35,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         return 2
 
     fleet.set_defaults(handler=usage)
+    _fleet_provision_cmds.register_fleet(fsub)
     p = fsub.add_parser(
         "ingest",
         help="store the fleet's results, heartbeats, status and events in PostgreSQL, exactly once",
