@@ -95,9 +95,13 @@ def _b64(value: Any, what: str) -> bytes:
     if not isinstance(value, str):
         _refuse("malformed", f"envelope {what} must be a base64 string")
     try:
-        return base64.b64decode(value, validate=True)
+        raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         _refuse("malformed", f"envelope {what} is not base64")
+    # Canonical base64 only: "QQ==" and "QR==" decode alike, and one message must have one spelling.
+    if base64.b64encode(raw).decode() != value:
+        _refuse("malformed", f"envelope {what} is not canonical base64")
+    return raw
 
 
 def _parse_unverified_envelope(data: bytes) -> tuple[str, bytes, bytes]:
