@@ -8,8 +8,10 @@ Every command, accepted or refused, is an event (``command-accepted`` / ``comman
 runner like other events), and every command that can be named gets a signed answer. Two refusals are events
 only, by design: a message whose envelope cannot be read (there is no nonce an operator could match an answer
 to, and signing replies to arbitrary bytes would serve anyone who can publish on the topic), and a full queue
-(the device is flooded; answering would add to it). A message over the size limit is answered with
-``nonce: null``: its size is known before it is parsed, its nonce is not.
+(the device is flooded; answering would add to it). A message over ``commands.max_bytes`` is answered with
+``nonce: null``: its size is known before it is parsed, its nonce is not. One over the link's packet limit
+never reaches the device under MQTT 5 (the broker drops it, told by the CONNECT's Maximum Packet Size); under
+3.1.1 the link discards it unread and :meth:`dropped_by_link` answers it like the gate would.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ class CommandService:
 
     def _refused(self, nonce: str | None, name: str | None, exc: CommandRefused, *, answer: bool) -> None:
         self.counts["refused"] += 1
-        _log.warning("command refused: %s", exc)
+        _log.warning("%s", exc)
         self._event("command-refused", {"nonce": nonce, "check": exc.check, "reason": exc.detail})
         if answer:
             body = {"nonce": nonce, "name": name, "ok": False, "check": exc.check, "reason": exc.detail}

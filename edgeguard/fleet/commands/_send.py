@@ -17,7 +17,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,8 +180,14 @@ class CommandSender:
         *,
         timeout: float,
         on_answer: Callable[[Answer, float | None], None] | None = None,
+        devices: Sequence[str] | None = None,
     ) -> SendReport:
-        devices, skipped = self.targets(cmd.target)
+        """Publish ``cmd`` to its targets (or exactly to ``devices``' topics: each device still checks the
+        signed target itself) and wait up to ``timeout`` for a verified answer from each."""
+        if devices is None:
+            devices, skipped = self.targets(cmd.target)
+        else:
+            skipped = {}
         report = SendReport(cmd, {}, skipped)
         for device in devices:
             report.deliveries[device] = Delivery(device, time.perf_counter())
