@@ -113,8 +113,8 @@ def _bad_cases() -> list[tuple[str, Callable[[], bytes], str, float]]:
         ("short sig", lambda: raw_envelope(canonical(payload()), sig="AAAA"), "malformed", NOW),
         ("unknown signer", lambda: signed(key=STRANGER), "untrusted signer", NOW),
         ("revoked signer", lambda: signed(key=REVOKED), "revoked", NOW),
-        ("forged signature", lambda: raw_envelope(canonical(payload()),
-                                                   sig=base64.b64encode(bytes(64)).decode()), "signature", NOW),
+        ("forged signature", lambda: raw_envelope(
+            canonical(payload()), sig=base64.b64encode(bytes(64)).decode()), "signature", NOW),
         ("payload swapped after signing", lambda: raw_envelope(
             canonical(payload()), sig=json.loads(signed(payload(name="restart")))["sig"]), "signature", NOW),
         ("not canonical", lambda: raw_envelope(json.dumps(payload()).encode()), "malformed", NOW),
