@@ -12,8 +12,10 @@ socket pair.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import threading
 import time
 from collections import deque
@@ -181,6 +183,7 @@ class MqttLink:
                 self._answers.popleft()
                 self._events_dropped += 1
             self._answers.append(payload)
+        self._waker.poke()  # an operator is waiting for it: out now, not at the next 50 ms tick
 
     def on_inbound(
         self,
@@ -325,6 +328,8 @@ class MqttLink:
                 if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
                     self._subscribed[mid] = wait
         self._pump(client)
+        if self._answers:
+            self._flush_answers(client)
         now = self._clock()
         if now >= self._next_tick:  # events and heartbeat need no per-PUBACK attention
             self._next_tick = now + 0.05
@@ -384,10 +389,14 @@ class MqttLink:
         with self._lock:
             batch = list(self._events)
             self._events.clear()
-            answers = list(self._answers)
-            self._answers.clear()
         for payload in batch:
             client.publish(self.prefix + "events", payload, qos=1)
+        self._flush_answers(client)
+
+    def _flush_answers(self, client: mqtt.Client) -> None:
+        with self._lock:
+            answers = list(self._answers)
+            self._answers.clear()
         for payload in answers:
             client.publish(self.prefix + "cmd/resp", payload, qos=1)
 
@@ -485,6 +494,12 @@ class MqttLink:
         self._backoff.reset()
         self._error = self._error_kind = None
         log.info("link: connected to %s:%s", self.config.host, self.config.port)
+        sock = client.socket()
+        if isinstance(sock, socket.socket):
+            # Small packets that someone waits for (PUBACKs, command answers): without this, Nagle's
+            # algorithm meeting the peer's delayed ACK holds each for ~40 ms.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         birth = {
             **self.birth_extra,
             "state": "online",
