@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Mapping
+import queue
+import threading
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from cryptography.hazmat.primitives import serialization
@@ -75,6 +77,34 @@ def answer_key(cfg: ServiceConfig) -> Ed25519PrivateKey:
     return load_signing_key(path, "device-sign")
 
 
+class _HookFeed:
+    """Runs the hooks for command events one event at a time, from a bounded queue.
+
+    Anyone who can publish on ``cmd`` decides how many refusals there are; one hook thread (and process) per
+    refusal would let a flood fork without bound. What does not fit is counted (``hooks_dropped``) and still
+    published as an event (the link bounds those)."""
+
+    def __init__(self, hooks: HookRunner, size: int = 64) -> None:
+        self._hooks = hooks
+        self._queue: queue.Queue[tuple[str, dict[str, Any]]] = queue.Queue(maxsize=size)
+        self.dropped = 0
+        threading.Thread(target=self._run, name="eg-command-hooks", daemon=True).start()
+
+    def put(self, kind: str, data: dict[str, Any]) -> None:
+        try:
+            self._queue.put_nowait((kind, data))
+        except queue.Full:
+            self.dropped += 1
+
+    def _run(self) -> None:
+        while True:
+            kind, data = self._queue.get()
+            try:
+                self._hooks.fire(kind, data, wait=True)
+            except Exception:  # a hook problem must not stop the next events' hooks
+                _log.exception("command event hooks failed")
+
+
 def build_commands(host: CommandHost) -> CommandService:
     """The service, subscribed on ``cmd``; the caller starts it (and stops it at shutdown)."""
     cfg = host.cfg
@@ -94,14 +124,19 @@ def build_commands(host: CommandHost) -> CommandService:
         max_clock_skew_s=cfg.commands.max_clock_skew_s,
     )
 
+    feed = _HookFeed(host.hooks)
+
     def event(kind: str, data: dict[str, Any]) -> None:
-        host.hooks.fire(kind, data)
+        feed.put(kind, data)
         host.link.publish_event(kind, data)
+
+    def counters() -> dict[str, int]:
+        return {**svc.counts, "hooks_dropped": feed.dropped}
 
     svc = CommandService(
         gate=gate,
         signing_key=key,
-        actions=_actions(host),
+        actions=_actions(host, counters),
         after_answer={"restart": lambda: _restart(host)},
         publish_answer=host.link.publish_answer,
         event=event,
@@ -117,12 +152,12 @@ def _restart(host: CommandHost) -> None:
         _log.error("restart command: no supervisor to restart this worker")
 
 
-def _actions(host: CommandHost) -> dict[str, Any]:
+def _actions(host: CommandHost, counters: Callable[[], dict[str, int]]) -> dict[str, Any]:
     def ping(args: Mapping[str, str]) -> dict[str, Any]:
         return {"pong": True}
 
     def status(args: Mapping[str, str]) -> dict[str, Any]:
-        return host.health()
+        return {**host.health(), "commands": counters()}
 
     def reload(args: Mapping[str, str]) -> dict[str, Any]:
         if not host.request_reload():

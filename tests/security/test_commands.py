@@ -137,3 +137,49 @@ def test_forged_answer_is_shown_as_forged_by_fleet_send(tmp_path: Path, capsys: 
     assert code == 1
     assert "✗ dev-9  FORGED answer: signed by key" in out, out
     assert "0/1 answered ok" in out, out
+
+
+def _threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError("no Threads line")
+
+
+def test_a_flood_of_bad_commands_stays_bounded_and_every_one_is_accounted_for(tmp_path: Path) -> None:
+    """300 malformed commands as fast as the broker takes them: no thread (or hook process) per message,
+    each is counted as refused, its hooks run or are counted as dropped, and the device answers afterwards."""
+    with MosquittoBroker(tmp_path) as broker, Recorder(broker, "edgeguard/v1/test/dev-1/events") as rec:
+        dev, ops = commands_device(tmp_path, broker)
+        dev.start()
+        try:
+            dev.wait_ready()
+            s = sender(broker, tmp_path)
+            try:
+                assert deliver(s, sign(ops, "ping")).answer.ok  # type: ignore[union-attr]
+                worker = dev.worker_pid()
+                assert worker is not None
+                before = _threads(worker)
+                infos = [rec.client.publish("edgeguard/v1/test/dev-1/cmd", b"\x00junk%d" % i, qos=1)
+                         for i in range(300)]
+                for info in infos:
+                    info.wait_for_publish(30)
+                during = _threads(worker)
+                assert during <= before + 3, (before, during)
+                status = deliver(s, sign(ops, "status")).answer
+                assert status is not None and status.ok
+                counts = status.doc["result"]["commands"]
+                assert counts["refused"] == 300, counts
+                assert counts["accepted"] == 2, counts
+            finally:
+                s.close()
+            hooks_log = tmp_path / "hooks.log"
+
+            def hooked() -> int:
+                return hooks_log.read_text().count('"event": "command-refused"')
+
+            dev.wait(lambda: hooked() + counts["hooks_dropped"] == 300, 60, "hooks run or counted")
+            code, _ = dev.request("POST", "/v1/infer", GOOD)
+            assert code == 200
+        finally:
+            dev.stop()
