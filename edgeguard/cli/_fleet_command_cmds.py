@@ -139,7 +139,10 @@ def _send(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     key = load_signing_key(args.sign_key, "operator")
-    target = parse_target(args.to, args.fleet)
+    try:
+        target = parse_target(args.to, args.fleet)
+    except ValueError as exc:
+        raise ConfigError(f"--to: {exc}") from None
     sender = CommandSender(broker=broker, fleet=args.fleet, pinned=pinned_keys(args.device_keys))
     sender.connect()
     try:

@@ -83,3 +83,13 @@ def test_a_configured_answer_key_that_is_missing_is_an_error(tmp_path: Path) -> 
     with pytest.raises(KeyFileError):
         answer_key(c)
     assert not (tmp_path / "keys").exists()  # nothing generated in its place
+
+
+def test_fleet_send_refuses_a_bad_target_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["keygen", "operator", "--out", str(tmp_path / "ops")]) == 0
+    code = main(["fleet", "send", "ping", "--to", "group:", "--sign-key", str(tmp_path / "ops/operator.key"),
+                 "--fleet", "f", "--broker", "127.0.0.1:1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("edgeguard: --to: target 'group:'") and err.count("\n") == 1, err

@@ -167,6 +167,9 @@ class CommandSender:
             if st.get("state") != "online":
                 skipped[device] = f"offline (status {st.get('state')!r})"
                 continue
+            if "signing_key" not in st:  # announced only with [commands] enabled
+                skipped[device] = "commands not enabled (no signing_key in its status)"
+                continue
             chosen.append(device)
         return chosen, skipped
 

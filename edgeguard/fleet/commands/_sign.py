@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -39,6 +40,7 @@ __all__ = [
     "learned_key",
 ]
 
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 Verdict = Literal["verified", "verified (learned key)", "forged", "no key"]
 
 
@@ -67,12 +69,17 @@ class Answer:
 
 
 def parse_target(text: str, fleet: str) -> tuple[str, str]:
-    """``ID`` | ``group:G`` | ``all`` -> the signed target (kind, value)."""
+    """``ID`` | ``group:G`` | ``all`` -> the signed target (kind, value); ValueError for a name a device
+    would refuse anyway (1..64 of ``[A-Za-z0-9_.-]``)."""
     if text == "all":
-        return ("fleet", fleet)
-    if text.startswith("group:"):
-        return ("group", text.removeprefix("group:"))
-    return ("device", text)
+        kind, value = "fleet", fleet
+    elif text.startswith("group:"):
+        kind, value = "group", text.removeprefix("group:")
+    else:
+        kind, value = "device", text
+    if not _NAME.fullmatch(value):
+        raise ValueError(f"target {text[:80]!r}: ID, group:NAME or all, names of 1..64 of [A-Za-z0-9_.-]")
+    return kind, value
 
 
 def sign_command(
