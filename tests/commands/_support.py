@@ -31,10 +31,11 @@ def commands_device(
     groups: tuple[str, ...] = ("line-2",),
     max_bytes: int = 4096,
     skew_s: float = 5.0,
+    link_extra: str = "",
 ) -> tuple[Device, Ed25519PrivateKey]:
     """Provisioned (not started): operator key ``ops`` trusted, ``ops-revoked`` trusted and revoked."""
     dev = Device(root=root, broker=broker)
-    dev.provision(tiny_bundle(root))
+    dev.provision(tiny_bundle(root), link_extra=link_extra)
     ops = operator(root, "ops")
     revoked = operator(root, "ops-revoked")
     (root / "operators-revoked.txt").write_text(f"{public_key_id(revoked.public_key())}  # lost laptop\n")

@@ -64,8 +64,8 @@ def test_round_trips_ping_status_reload_set_log_level_with_verified_answers(
                 assert s.send(sign(ops, "ping", to="group:line-9"), timeout=1).deliveries == {}
             finally:
                 s.close()
-            accepted = {e["name"] for e in _events(rec, "command-accepted")}
-            assert {"ping", "status", "reload", "set-log-level"} <= accepted
+            names = {"ping", "status", "reload", "set-log-level"}
+            assert rec.wait_for(lambda _m: names <= {e["name"] for e in _events(rec, "command-accepted")}, 20)
             dev.wait(lambda: "command-accepted" in (tmp_path / "hooks.log").read_text(), 20, "hook")
 
             # the command line, with the key pinned from the device's .pub
@@ -155,8 +155,7 @@ def test_restart_rotate_tokens_and_not_yet_implemented_commands(tmp_path: Path) 
                 assert ans is not None and ans.ok and ans.doc["result"] == {"restart": "requested"}
                 dev.wait(lambda: dev.restarted(old), 60, "a new worker")
                 _, health = dev.request("GET", "/v1/health", token=STATUS)
-                assert health["supervisor"]["failures"] == 0, health["supervisor"]
-                assert not _events(rec, "restart"), _events(rec, "restart")
+                assert health["supervisor"]["failures"] == 0, health["supervisor"]  # not a crash
                 # and it takes commands again
                 ping = deliver(s, sign(ops, "ping")).answer
                 assert ping is not None and ping.ok

@@ -86,15 +86,23 @@ def test_bad_commands_are_refused_with_a_signed_reason_and_the_service_keeps_ser
                 before = len(rec.on_topic("/cmd/resp"))
                 s.send(SignedCommand("", "", ("device", "dev-1"), b"\xff not json"), timeout=0.01,
                        devices=["dev-1"])
-                after = deliver(s, sign(ops, "ping")).answer
+                ping = sign(ops, "ping")
+                after = deliver(s, ping).answer
                 assert after is not None and after.ok
-                answers = [json.loads(p) for p in rec.on_topic("/cmd/resp")[before:]]
-                assert len(answers) == 1, answers
-                assert any(e["check"] == "malformed" and e["nonce"] is None for e in _refusals(rec))
+                # answers leave in order (one command thread, one link): the first new one is the ping's
+                assert rec.wait_for(lambda _m: len(rec.on_topic("/cmd/resp")) > before, 20)
+                first = json.loads(rec.on_topic("/cmd/resp")[before])
+                assert json.loads(base64.b64decode(first["payload"]))["nonce"] == ping.nonce
+                # events leave on the link's 50 ms tick: wait for them, do not assume they are here yet
+                assert rec.wait_for(
+                    lambda _m: any(e["check"] == "malformed" and e["nonce"] is None for e in _refusals(rec)),
+                    20,
+                ), _refusals(rec)
 
                 # every refusal above was an event with its check
-                checks = {e["check"] for e in _refusals(rec)}
-                assert {c for _, _, c in cases} | {"replayed", "too large"} <= checks, checks
+                expected = {c for _, _, c in cases} | {"replayed", "too large"}
+                assert rec.wait_for(lambda _m: expected <= {e["check"] for e in _refusals(rec)}, 20), (
+                    expected, {e["check"] for e in _refusals(rec)})
                 # the hooks saw them too
                 assert dev.wait(lambda: "command-refused" in (tmp_path / "hooks.log").read_text(), 20,
                                 "command-refused hook") is None
@@ -150,7 +158,8 @@ def test_a_flood_of_bad_commands_stays_bounded_and_every_one_is_accounted_for(tm
     """300 malformed commands as fast as the broker takes them: no thread (or hook process) per message,
     each is counted as refused, its hooks run or are counted as dropped, and the device answers afterwards."""
     with MosquittoBroker(tmp_path) as broker, Recorder(broker, "edgeguard/v1/test/dev-1/events") as rec:
-        dev, ops = commands_device(tmp_path, broker)
+        # room for every refusal event at once, so that the test can count them all
+        dev, ops = commands_device(tmp_path, broker, link_extra="events_max_queued = 1024")
         dev.start()
         try:
             dev.wait_ready()
@@ -166,6 +175,8 @@ def test_a_flood_of_bad_commands_stays_bounded_and_every_one_is_accounted_for(tm
                     info.wait_for_publish(30)
                 during = _threads(worker)
                 assert during <= before + 3, (before, during)
+                # all handled (refused as malformed, or as busy while 16 were queued: the queue is bounded)
+                assert rec.wait_for(lambda _m: len(_refusals(rec)) >= 300, 60), len(_refusals(rec))
                 status = deliver(s, sign(ops, "status")).answer
                 assert status is not None and status.ok
                 counts = status.doc["result"]["commands"]
