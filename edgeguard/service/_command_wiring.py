@@ -11,6 +11,7 @@ import base64
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -105,8 +106,9 @@ class _HookFeed:
                 _log.exception("command event hooks failed")
 
 
-def build_commands(host: CommandHost) -> CommandService:
-    """The service, subscribed on ``cmd``; the caller starts it (and stops it at shutdown)."""
+def build_commands(host: CommandHost, *, now: Callable[[], float] = time.time) -> CommandService:
+    """The service, subscribed on ``cmd``; the caller starts it (and stops it at shutdown). ``now``: the
+    wall clock (seconds since the epoch) commands' issued_at / expires_at are checked against."""
     cfg = host.cfg
     key = answer_key(cfg)
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
@@ -140,6 +142,7 @@ def build_commands(host: CommandHost) -> CommandService:
         after_answer={"restart": lambda: _restart(host)},
         publish_answer=host.link.publish_answer,
         event=event,
+        now=now,
     )
     # Up to the link's own limit, so that the gate, not the link, refuses a command over commands.max_bytes
     # (and answers it); larger packets are dropped by the link, which tells on_drop (answered the same way).

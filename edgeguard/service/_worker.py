@@ -188,7 +188,10 @@ class Worker:
             # model: the API then answers health requests and 503, the directory keeps its files.
             self._build_sources()
         if self.cfg.commands.enabled:  # before the link starts: its birth status carries the answer key
-            self._commands = await loop.run_in_executor(None, build_commands, self)
+            # Command expiry is judged on the worker's wall clock, the same one bundle expiry uses.
+            self._commands = await loop.run_in_executor(
+                None, lambda: build_commands(self, now=lambda: self._now().timestamp())
+            )
             self._commands.start()
         err = await loop.run_in_executor(None, self.link.start)
         if err is not None:
