@@ -194,3 +194,25 @@ def test_a_flood_of_bad_commands_stays_bounded_and_every_one_is_accounted_for(tm
             assert code == 200
         finally:
             dev.stop()
+
+
+def test_a_command_over_the_links_packet_limit_is_answered_too_large_on_mqtt_311(tmp_path: Path) -> None:
+    """MQTT 3.1.1 has no Maximum Packet Size: the broker delivers the oversize packet, the link discards it
+    unread (never buffered) and the command service answers it like the gate would, nonce null."""
+    with MosquittoBroker(tmp_path) as broker:
+        dev, ops = commands_device(tmp_path, broker, link_extra='protocol = "3.1.1"')
+        dev.start()
+        try:
+            dev.wait_ready()
+            s = sender(broker, tmp_path)
+            try:
+                big = SignedCommand("", "ping", ("device", "dev-1"), b"x" * (1100 * 1024))
+                d = deliver(s, big)
+                assert d.answer is not None and d.answer.verdict == "verified"
+                assert d.answer.doc["check"] == "too large" and d.answer.doc["nonce"] is None, d.answer.doc
+                assert "exceeds the limit of 1048576" in d.answer.doc["reason"], d.answer.doc
+                assert deliver(s, sign(ops, "ping")).answer.ok  # type: ignore[union-attr]
+            finally:
+                s.close()
+        finally:
+            dev.stop()
