@@ -82,17 +82,24 @@ def test_bad_commands_are_refused_with_a_signed_reason_and_the_service_keeps_ser
                 assert d.answer is not None and d.answer.doc["check"] == "too large", d.answer.doc
                 assert d.answer.doc["nonce"] is None and "8194 bytes" in d.answer.doc["reason"]
 
-                # malformed envelope: an event only (no nonce to answer to); the next answer is the ping's
-                before = len(rec.on_topic("/cmd/resp"))
+                # malformed envelope: an event only (no nonce to answer to)
                 s.send(SignedCommand("", "", ("device", "dev-1"), b"\xff not json"), timeout=0.01,
                        devices=["dev-1"])
                 ping = sign(ops, "ping")
                 after = deliver(s, ping).answer
                 assert after is not None and after.ok
-                # answers leave in order (one command thread, one link): the first new one is the ping's
-                assert rec.wait_for(lambda _m: len(rec.on_topic("/cmd/resp")) > before, 20)
-                first = json.loads(rec.on_topic("/cmd/resp")[before])
-                assert json.loads(base64.b64decode(first["payload"]))["nonce"] == ping.nonce
+
+                def answered() -> list[tuple[Any, Any]]:
+                    envs = [json.loads(p) for p in rec.on_topic("/cmd/resp")]
+                    docs = [json.loads(base64.b64decode(e["payload"])) for e in envs]
+                    return [(d.get("nonce"), d.get("check")) for d in docs]
+
+                # answers leave in order (one command thread, one link, one subscription here): the ping's
+                # answer follows the too-large one directly, nothing answered the malformed message
+                assert rec.wait_for(lambda _m: (ping.nonce, None) in answered(), 20)
+                got = answered()
+                assert got[got.index((ping.nonce, None)) - 1] == (None, "too large"), got
+                assert (None, "malformed") not in got, got
                 # events leave on the link's 50 ms tick: wait for them, do not assume they are here yet
                 assert rec.wait_for(
                     lambda _m: any(e["check"] == "malformed" and e["nonce"] is None for e in _refusals(rec)),
