@@ -28,6 +28,9 @@ __all__ = [
     "ArchiveRejected",
     "ArchiveCheck",
     "ARCHIVE_CHECKS",
+    "CommandRefused",
+    "CommandCheck",
+    "COMMAND_CHECKS",
 ]
 
 # The one-word (or two-word) names of the checks a bundle can fail; they are part of the CLI contract.
@@ -114,3 +117,36 @@ class ArchiveRejected(EdgeGuardError):
         self.check: ArchiveCheck = check
         self.detail = cut(detail)
         super().__init__(f"archive rejected: {check}: {self.detail}")
+
+
+# The checks a remote command can fail, in the order the gatekeeper runs them (docs/commands.md); each name is
+# part of the signed answer an operator reads.
+CommandCheck = Literal[
+    "too large",
+    "malformed",
+    "untrusted signer",
+    "revoked",
+    "signature",
+    "fleet",
+    "target",
+    "expired",
+    "not yet valid",
+    "replayed",
+    "nonce store full",
+    "unsupported",
+    "busy",
+    "failed",
+]
+COMMAND_CHECKS: Final[tuple[str, ...]] = get_args(CommandCheck)
+
+
+class CommandRefused(EdgeGuardError):
+    """A remote command was refused (or failed while acting). ``check`` names the failed check; the message
+    is one line, and any text the sender chose in it is cut."""
+
+    def __init__(self, check: CommandCheck, detail: str) -> None:
+        if check not in COMMAND_CHECKS:
+            raise ValueError(f"unknown command check {check!r}")
+        self.check: CommandCheck = check
+        self.detail = cut(detail)
+        super().__init__(f"command refused: {check}: {self.detail}")

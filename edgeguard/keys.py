@@ -3,7 +3,9 @@
 Two key kinds, both standard PEM so that ``openssl pkey -in KEY -text`` can read them:
 
 * publisher: Ed25519 (PKCS#8 ``publisher.key``, SubjectPublicKeyInfo ``publisher.pub``) signs bundles;
-* device: X25519 (``device.key`` / ``device.pub``) receives content keys wrapped with HPKE (RFC 9180).
+* device: X25519 (``device.key`` / ``device.pub``) receives content keys wrapped with HPKE (RFC 9180);
+* operator: Ed25519 (``operator.key`` / ``operator.pub``) signs remote commands (docs/commands.md);
+* device-sign: Ed25519 (``device-sign.key`` / ``device-sign.pub``) signs a device's command answers.
 
 A key id is the first 16 hex digits of SHA-256 over the raw 32-byte public key. Private key files are written
 mode 0600 and, like ssh does, refused when group or others may read them.
@@ -38,12 +40,15 @@ __all__ = [
     "load_device_key",
     "load_recipient_key",
     "load_trusted_key",
+    "load_signing_key",
+    "load_verify_key",
     "read_revocation_list",
     "derive_storage_key",
     "public_key_id",
 ]
 
-KeyKind = Literal["publisher", "device"]
+KeyKind = Literal["publisher", "device", "operator", "device-sign"]
+_ED25519_KINDS = ("publisher", "operator", "device-sign")
 _MAX_KEY_FILE = 16 * 1024
 _MAX_REVOCATION_LIST = 1024 * 1024  # ~58,000 key ids
 _STORAGE_KEY_INFO = b"edgeguard/v1 outbox storage key"
@@ -93,7 +98,7 @@ def _write_private(path: Path, data: bytes) -> None:
 
 def generate_keypair(kind: KeyKind, out_dir: Path) -> tuple[Path, Path, str]:
     """Write ``out_dir/<kind>.key`` (0600) and ``<kind>.pub``; return both paths and the key id."""
-    if kind not in ("publisher", "device"):
+    if kind not in ("publisher", "device", "operator", "device-sign"):
         raise ValueError(f"unknown key kind {kind!r}")
     out_dir.mkdir(parents=True, exist_ok=True)
     key_path, pub_path = out_dir / f"{kind}.key", out_dir / f"{kind}.pub"
@@ -101,7 +106,7 @@ def generate_keypair(kind: KeyKind, out_dir: Path) -> tuple[Path, Path, str]:
         if p.exists():
             raise KeyFileError(f"{p} already exists; refusing to overwrite a key")
     private: Ed25519PrivateKey | X25519PrivateKey = (
-        Ed25519PrivateKey.generate() if kind == "publisher" else X25519PrivateKey.generate()
+        Ed25519PrivateKey.generate() if kind in _ED25519_KINDS else X25519PrivateKey.generate()
     )
     pem = private.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -187,6 +192,23 @@ def load_trusted_key(path: Path) -> Ed25519PublicKey:
     key = _load_public(path, "publisher")
     if not isinstance(key, Ed25519PublicKey):
         raise KeyFileError(f"{path}: expected a publisher (Ed25519) public key, found a device key")
+    return key
+
+
+def load_signing_key(path: Path, kind: KeyKind = "operator") -> Ed25519PrivateKey:
+    """An Ed25519 private key that signs something other than bundles: an operator's commands or a device's
+    answers. Same format, checks and mode rule as the publisher key."""
+    key = _load_private(path, kind)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyFileError(f"{path}: expected an {kind} (Ed25519) private key, found an X25519 key")
+    return key
+
+
+def load_verify_key(path: Path, kind: KeyKind = "operator") -> Ed25519PublicKey:
+    """The public half of :func:`load_signing_key` (``operator.pub`` or a device's ``device-sign.pub``)."""
+    key = _load_public(path, kind)
+    if not isinstance(key, Ed25519PublicKey):
+        raise KeyFileError(f"{path}: expected an {kind} (Ed25519) public key, found an X25519 key")
     return key
 
 

@@ -28,7 +28,8 @@ from edgeguard.keys import generate_keypair, load_device_key, load_publisher_key
 _RAW = argparse.RawDescriptionHelpFormatter
 
 _KEYGEN_HELP = """\
-Create a key pair. A publisher key signs bundles (Ed25519); a device key receives them (X25519).
+Create a key pair. A publisher key signs bundles (Ed25519); a device key receives them (X25519); an
+operator key signs remote commands (Ed25519, docs/commands.md).
 Writes DIR/<kind>.key (mode 0600, never overwritten) and DIR/<kind>.pub, both PEM, and prints the key id
 (first 16 hex digits of SHA-256 over the raw public key).
 
@@ -65,9 +66,12 @@ use `edgeguard verify` before trusting what this prints."""
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add this module's subcommands to ``sub``; each sets ``handler`` returning an exit code."""
     p = sub.add_parser(
-        "keygen", help="create a publisher or device key pair", description=_KEYGEN_HELP, formatter_class=_RAW
+        "keygen",
+        help="create a publisher, device or operator key pair",
+        description=_KEYGEN_HELP,
+        formatter_class=_RAW,
     )
-    p.add_argument("kind", choices=("publisher", "device"))
+    p.add_argument("kind", choices=("publisher", "device", "operator"))
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="directory for the key files")
     p.set_defaults(handler=_keygen)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from edgeguard.errors import ConfigError
 
-from . import _fleet_provision_cmds
+from . import _fleet_command_cmds, _fleet_provision_cmds
 
 _STATUS_MAX_BYTES = 64 * 1024
 
@@ -25,7 +25,7 @@ _STATUS_MAX_BYTES = 64 * 1024
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     fleet = sub.add_parser(
         "fleet",
-        help="operate a fleet: CA, devices, broker config, sealing, ingest into PostgreSQL (docs/fleet.md)",
+        help="operate a fleet: CA, devices, broker config, sealing, signed commands, ingest (docs/fleet.md)",
         description="Operator-side fleet tools (docs/fleet.md, docs/ingest.md). Never needed on a device.",
     )
     fsub = fleet.add_subparsers(dest="fleet_command", metavar="FLEET_COMMAND")
@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
     fleet.set_defaults(handler=usage)
     _fleet_provision_cmds.register_fleet(fsub)
+    _fleet_command_cmds.register_fleet(fsub)
     p = fsub.add_parser(
         "ingest",
         help="store the fleet's results, heartbeats, status and events in PostgreSQL, exactly once",

@@ -12,8 +12,10 @@ socket pair.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
 import threading
 import time
 from collections import deque
@@ -75,6 +77,9 @@ class MqttLink:
         self._first_attempt = threading.Event()
         self._lock = threading.Lock()  # the small shared state below (events, inbound table, counters)
         self._events: deque[bytes] = deque()
+        self._answers: deque[bytes] = deque()  # signed command answers for cmd/resp (lock; bounded)
+        # More fields for the retained birth status (the key that signs command answers); set before start.
+        self.birth_extra: dict[str, Any] = {}
         self._inbound = InboundRouter(self.prefix, config.inbound_max_bytes)
         # Link-thread-only state.
         self._connected = False
@@ -169,6 +174,16 @@ class MqttLink:
                 self._events.popleft()
                 self._events_dropped += 1
             self._events.append(payload)
+
+    def publish_answer(self, payload: bytes) -> None:
+        """Queue a signed command answer for ``cmd/resp`` (QoS 1; bounded like events, the oldest dropped and
+        counted). Never blocks."""
+        with self._lock:
+            if len(self._answers) >= self.config.events_max_queued:
+                self._answers.popleft()
+                self._events_dropped += 1
+            self._answers.append(payload)
+        self._waker.poke()  # an operator is waiting for it: out now, not at the next 50 ms tick
 
     def on_inbound(
         self,
@@ -319,6 +334,8 @@ class MqttLink:
                 if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
                     self._subscribed[mid] = wait
         self._pump(client)
+        if self._answers:
+            self._flush_answers(client)
         now = self._clock()
         if now >= self._next_tick:  # events and heartbeat need no per-PUBACK attention
             self._next_tick = now + 0.05
@@ -380,6 +397,14 @@ class MqttLink:
             self._events.clear()
         for payload in batch:
             client.publish(self.prefix + "events", payload, qos=1)
+        self._flush_answers(client)
+
+    def _flush_answers(self, client: mqtt.Client) -> None:
+        with self._lock:
+            answers = list(self._answers)
+            self._answers.clear()
+        for payload in answers:
+            client.publish(self.prefix + "cmd/resp", payload, qos=1)
 
     def _heartbeat(self, client: mqtt.Client) -> None:
         self._next_heartbeat = self._clock() + self.config.heartbeat_s
@@ -475,7 +500,19 @@ class MqttLink:
         self._backoff.reset()
         self._error = self._error_kind = None
         log.info("link: connected to %s:%s", self.config.host, self.config.port)
-        birth = {"state": "online", "device": self.device_id, "fleet": self.fleet, "time": self._wall()}
+        sock = client.socket()
+        if isinstance(sock, socket.socket):
+            # Small packets that someone waits for (PUBACKs, command answers): without this, Nagle's
+            # algorithm meeting the peer's delayed ACK holds each for ~40 ms.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        birth = {
+            **self.birth_extra,
+            "state": "online",
+            "device": self.device_id,
+            "fleet": self.fleet,
+            "time": self._wall(),
+        }
         client.publish(self.prefix + "status", json.dumps(birth).encode(), qos=1, retain=True)
         with self._lock:  # every registered topic is subscribed below: no separate SUBSCRIBE for these
             waiters, self._sub_waiters = self._sub_waiters, []
@@ -496,6 +533,9 @@ class MqttLink:
         client = self._client
         if client is None or not self._connected:
             return
+        # What was queued last (a command's answer before a requested restart, the last events) goes out
+        # before the offline status, whose PUBACK then also means they were sent (QoS 1 keeps the order).
+        self._flush_events(client)
         offline = json.dumps({"state": "offline", "device": self.device_id, "time": self._wall()}).encode()
         info = client.publish(self.prefix + "status", offline, qos=1, retain=True)
         deadline = self._clock() + self.config.stop_timeout_s

@@ -37,6 +37,8 @@ EVENT_KINDS = (
     "bundle-rejected",
     "reloaded",
     "stopping",
+    "command-accepted",
+    "command-refused",
 )
 
 

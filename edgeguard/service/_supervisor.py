@@ -102,6 +102,7 @@ class Supervisor:
         self._alive: dict[str, Any] = {}
         self._last_alive = 0.0
         self._announced_ready = False
+        self._restart_requested: str | None = None  # a clean restart the worker asked for
         self._status = ""
         self._status_at = -1e9
         self._wake_r, self._wake_w = os.pipe()
@@ -214,6 +215,11 @@ class Supervisor:
                         self._leave_safe_state(proc)
                         return _Outcome(stopped=False, reason="", broken_at=now)
                     proc.send_signal(signal.SIGHUP)
+                if self._restart_requested is not None:
+                    _log.info("restarting the worker: %s", self._restart_requested)
+                    self._restart_requested = None
+                    self._stop_worker(proc)
+                    return _Outcome(stopped=False, reason="", broken_at=now)  # "" = not a failure
                 rc = proc.poll()
                 if rc is not None:
                     how = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
@@ -266,6 +272,8 @@ class Supervisor:
         elif kind == "alive":
             self._last_alive = now
             self._alive = msg
+        elif kind == "restart":  # asked for by the worker itself (a remote `restart` command)
+            self._restart_requested = str(msg.get("reason") or "requested")[:200]
 
     def _on_ready(self, msg: dict[str, Any], proc: subprocess.Popen[bytes]) -> None:
         assert self._ready_at is not None

@@ -30,11 +30,14 @@ from typing import Any
 
 from edgeguard._hardening import harden_process
 from edgeguard.clock import TrustedClock
+from edgeguard.commands import CommandService
 from edgeguard.errors import BundleRejected, ConfigError, EdgeGuardError
+from edgeguard.keys import TrustStore
 from edgeguard.link import MqttLink
 from edgeguard.outbox import Outbox
 from edgeguard.posture import PostureMonitor
 
+from ._command_wiring import build_commands, load_operators
 from ._faults import FaultInjector
 from ._hooks import HookRunner
 from ._loader import load_engine, load_keys, load_tokens, serving_problem
@@ -106,6 +109,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.reloads = 0
         self._stopping_model: Any = None  # the engine the expiry timer is unloading (at most one at a time)
+        self._commands: CommandService | None = None  # signed remote commands on `cmd` ([commands] enabled)
 
     # -- health
     # ------------------------------------------------------------------------------------------------
@@ -198,6 +202,12 @@ class Worker:
             # Before the link starts (inbound topics are subscribed on connect), and even without a valid
             # model: the API then answers health requests and 503, the directory keeps its files.
             self._build_sources()
+        if self.cfg.commands.enabled:  # before the link starts: its birth status carries the answer key
+            # Command expiry is judged on the worker's wall clock, the same one bundle expiry uses.
+            self._commands = await loop.run_in_executor(
+                None, lambda: build_commands(self, now=lambda: self._now().timestamp())
+            )
+            self._commands.start()
         err = await loop.run_in_executor(None, self.link.start)
         if err is not None:
             _log.warning("MQTT link: %s (retrying in the background)", err)
@@ -357,6 +367,7 @@ class Worker:
                 self.model_error = reason
                 self.pipeline.stop_accepting(f"not serving: {reason}")
             return
+        await loop.run_in_executor(None, self._reload_commands, new)
         ok = await loop.run_in_executor(None, self._load_model, True)
         if ok:
             self.reloads += 1
@@ -366,6 +377,28 @@ class Worker:
             if not self.sources and self.mode == "serve":  # pragma: no cover - sources exist in serve mode
                 self._build_sources()
                 await self._start_sources()
+
+    def _reload_commands(self, new: ServiceConfig) -> None:
+        """The operator keys and revocations, from the files, on every reload (enabling [commands] or changing
+        its other keys takes a restart)."""
+        if self._commands is None:
+            return
+        try:
+            self._commands.gate.replace_operators(load_operators(new))
+        except EdgeGuardError as exc:
+            # Fail closed, like the bundle trust store: an unreadable revocation list must not mean "none".
+            reason = f"operator keys unreadable, refusing every command: {exc}"
+            _log.error("reload: %s", reason)
+            self._commands.gate.replace_operators(TrustStore())
+            self.link.publish_event("reload-failed", {"reason": reason})
+
+    def request_restart(self, reason: str) -> bool:
+        """Ask the supervisor for a clean restart of this worker (SIGTERM, drain, start again; not counted as
+        a failure). False without a supervisor."""
+        if self._fd < 0:
+            return False
+        self._send({"t": "restart", "reason": reason})
+        return True
 
     def _control_reader(self) -> None:
         """Lines from the supervisor on stdin: events to publish (restart, crash-loop)."""
@@ -387,6 +420,8 @@ class Worker:
                 await loop.run_in_executor(None, s.stop)
         self.pipeline.stop_accepting("stopping")
         await loop.run_in_executor(None, self.pipeline.wait_idle, self.cfg.service.stop_timeout_s)
+        if self._commands is not None:
+            await loop.run_in_executor(None, self._commands.stop)
         await loop.run_in_executor(None, self.link.stop)  # publishes the offline status
         await loop.run_in_executor(None, self.outbox.close)
         await self.posture.stop()  # the shutdown time checkpoint

@@ -32,6 +32,7 @@ __all__ = [
     "MqttInputSection",
     "SerialSection",
     "DirectorySection",
+    "CommandsSection",
     "load_config",
     "parse_config",
 ]
@@ -53,10 +54,21 @@ class DeviceSection:
     id: str
     fleet: str = "default"
     state_dir: Path = Path("/var/lib/edgeguard")
+    groups: tuple[str, ...] = ()  # the groups a signed command may address this device by (docs/commands.md)
+    # Ed25519 key signing this device's command answers; unset: device-sign.key in state_dir, made at first
+    # start (its public half is in the retained birth status).
+    signing_key: Path | None = None
 
     def __post_init__(self) -> None:
         _check(bool(_ID.fullmatch(self.id)), "device.id", "1..64 of A-Z a-z 0-9 _ . -")
         _check(bool(_ID.fullmatch(self.fleet)), "device.fleet", "1..64 of A-Z a-z 0-9 _ . -")
+        _check(len(self.groups) <= 64, "device.groups", "at most 64 groups")
+        for g in self.groups:
+            _check(bool(_ID.fullmatch(g)), "device.groups", f"{g[:80]!r}: 1..64 of A-Z a-z 0-9 _ . -")
+
+    @property
+    def signing_key_path(self) -> Path:
+        return self.signing_key if self.signing_key is not None else self.state_dir / "device-sign.key"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -248,6 +260,23 @@ class DirectorySection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CommandsSection:
+    """Signed remote commands on ``cmd`` (docs/commands.md)."""
+
+    enabled: bool = False
+    operator_keys: tuple[Path, ...] = ()  # trusted operator Ed25519 .pub files
+    revocations: Path | None = None  # revoked operator key ids, same format as model.revocations
+    max_bytes: int = 65536  # a command larger than this is refused before it is parsed
+    max_clock_skew_s: float = 300.0  # tolerance on issued_at / expires_at against this device's clock
+
+    def __post_init__(self) -> None:
+        if self.enabled:
+            _check(len(self.operator_keys) >= 1, "commands.operator_keys", "needs at least one operator key")
+        _check(256 <= self.max_bytes <= 1 << 20, "commands.max_bytes", "must be 256..1048576")
+        _seconds(self.max_clock_skew_s, "commands.max_clock_skew_s", 0, 86400)
+
+
+@dataclass(frozen=True, kw_only=True)
 class ServiceConfig:
     path: Path  # the file it came from (SIGHUP re-reads it)
     device: DeviceSection
@@ -260,6 +289,7 @@ class ServiceConfig:
     directory: DirectorySection = field(default_factory=DirectorySection)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     link: LinkConfig = field(default_factory=LinkConfig)
+    commands: CommandsSection = field(default_factory=CommandsSection)
 
     @property
     def outbox_path(self) -> Path:
@@ -270,7 +300,7 @@ class ServiceConfig:
         return self.device.state_dir / "supervisor.json"
 
 
-_TOP = ("device", "model", "service", "watchdog", "sources", "outbox", "link")
+_TOP = ("device", "model", "service", "watchdog", "sources", "outbox", "link", "commands")
 _SOURCES = ("api", "mqtt", "serial", "directory")
 
 
@@ -282,7 +312,7 @@ def parse_config(doc: dict[str, Any], *, path: Path) -> ServiceConfig:
         if key not in doc:
             raise ConfigError(f"{key}: section missing")
     base = path.parent
-    device = build(DeviceSection, _paths(doc["device"], ("state_dir",), base), "device")
+    device = build(DeviceSection, _paths(doc["device"], ("state_dir", "signing_key"), base), "device")
     model = build(
         ModelSection, _paths(doc["model"], ("bundle", "trust", "revocations", "device_key"), base), "model"
     )
@@ -312,7 +342,17 @@ def parse_config(doc: dict[str, Any], *, path: Path) -> ServiceConfig:
         link=build(
             LinkConfig, _paths(doc.get("link", {}), ("ca_file", "client_cert", "client_key"), base), "link"
         ),
+        commands=build(
+            CommandsSection,
+            _paths(doc.get("commands", {}), ("operator_keys", "revocations"), base),
+            "commands",
+        ),
     )
+    if cfg.commands.enabled and cfg.commands.max_bytes > cfg.link.inbound_max_bytes:
+        raise ConfigError(
+            f"commands.max_bytes: {cfg.commands.max_bytes} exceeds link.inbound_max_bytes "
+            f"({cfg.link.inbound_max_bytes}); raise that too"
+        )
     if cfg.mqtt_input.enabled and cfg.mqtt_input.max_body_bytes > cfg.link.inbound_max_bytes:
         raise ConfigError(
             f"sources.mqtt.max_body_bytes: {cfg.mqtt_input.max_body_bytes} exceeds "

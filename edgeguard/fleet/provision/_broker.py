@@ -117,6 +117,8 @@ persistence_location {out / "data"}/
 autosave_interval 60
 max_packet_size {MAX_PACKET_SIZE}
 max_queued_messages 10000
+# Small packets (command answers, acks) go out at once instead of waiting ~40 ms for Nagle's algorithm.
+set_tcp_nodelay true
 log_dest stderr
 log_type error
 log_type warning
