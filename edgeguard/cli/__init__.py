@@ -24,6 +24,7 @@ from . import (
     _bundle_cmds,
     _demo,
     _engine_cmds,
+    _fleet_cmds,
     _init_cmd,
     _quantize_cmds,
     _scan_cmds,
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in (
         _bundle_cmds, _engine_cmds, _quantize_cmds, _service_cmds, _scan_cmds, _demo,
-        _zoo_cmds, _init_cmd, _token_cmds, _status_cmd,
+        _zoo_cmds, _init_cmd, _token_cmds, _status_cmd, _fleet_cmds,
     ):
         module.register(sub)
     _describe_defaults(parser)
