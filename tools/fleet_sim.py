@@ -95,6 +95,7 @@ def heartbeat(dev: SimDevice, fleet: str, groups: list[str], now_wall: float) ->
             "safe_state": False, "safe_reason": None, "watchdogs": [], "recent": [],
         },
         "sources": {},
+        "system": {"cpu_temp_c": 48.5, "load": [0.4, 0.3, 0.2], "memory": None, "disk": None},
         "pipeline": {"completed": dev.inferences, "failed": 0, "in_flight": 0, "reloads": 0},
         "security": {"api_unauthorized": 0, "api_forbidden": 0, "rejected_inputs": 0},
         "device": dev.name,

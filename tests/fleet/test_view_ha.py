@@ -1,6 +1,6 @@
 """Home Assistant MQTT discovery: the configs the link publishes, checked against HA's documented schema.
 
-tests/fleet/ha_mqtt_discovery.schema.json is the subset of HA's discovery config we rely on, written from HA's
+docs/schemas/ha-config.json is the subset of HA's discovery config we rely on, written from HA's
 MQTT docs (sensor, binary_sensor, device registry, availability). The same configs, as a real device publishes
 them to a real broker, are checked in test_view_schemas.py.
 """
@@ -17,7 +17,7 @@ import pytest
 
 from edgeguard.link._discovery import discovery_messages
 
-SCHEMA = json.loads((Path(__file__).parent / "ha_mqtt_discovery.schema.json").read_text())
+SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "docs/schemas/ha-config.json").read_text())
 PREFIX = "edgeguard/v1/plant-1/cam.7/"
 TOPIC = re.compile(r"^homeassistant/(sensor|binary_sensor)/([A-Za-z0-9_-]+)/([A-Za-z0-9_-]+)/config$")
 
