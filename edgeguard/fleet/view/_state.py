@@ -26,7 +26,7 @@ _SEGMENT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _KINDS = ("status", "heartbeat", "events")
 # Event kinds that concern security (the rest are reliability events: degraded, reloaded, outbox_dropped...).
 SECURITY_EVENTS = frozenset(
-    {"bundle-rejected", "input-rejected", "command-rejected", "command-forged", "posture-scan", "posture"}
+    {"bundle-rejected", "input-rejected", "command-rejected", "command-forged", "posture-finding"}
 )
 _TEXT_MAX = 200  # a reason or model name longer than this is cut: the table and metrics stay readable
 
