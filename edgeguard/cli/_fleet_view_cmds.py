@@ -183,7 +183,7 @@ def _watch(args: argparse.Namespace) -> int:
             return _watch_table(args, state)
         while True:
             event = events.get()
-            if args.group is not None and not _in_group(state, event, args.group):
+            if args.group is not None and args.group not in state.groups_of(event.fleet, event.device):
                 continue
             if args.problem and event.kind in ("online",):
                 continue
@@ -195,10 +195,6 @@ def _watch(args: argparse.Namespace) -> int:
         return 0
     finally:
         follower.stop()
-
-
-def _in_group(state: FleetState, event: FleetEvent, group: str) -> bool:
-    return any(v.device == event.device and group in v.groups for v in state.snapshot())
 
 
 def _watch_table(args: argparse.Namespace, state: FleetState) -> int:

@@ -54,6 +54,7 @@ def test_fields_of_the_wrong_type_read_as_absent() -> None:
     assert (v.model, v.inferences, v.degraded, v.outbox_depth) == (None, None, False, None)
     assert v.latency_p99_ms is None
     assert v.groups == ("a",)
+    assert state.groups_of("f", "d1") == ("a",) and state.groups_of("f", "nope") == ()
 
 
 def test_devices_beyond_the_bound_are_counted_not_stored() -> None:

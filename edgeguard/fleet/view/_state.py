@@ -308,6 +308,12 @@ class FleetState:
         with self._lock:
             return list(self._events)
 
+    def groups_of(self, fleet: str, device: str) -> tuple[str, ...]:
+        """One device's groups (a dict lookup: ``watch --group`` asks once per event)."""
+        with self._lock:
+            view = self._devices.get((fleet, device))
+            return view.groups if view is not None else ()
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._devices)
