@@ -204,3 +204,35 @@ def test_status_fails_in_one_line_when_the_broker_is_not_there() -> None:
     assert out.stderr.count("\n") == 1 and "cannot connect to the broker" in out.stderr, out.stderr
     bad = edgeguard("fleet", "status", "--broker", "nohostport")
     assert bad.returncode == 2 and "expected HOST:PORT" in bad.stderr
+
+
+def test_watch_table_draws_the_live_table_on_a_terminal(broker_factory: BrokerFactory) -> None:
+    import os
+    import pty
+    import select
+
+    broker = _broker(broker_factory)
+    with SimFleet(broker, 3, "--fleet", "ft", "--heartbeat", "0.3", "--keepalive", "10") as sim:
+        sim.expect("ready 3")
+        leader, follower_fd = pty.openpty()  # rich draws a live table only on a terminal
+        watch = subprocess.Popen(
+            [sys.executable, "-m", "edgeguard", "fleet", "watch", "--broker", f"127.0.0.1:{broker.port}",
+             "--fleet", "ft", "--table"],
+            stdout=follower_fd, stderr=follower_fd, stdin=subprocess.DEVNULL, cwd=ROOT,
+            env={**os.environ, "COLUMNS": "200", "LINES": "50"},
+        )
+        os.close(follower_fd)
+        screen = b""
+        try:
+            deadline = time.monotonic() + 20
+            # Redrawn every second: the first frames may precede the heartbeats that carry the model.
+            while b"detector@3" not in screen.split(b"OK: 3/3")[-1] and time.monotonic() < deadline:
+                if select.select([leader], [], [], 0.5)[0]:
+                    screen += os.read(leader, 65536)
+        finally:
+            watch.kill()
+            watch.wait(10)
+            os.close(leader)
+    text = screen.decode(errors="replace")
+    assert "OK: 3/3 devices online" in text, text[-2000:]
+    assert all(f"sim-000{i}" in text for i in range(3)) and "detector@3" in text
