@@ -15,6 +15,7 @@ Faults on demand, one command per line on stdin (device names are ``<prefix>NNNN
     slow DEV FACTOR   heartbeat every FACTOR x the period
     degrade DEV WHY   report degraded with reason WHY ("degrade DEV" alone recovers)
     event DEV KIND    publish an event of kind KIND (e.g. bundle-rejected)
+    stats             print `stats heartbeats=H results=R`: how many this process has published so far
     quit              say goodbye (offline status) from every device and exit
 The simulator prints ``ready N`` once every device is connected, ``frozen DEV LAST`` / ``dropped DEV LAST``
 with the monotonic time of the device's last packet, and ``error ...`` for a command it did not understand.
@@ -182,6 +183,11 @@ class Fleet:
             return True
         if words[0] == "quit":
             return False
+        if words[0] == "stats":
+            beats = sum(d.hb_seq for d in self.devices.values())
+            results = sum(d.result_seq for d in self.devices.values())
+            print(f"stats heartbeats={beats} results={results}", flush=True)
+            return True
         dev = self.devices.get(words[1]) if len(words) > 1 else None
         if dev is None or dev.dead:
             print(f"error: {line.strip()!r}: unknown or dead device", flush=True)

@@ -112,6 +112,7 @@ def run_one(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 raise RuntimeError(f"only {state.heartbeats_seen()}/{n} devices seen")
             time.sleep(0.2)
         start = time.time()
+        t0_wall = time.time() - (time.monotonic() - t0)
         time.sleep(args.heartbeat * args.cycles)
         end = time.time()
         with follower._lag_lock:
@@ -121,6 +122,15 @@ def run_one(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         last_period = {d for a, d, _ in window if a >= end - 1.5 * args.heartbeat}
         lags = sorted(lag for _, _, lag in window)
         rss = _rss_kb()
+        # Sent (the simulator's count) against received (ours), over the whole run: tells a simulator that
+        # cannot keep its period apart from messages lost between the simulator and the view.
+        assert sim.stdin is not None
+        sim.stdin.write("stats\n")
+        sim.stdin.flush()
+        sent = int(sim.stdout.readline().split()[1].split("=")[1])
+        time.sleep(2)  # let what was sent before the count arrive
+        with follower._lag_lock:
+            received = len(follower.lags)
         return {
             "devices": n,
             "connect_s": round(connect_s, 2),
@@ -129,6 +139,9 @@ def run_one(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "lag_p99_s": round(lags[int(len(lags) * 0.99) - 1], 3) if lags else None,
             "lag_max_s": round(lags[-1], 3) if lags else None,
             "missing_last_period": n - len(last_period),
+            "sent_total": sent,
+            "received_total": received,
+            "expected_total": int(n * (end - t0_wall) / args.heartbeat),
             "keeps_up": bool(lags) and lags[-1] < args.heartbeat and len(last_period) == n,
             "rss_kb_per_device": round((rss - rss0) / n, 2),
             "dropped": state.dropped,
@@ -160,7 +173,8 @@ def main() -> int:
                 f"{n:6d} devices: connect {r['connect_s']} s, "
                 f"lag p50 {r['lag_p50_s']} s p99 {r['lag_p99_s']} s "
                 f"max {r['lag_max_s']} s, missing {r['missing_last_period']}, "
-                f"{r['rss_kb_per_device']} kB/device, keeps up: {r['keeps_up']}",
+                f"{r['rss_kb_per_device']} kB/device, heartbeats sent {r['sent_total']} received "
+                f"{r['received_total']}, keeps up: {r['keeps_up']}",
                 flush=True,
             )
             if not r["keeps_up"]:

@@ -84,6 +84,9 @@ def test_the_simulator_speaks_the_devices_schemas(
         assert rec.wait_for(lambda m: any(t.endswith("/events") for t, _ in m), 10)
         sim.send("drop sim-0000")
         assert rec.wait_for(lambda m: any(t.endswith("/status") and b"offline" in p for t, p in m), 10)
+        received = sum(t.endswith("/heartbeat") for t, _ in rec.snapshot())  # all sent before `stats`
+        sim.send("stats")
+        assert int(sim.expect("stats ").split()[1].split("=")[1]) >= received > 0
         sim.send("quit")  # the others say goodbye: offline with their time, then the simulator exits
         assert sim.proc.wait(10) == 0
         assert rec.wait_for(lambda m: sum(t.endswith("/status") and b'"time"' in p and b"offline" in p
