@@ -1,4 +1,4 @@
-"""Fleet-ingest fixtures: a fresh PostgreSQL database per test (dropped after), a real mosquitto."""
+"""Fleet fixtures: a fresh PostgreSQL database per test (dropped after), real mosquitto brokers."""
 
 from __future__ import annotations
 

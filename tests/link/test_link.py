@@ -20,6 +20,7 @@ import pytest
 
 from edgeguard.errors import ConfigError, LinkError
 from edgeguard.link import Backoff, LinkConfig, MqttLink
+from edgeguard.link._discovery import discovery_messages
 from edgeguard.outbox import Outbox, OutboxConfig
 from tests.link._mqtt311_gate import Mqtt311OnlyGate
 from tests.link._slow_broker import SlowBroker
@@ -473,10 +474,14 @@ def test_status_heartbeat_events_discovery_and_clean_stop(
         assert hb["outbox"]["depth"] >= 0 and hb["link"]["connected"] is True and hb["uptime_s"] >= 0
         assert json.loads(rec.on_topic("/status")[0])["state"] == "online"
         assert rec.wait_for(lambda m: any(t.endswith("/events") and b"fallback" in p for t, p in m), 10)
-        assert ha.wait_for(lambda m: len(m) >= 6, 10)
-        cfg = json.loads(ha.snapshot()[0][1])
-        assert cfg["availability_topic"] == PREFIX + "status" and cfg["state_topic"] == PREFIX + "heartbeat"
-        assert ha.retained == [] or all(t.startswith("homeassistant/sensor/") for t, _ in ha.retained)
+        n_ha = len(discovery_messages("homeassistant", "fleet", "dev", PREFIX))
+        assert ha.wait_for(lambda m: len(m) >= n_ha, 10)
+        cfg = json.loads(next(p for t, p in ha.snapshot() if t.startswith("homeassistant/sensor/")))
+        assert cfg["availability"][0]["topic"] == PREFIX + "status"
+        assert cfg["state_topic"] == PREFIX + "heartbeat"
+        assert ha.retained == [] or all(
+            t.startswith(("homeassistant/sensor/", "homeassistant/binary_sensor/")) for t, _ in ha.retained
+        )
     finally:
         link.stop()
         ha.close()
@@ -485,10 +490,10 @@ def test_status_heartbeat_events_discovery_and_clean_stop(
     # Retained: a late subscriber sees offline and the discovery configs.
     late = Recorder(broker, "#", username="rec", password="recpw")
     try:
-        assert late.wait_for(lambda m: len(m) >= 7, 10)
+        assert late.wait_for(lambda m: len(m) >= n_ha + 1, 10)
         retained = dict(late.retained)
         assert json.loads(retained[PREFIX + "status"])["state"] == "offline"
-        assert sum(t.startswith("homeassistant/") for t in retained) == 6
+        assert sum(t.startswith("homeassistant/") for t in retained) == n_ha
     finally:
         late.close()
         ob.close()
