@@ -6,7 +6,7 @@ from datetime import datetime
 from pathlib import Path
 
 from edgeguard.bundle import Manifest, check_model_name, open_bundle
-from edgeguard.engine import Engine
+from edgeguard.engine import BackendOpener, Engine, open_backend
 from edgeguard.errors import BundleRejected
 from edgeguard.keys import DeviceKey, TrustStore, derive_storage_key, load_device_key
 from edgeguard.profiles import get_profile
@@ -51,7 +51,13 @@ def load_tokens(cfg: ServiceConfig) -> TokenStore:
 
 
 def load_engine(
-    cfg: ServiceConfig, *, trust: TrustStore, device_key: DeviceKey, now: datetime, commit_floor: bool = True
+    cfg: ServiceConfig,
+    *,
+    trust: TrustStore,
+    device_key: DeviceKey,
+    now: datetime,
+    commit_floor: bool = True,
+    opener: BackendOpener | None = None,
 ) -> EngineLike:
     """open_bundle (all checks; floor not yet moved) -> Engine.load (fast path + golden self-test) -> commit
     the rollback floor and slot. BundleRejected if any fails.
@@ -71,7 +77,8 @@ def load_engine(
         model_name=cfg.model.name,
     )
     profile = get_profile(cfg.model.profile) if cfg.model.profile else None
-    engine = Engine.load(opened, profile=profile)  # wipes the plaintext, whether it loads or not
+    # Wipes the plaintext, whether it loads or not. ``opener``: the fault injector's slowed sessions.
+    engine = Engine.load(opened, profile=profile, opener=opener or open_backend)
     try:
         opened.commit_rollback_floor()
     except BaseException:

@@ -45,6 +45,11 @@ __all__ = ["main", "Worker"]
 
 _log = logging.getLogger("edgeguard.worker")
 
+# A stuck inference is one running longer than this many times the slowest run measured on this device (see
+# Worker.stall_bound_s and docs/service.md): wide enough for a throttled CPU and a busy board, tight enough to
+# recover a wedged accelerator call within seconds of a normal run.
+STALL_FACTOR = 5.0
+
 
 def _utc_now() -> datetime:
     return datetime.now(timezone.utc)
@@ -127,6 +132,19 @@ class Worker:
         }
         return doc
 
+    def stall_bound_s(self) -> float:
+        """How long one inference may run before it counts as stuck: ``STALL_FACTOR`` x one run as the
+        self-test measured it on this device, never less than ``hang_timeout_s``. Judged apart from liveness:
+        on a slow board (a Pi Zero 2 running YOLO) one healthy inference can outlast the liveness timeout.
+        The self-test's figure, not the served requests' percentiles: one slow request must not widen the
+        bound for the next stuck one."""
+        floor = self.cfg.service.hang_timeout_s
+        engine = self.pipeline.engine
+        if engine is None:
+            return floor
+        measured_ms = float(engine.health().get("selftest_run_ms") or 0.0)
+        return max(floor, STALL_FACTOR * measured_ms / 1000.0)
+
     def verdict(self) -> dict[str, Any]:
         """The checks behind every watchdog kick: inference progressing, outbox accepting, link loop alive.
 
@@ -135,8 +153,11 @@ class Worker:
         acknowledged results, so withholding the watchdog's kicks would turn an alarm into certain loss.
         """
         stalled_s = self.pipeline.oldest_in_flight_s()
-        if stalled_s > self.cfg.service.hang_timeout_s:
-            return {"healthy": False, "stalled": True, "reason": f"inference stalled for {stalled_s:.1f} s"}
+        if stalled_s > 0.0:
+            bound = self.stall_bound_s()
+            if stalled_s > bound:
+                return {"healthy": False, "stalled": True,
+                        "reason": f"inference stalled for {stalled_s:.1f} s (bound {bound:.1f} s)"}
         if not self.link.loop_alive:
             return {"healthy": False, "stalled": False, "reason": "MQTT link loop not running"}
         alarm = self.outbox.stats().alarm
@@ -249,7 +270,8 @@ class Worker:
 
     def _load_model(self, reload: bool) -> bool:
         try:
-            engine = load_engine(self.cfg, trust=self.trust, device_key=self.device_key, now=self._now())
+            engine = load_engine(self.cfg, trust=self.trust, device_key=self.device_key, now=self._now(),
+                                 opener=self.faults.opener())
         except BundleRejected as exc:
             self._model_failed("bundle-rejected", str(exc), check=exc.check, reload=reload)
             return False
