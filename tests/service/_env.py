@@ -27,6 +27,18 @@ STATUS = "mon-token-0123456789abcdef"
 ADMIN = "ops-token-0123456789abcdef"
 
 
+HOOK_DELAY_S = 0.3
+
+
+def hook_events(log: Path) -> list[str]:
+    """The events the test hook has logged so far (one JSON document per line; none while it is missing)."""
+    try:
+        text = log.read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line)["event"] for line in text.splitlines() if line.strip()]
+
+
 def tiny_onnx(scale: float = 2.0) -> bytes:
     """y = x * scale for x float32 [1, 4] in [0, 1]: a sensor model small enough for serial frames."""
     from onnx import TensorProto, helper
@@ -211,7 +223,9 @@ backoff_max_s = 0.5
         hooks = self.root / "hooks"
         hooks.mkdir(exist_ok=True)
         hook = hooks / "50-log"
-        hook.write_text(f"#!/bin/sh\n(cat; echo) >> {self.root / 'hooks.log'}\n")
+        # Hooks run asynchronously; a deliberately late writer (as on a slow board) makes a test that reads
+        # the log without waiting for it fail every time instead of once in a while.
+        hook.write_text(f"#!/bin/sh\nsleep {HOOK_DELAY_S}\n(cat; echo) >> {self.root / 'hooks.log'}\n")
         hook.chmod(0o755)
 
     def start(self, env: dict[str, str] | None = None) -> None:
