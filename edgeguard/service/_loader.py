@@ -79,6 +79,8 @@ def load_engine(
     profile = get_profile(cfg.model.profile) if cfg.model.profile else None
     # Wipes the plaintext, whether it loads or not. ``opener``: the fault injector's slowed sessions.
     engine = Engine.load(opened, profile=profile, opener=opener or open_backend)
+    if not commit_floor:
+        return engine
     try:
         opened.commit_rollback_floor()
     except BaseException:

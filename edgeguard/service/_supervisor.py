@@ -29,8 +29,8 @@ from typing import IO, Any, Literal
 from edgeguard.watchdog import WatchdogChain
 
 from ._hooks import HookRunner
+from ._settings import SupervisorSection
 from ._state import Failure, SupervisorState, read_state, write_state
-from .config import SupervisorSection
 
 __all__ = ["Supervisor", "WorkerMode", "default_worker_argv"]
 
@@ -76,8 +76,10 @@ class Supervisor:
         handle_signals: bool = True,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         self.config_path = config_path
+        self._on_first_ready = on_ready  # called once, when the first worker is ready (a test seam)
         self.s = settings
         self.state_path = state_path
         self.chain = chain
@@ -283,6 +285,8 @@ class Supervisor:
             # READY=1 only once the model is verified and self-tested (the worker says ready only then).
             self.chain.notifier.ready(status)
             self._announced_ready = True
+            if self._on_first_ready is not None:
+                self._on_first_ready()
         self._set_status(status, force=True)
         for event in self._pending_events:
             self._send(proc, event)

@@ -1,0 +1,51 @@
+"""The supervisor stays lean: it spawns and watches the worker, so it holds the standard library and the
+watchdog package, never the worker's stack (numpy, onnxruntime, aiohttp, paho: tens of MiB each on a board
+with 512 MiB). The real service as a child process; its modules read through the supervisor's debug seam
+(paho is pure Python, so /proc/PID/maps could not show it), its memory from /proc/PID/status."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgeguard.service._supervisor_main import MODULES_ENV
+from tests.service._env import Device, tiny_bundle
+from tests.support.broker import MosquittoBroker
+
+HEAVY = ("numpy", "onnxruntime", "aiohttp", "paho", "cryptography", "serial", "PIL", "edgeguard.engine",
+         "edgeguard.bundle", "edgeguard.link", "edgeguard.outbox", "edgeguard.service.config")
+SUPERVISOR_RSS_MIB = 20  # issue 13's goal for the supervisor alone
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_supervisor_loads_no_worker_stack_and_stays_small(tmp_path: Path) -> None:
+    modules_file = tmp_path / "supervisor-modules.txt"
+    with MosquittoBroker(tmp_path) as broker:
+        dev = Device(root=tmp_path, broker=broker)
+        dev.provision(tiny_bundle(tmp_path))
+        dev.start(env={MODULES_ENV: str(modules_file)})
+        try:
+            dev.wait_ready()
+            dev.wait(modules_file.exists, 10, "the supervisor's module list")
+            assert dev.proc is not None
+            # The process systemd started (same pid after the lean re-exec) is the supervisor.
+            worker = dev.worker_pid()
+            assert worker is not None and worker != dev.proc.pid
+            modules = modules_file.read_text().split()
+            assert "edgeguard.service._supervisor" in modules and "edgeguard.watchdog" in modules
+            loaded = sorted(m for m in modules if m.split(".")[0] in HEAVY or m in HEAVY or
+                            any(m.startswith(h + ".") for h in HEAVY))
+            assert loaded == [], loaded
+            rss = _rss_mib(dev.proc.pid)
+            print(f"supervisor RSS {rss:.1f} MiB")
+            assert rss <= SUPERVISOR_RSS_MIB, f"supervisor RSS {rss:.1f} MiB"
+            # The debug seam is the supervisor's own: the worker does not inherit it.
+            env = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+            assert not [e for e in env if e.startswith(MODULES_ENV.encode())]
+        finally:
+            assert dev.stop() == 0
