@@ -95,6 +95,7 @@ class Supervisor:
         self._stop = False
         self._reload = False
         self._consecutive = 0
+        self._failed_serving = False  # the last failed worker had been ready (serving) before it failed
         self._recovery_since: float | None = None  # set while no worker is ready
         self._run_started = 0.0  # wall clock of this run's start: the crash-loop window begins no earlier
         self._pending_repair: Failure | None = None
@@ -356,6 +357,7 @@ class Supervisor:
             return
         if self._ready_at is not None:
             self.state.up_s += max(0.0, outcome.broken_at - self._ready_at)
+        self._failed_serving = self._ready_at is not None
         failure = self.state.record_failure(at=self._wall(), reason=outcome.reason)
         self._pending_repair = failure
         self._recovery_since = outcome.broken_at if self._recovery_since is None else self._recovery_since
@@ -401,6 +403,10 @@ class Supervisor:
 
     def _backoff(self) -> None:
         if self._stop or self._consecutive == 0:
+            return
+        if self._consecutive == 1 and self._failed_serving:
+            # A worker that was serving failed: replace it at once (every second here is an outage). The
+            # backoff protects against a crash loop, which starts with the second failure in a row.
             return
         delay = min(self.s.backoff_max_s, self.s.backoff_initial_s * 2 ** (self._consecutive - 1))
         _log.info("restarting the worker in %.2f s", delay)

@@ -229,3 +229,17 @@ def test_sighup_leaves_safe_state(tmp_path: Path) -> None:
 @pytest.fixture(autouse=True)
 def _quiet() -> Iterator[None]:
     yield
+
+
+def test_first_failure_of_a_serving_worker_restarts_at_once_then_backs_off(tmp_path: Path) -> None:
+    """A worker that was serving and fails is replaced at once (recovery must not wait out a backoff); only a
+    failure that follows another one without a stable period in between waits (crash-loop protection)."""
+    settings = SupervisorSection(
+        **{**FAST, "backoff_initial_s": 1.0, "backoff_max_s": 4.0}, crash_loop_restarts=50
+    )
+    h = Harness(tmp_path, "crash-after-ready", settings)
+    with h:
+        assert h.wait(lambda: h.sup.state.repaired >= 2, timeout=20)
+    first, second = read_state(tmp_path / "state.json").history[:2]
+    assert first.mttr_s is not None and first.mttr_s < 1.0, first
+    assert second.mttr_s is not None and second.mttr_s >= 1.0, second
