@@ -160,9 +160,9 @@ def until_served(port: int, body: bytes, *, not_pid: int | None, timeout: float)
     client = Client(port, timeout=0.5)
     while time.perf_counter() - t0 < timeout:
         try:
-            status, doc = client.call("POST", "/v1/infer", body, "application/x-npy")
+            status, _doc = client.call("POST", "/v1/infer", body, "application/x-npy")
             if status == 200:
-                code, health = client.call("GET", "/v1/health")
+                _code, health = client.call("GET", "/v1/health")
                 pid = int(health["pid"])
                 if not_pid is None or pid != not_pid:
                     return time.perf_counter() - t0, pid
@@ -264,7 +264,7 @@ def main() -> int:
         t0 = time.perf_counter()
         service = subprocess.Popen([sys.executable, "-m", "edgeguard", "run", "-c", str(cfg)],
                                    stdout=log, stderr=log, env=env)
-        first, worker = until_served(api_port, body, not_pid=None, timeout=180)
+        _first, worker = until_served(api_port, body, not_pid=None, timeout=180)
         spawn = time.perf_counter() - t0
 
         # Memory once serving (the standby build, if any, has had time to end).
@@ -281,7 +281,8 @@ def main() -> int:
                 spare_rss += rss_mib(pid)
         total = sup_rss + worker_rss
         table.add("RSS supervisor + worker vs raw process",
-                  f"{sup_rss:.0f} + {worker_rss:.0f} = {total:.0f} MiB vs {raw_rss:.0f} MiB (+{total - raw_rss:.0f})",
+                  f"{sup_rss:.0f} + {worker_rss:.0f} = {total:.0f} MiB vs {raw_rss:.0f} MiB "
+                  f"(+{total - raw_rss:.0f})",
                   "<= raw + 40 MiB", total <= raw_rss + 40)
         table.add("RSS supervisor alone", f"{sup_rss:.1f} MiB", "<= 20 MiB", sup_rss <= 20)
         if args.spare:
@@ -311,7 +312,8 @@ def main() -> int:
                     raise SystemExit(f"service answered {status}: {doc}")
         d, s = statistics.median(direct) * 1e3, statistics.median(served) * 1e3
         table.add("API round trip (.npy, durable ack) vs session.run",
-                  f"{s:.1f} ms vs {d:.1f} ms ({d / s:.2f}x; fixed cost {s - d:.1f} ms)", ">= 0.8x", d / s >= 0.8)
+                  f"{s:.1f} ms vs {d:.1f} ms ({d / s:.2f}x; fixed cost {s - d:.1f} ms)", ">= 0.8x",
+                  d / s >= 0.8)
 
         clients_local = threading.local()
 
