@@ -97,6 +97,7 @@ class Worker:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.reloads = 0
         self._stopping_model: Any = None  # the engine the expiry timer is unloading (at most one at a time)
+        self._link_start: asyncio.Future[Any] | None = None  # link.start() running in the executor
 
     # -- health
     # ------------------------------------------------------------------------------------------------
@@ -158,7 +159,8 @@ class Worker:
             if stalled_s > bound:
                 return {"healthy": False, "stalled": True,
                         "reason": f"inference stalled for {stalled_s:.1f} s (bound {bound:.1f} s)"}
-        if not self.link.loop_alive:
+        link_starting = self._link_start is not None and not self._link_start.done()
+        if not self.link.loop_alive and not link_starting:
             return {"healthy": False, "stalled": False, "reason": "MQTT link loop not running"}
         alarm = self.outbox.stats().alarm
         degraded = f"outbox: {alarm}" if alarm else ""
@@ -204,9 +206,11 @@ class Worker:
             # Before the link starts (inbound topics are subscribed on connect), and even without a valid
             # model: the API then answers health requests and 503, the directory keeps its files.
             self._build_sources()
-        err = await loop.run_in_executor(None, self.link.start)
-        if err is not None:
-            _log.warning("MQTT link: %s (retrying in the background)", err)
+        # Serving does not wait for the broker: the link starts alongside the sources and its first connection
+        # attempt (up to link.startup_wait_s against a broker that does not answer) is not waited for before
+        # ready; results queue in the outbox meanwhile, as whenever the link is down.
+        self._link_start = loop.run_in_executor(None, self.link.start)
+        self._link_start.add_done_callback(self._link_started)
         await self._start_sources()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
@@ -218,7 +222,21 @@ class Worker:
         await self._stop.wait()
         beat.cancel()
         await self._shutdown()
+        if self._link_start is not None and self._link_start.done() and not self._link_start.cancelled():
+            failed = self._link_start.exception()
+            if failed is not None:
+                raise failed
         return 0
+
+    def _link_started(self, done: asyncio.Future[Any]) -> None:
+        if done.cancelled():
+            return
+        if done.exception() is not None:  # the link could not even start (bad TLS files): fatal, as before
+            self._stop.set()
+            return
+        err = done.result()
+        if err is not None:
+            _log.warning("MQTT link: %s (retrying in the background)", err)
 
     async def _liveness(self) -> None:
         while True:

@@ -5,15 +5,18 @@ with 512 MiB). The real service as a child process; its modules read through the
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
 from edgeguard.service._supervisor_main import MODULES_ENV
-from tests.service._env import Device, tiny_bundle
+from tests.service._env import STATUS, Device, tiny_bundle
 from tests.support.broker import MosquittoBroker
 
 HEAVY = ("numpy", "onnxruntime", "aiohttp", "paho", "cryptography", "serial", "PIL", "edgeguard.engine",
          "edgeguard.bundle", "edgeguard.link", "edgeguard.outbox", "edgeguard.service.config")
 SUPERVISOR_RSS_MIB = 20  # issue 13's goal for the supervisor alone
+GOOD = b'{"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}}'
 
 
 def _rss_mib(pid: int) -> float:
@@ -49,3 +52,41 @@ def test_supervisor_loads_no_worker_stack_and_stays_small(tmp_path: Path) -> Non
             assert not [e for e in env if e.startswith(MODULES_ENV.encode())]
         finally:
             assert dev.stop() == 0
+
+
+def _served(dev: Device) -> bool:
+    try:
+        return dev.request("POST", "/v1/infer", GOOD, timeout=5)[0] == 200
+    except OSError:
+        return False  # not listening yet
+
+
+class _SilentBroker:
+    """A TCP port that accepts connections (the kernel's backlog) and never answers MQTT: each connection
+    attempt of the link waits for a CONNACK that never comes."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = int(self.sock.getsockname()[1])
+
+
+def test_serving_does_not_wait_for_the_broker(tmp_path: Path) -> None:
+    silent = _SilentBroker()
+    try:
+        dev = Device(root=tmp_path, broker=silent)  # type: ignore[arg-type]
+        # The link would wait 30 s for its first attempt; serving must not.
+        dev.provision(tiny_bundle(tmp_path), link_extra="startup_wait_s = 30.0\nconnect_timeout_s = 60.0\n")
+        t0 = time.monotonic()
+        dev.start()
+        try:
+            dev.wait(lambda: _served(dev), 20, "serving without a broker")
+            took = time.monotonic() - t0
+            assert took < 20
+            health = dev.request("GET", "/v1/health", token=STATUS)[1]
+            assert health["outbox"]["depth"] >= 1  # the result waits in the outbox for the broker
+        finally:
+            assert dev.stop() == 0
+    finally:
+        silent.sock.close()
