@@ -39,6 +39,9 @@ class SupervisorSection:
     hooks_dir: Path | None = None
     hook_timeout_s: float = 10.0
     fault_injection: bool = False  # enables POST /v1/admin/fault (tests and bench only)
+    # A pre-started worker with the model loaded (and self-tested) that takes over at once when the serving
+    # one fails; costs a second worker's memory (docs/footprint.md).
+    spare_worker: bool = False
 
     def __post_init__(self) -> None:
         _seconds(self.liveness_s, "service.liveness_s", 0.05, 60)

@@ -35,7 +35,7 @@ from edgeguard.outbox import Outbox
 from ._faults import FaultInjector
 from ._hooks import HookRunner
 from ._loader import load_engine, load_keys, load_tokens, serving_problem
-from ._pipeline import Pipeline
+from ._pipeline import EngineLike, Pipeline
 from ._state import read_state
 from ._sysinfo import system_facts
 from ._wiring import build_sources
@@ -63,9 +63,16 @@ def _unreadable(path: Path, exc: OSError) -> str:
 
 class Worker:
     def __init__(
-        self, *, config: ServiceConfig, mode: str, liveness_fd: int, now: Callable[[], datetime] = _utc_now
+        self,
+        *,
+        config: ServiceConfig,
+        mode: str,
+        liveness_fd: int,
+        now: Callable[[], datetime] = _utc_now,
+        engine: EngineLike | None = None,
     ) -> None:
         self.cfg = config
+        self._preloaded = engine  # a spare's engine, loaded and self-tested before it took over
         self._now = now  # wall clock for expiry (bundle not_after); tests pass their own
         self.mode = mode
         self._fd = liveness_fd
@@ -202,7 +209,11 @@ class Worker:
             os.set_blocking(self._fd, False)
         self.faults.check_start(self.mode)
         if self.mode == "serve":
-            await loop.run_in_executor(None, self._load_model, False)
+            if self._preloaded is not None:
+                self.pipeline.swap(self.faults.wrap(self._preloaded))
+                self._preloaded = None
+            else:
+                await loop.run_in_executor(None, self._load_model, False)
             # Before the link starts (inbound topics are subscribed on connect), and even without a valid
             # model: the API then answers health requests and 503, the directory keeps its files.
             self._build_sources()
@@ -417,10 +428,32 @@ class Worker:
         _log.info("stopped")
 
 
+def _preload(cfg: ServiceConfig) -> EngineLike:
+    """A spare worker's head start: everything imported, the bundle verified, the engine loaded and
+    self-tested (what makes a start slow); the outbox, the link and the sources wait for the takeover, since
+    only one worker may own them."""
+    trust, device_key, _ = load_keys(cfg)
+    return load_engine(cfg, trust=trust, device_key=device_key, now=_utc_now())
+
+
+def _await_takeover(liveness_fd: int) -> bool:
+    """Tell the supervisor this spare is ready, then wait (blocked on stdin, nothing else running) for its
+    ``takeover`` line. False when stdin closes first: the supervisor dropped this spare or is gone."""
+    os.write(liveness_fd, b'{"t": "spare-ready"}\n')
+    for line in sys.stdin:
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(msg, dict) and msg.get("t") == "takeover":
+            return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="edgeguard-worker")
     ap.add_argument("-c", "--config", type=Path, required=True)
-    ap.add_argument("--mode", choices=("serve", "safe"), default="serve")
+    ap.add_argument("--mode", choices=("serve", "safe", "spare"), default="serve")
     ap.add_argument("--liveness-fd", type=int, default=-1)
     args = ap.parse_args(argv)
     logging.basicConfig(
@@ -430,7 +463,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg = load_config(args.config)
-        worker = Worker(config=cfg, mode=args.mode, liveness_fd=args.liveness_fd)
+        engine = None
+        if args.mode == "spare":
+            engine = _preload(cfg)
+            if not _await_takeover(args.liveness_fd):
+                engine.close()
+                return 0
+        mode = "serve" if args.mode == "spare" else args.mode
+        worker = Worker(config=cfg, mode=mode, liveness_fd=args.liveness_fd, engine=engine)
         return asyncio.run(worker.run())
     except EdgeGuardError as exc:
         print(f"edgeguard worker: {exc}", file=sys.stderr)

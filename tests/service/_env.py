@@ -159,9 +159,11 @@ class Device:
         api_extra: str = "",
         link_extra: str = "",
         model_extra: str = "",
+        service_extra: str = "",
     ) -> None:
-        """``api_extra`` / ``link_extra`` / ``model_extra``: more key lines for the ``[sources.api]`` /
-        ``[link]`` / ``[model]`` tables (a TOML table cannot be reopened by ``extra``)."""
+        """``api_extra`` / ``link_extra`` / ``model_extra`` / ``service_extra``: more key lines for the
+        ``[sources.api]`` / ``[link]`` / ``[model]`` / ``[service]`` tables (a TOML table cannot be
+        reopened by ``extra``)."""
         ensure_keys(self.root)
         if bundle:
             (self.root / "model.egm").write_bytes(bundle)
@@ -191,6 +193,7 @@ crash_loop_window_s = 120.0
 stop_timeout_s = 10.0
 hooks_dir = "hooks"
 fault_injection = {"true" if fault_injection else "false"}
+{service_extra}
 
 [sources.api]
 unix_socket = "api.sock"

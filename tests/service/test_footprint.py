@@ -5,6 +5,10 @@ with 512 MiB). The real service as a child process; its modules read through the
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
 import socket
 import time
 from pathlib import Path
@@ -90,3 +94,35 @@ def test_serving_does_not_wait_for_the_broker(tmp_path: Path) -> None:
             assert dev.stop() == 0
     finally:
         silent.sock.close()
+
+
+def _spares_ready(log: Path) -> list[int]:
+    text = log.read_text() if log.exists() else ""
+    return [int(m) for m in re.findall(r"spare worker (\d+) ready to take over", text)]
+
+
+def test_spare_worker_takes_over_at_once_and_is_replaced(tmp_path: Path) -> None:
+    with MosquittoBroker(tmp_path) as broker:
+        dev = Device(root=tmp_path, broker=broker)
+        dev.provision(tiny_bundle(tmp_path), service_extra="spare_worker = true\n")
+        dev.start()
+        log = tmp_path / "service.log"
+        try:
+            dev.wait_ready()
+            dev.wait(lambda: _spares_ready(log), 60, "a spare worker ready")
+            spare = _spares_ready(log)[0]
+            serving = dev.worker_pid()
+            assert serving is not None and serving != spare
+            os.kill(serving, signal.SIGKILL)
+            t0 = time.monotonic()
+            dev.wait(lambda: _served(dev), 30, "serving again")
+            took = time.monotonic() - t0
+            assert dev.worker_pid() == spare  # the spare took over: no fresh worker had to load the model
+            assert took < 2.0, f"takeover took {took:.2f} s"
+            state = json.loads((tmp_path / "state/supervisor.json").read_text())
+            assert state["starts"] == 2 and state["history"][-1]["reason"] == "crash: signal 9", state
+            dev.wait(lambda: len(_spares_ready(log)) >= 2, 60, "a new spare")
+        finally:
+            assert dev.stop() == 0
+        # No worker outlives the service, the spare included.
+        assert not [p for p in _spares_ready(log) if Path(f"/proc/{p}").exists()]
