@@ -166,19 +166,23 @@ class Client:
 def until_served(port: int, body: bytes, *, not_pid: int | None, timeout: float) -> tuple[float, int]:
     """Seconds until a POST /v1/infer answers 200 (from a worker other than ``not_pid``), and its pid."""
     t0 = time.perf_counter()
-    client = Client(port, timeout=0.5)
+    # A generous per-request timeout: a slow model's first run can take seconds on a busy board; a request
+    # held by a hung worker fails as soon as the supervisor kills it.
+    client = Client(port, timeout=60.0)
+    last: Any = "no answer"
     while time.perf_counter() - t0 < timeout:
         try:
-            status, _doc = client.call("POST", "/v1/infer", body, "application/x-npy")
+            status, doc = client.call("POST", "/v1/infer", body, "application/x-npy")
+            last = (status, doc)
             if status == 200:
                 _code, health = client.call("GET", "/v1/health")
                 pid = int(health["pid"])
                 if not_pid is None or pid != not_pid:
                     return time.perf_counter() - t0, pid
-        except (OSError, http.client.HTTPException, ValueError):
-            pass
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            last = exc
         time.sleep(0.005)
-    raise SystemExit(f"not served within {timeout} s")
+    raise SystemExit(f"not served within {timeout} s; last answer: {last}")
 
 
 def throughput(call: Callable[[], None], clients: int, per_client: int) -> float:
