@@ -7,6 +7,11 @@ worker with SIGKILL (a hung process may not honour SIGTERM) and starts a new one
 runs in ``safe`` mode (no model, no sources; link and heartbeat only, so the device keeps reporting) until
 SIGHUP or a restart of the service. Watchdogs are kicked only while the verdict is healthy (see
 :meth:`_verdict`).
+
+A serving worker's first failure is replaced at once; the backoff starts with the second failure in a row.
+With ``spare_worker`` a second worker is started once the first is ready: it loads and self-tests the model,
+says ``spare-ready`` and waits on its stdin; when the serving worker fails it gets ``takeover`` and only has
+to open the outbox, the link and the sources (docs/service.md, "Spare worker").
 """
 
 from __future__ import annotations

@@ -217,12 +217,12 @@ class Worker:
             # Before the link starts (inbound topics are subscribed on connect), and even without a valid
             # model: the API then answers health requests and 503, the directory keeps its files.
             self._build_sources()
-        # Serving does not wait for the broker: the link starts alongside the sources and its first connection
+        await self._start_sources()
+        # Serving does not wait for the broker: the link starts after the sources, and its first connection
         # attempt (up to link.startup_wait_s against a broker that does not answer) is not waited for before
         # ready; results queue in the outbox meanwhile, as whenever the link is down.
         self._link_start = loop.run_in_executor(None, self.link.start)
         self._link_start.add_done_callback(self._link_started)
-        await self._start_sources()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload()))
