@@ -166,8 +166,8 @@ class Worker:
             if stalled_s > bound:
                 return {"healthy": False, "stalled": True,
                         "reason": f"inference stalled for {stalled_s:.1f} s (bound {bound:.1f} s)"}
-        link_starting = self._link_start is not None and not self._link_start.done()
-        if not self.link.loop_alive and not link_starting:
+        # Not running, and not because link.start() is still creating its thread in the executor.
+        if not self.link.loop_alive and (self._link_start is None or self._link_start.done()):
             return {"healthy": False, "stalled": False, "reason": "MQTT link loop not running"}
         alarm = self.outbox.stats().alarm
         degraded = f"outbox: {alarm}" if alarm else ""

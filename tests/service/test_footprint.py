@@ -40,6 +40,7 @@ def test_supervisor_loads_no_worker_stack_and_stays_small(tmp_path: Path) -> Non
             dev.wait_ready()
             dev.wait(modules_file.exists, 10, "the supervisor's module list")
             assert dev.proc is not None
+            dev.wait(lambda: dev.worker_pid() is not None, 30, "the worker's health")
             # The process systemd started (same pid after the lean re-exec) is the supervisor.
             worker = dev.worker_pid()
             assert worker is not None and worker != dev.proc.pid
@@ -80,14 +81,11 @@ def test_serving_does_not_wait_for_the_broker(tmp_path: Path) -> None:
     silent = _SilentBroker()
     try:
         dev = Device(root=tmp_path, broker=silent)  # type: ignore[arg-type]
-        # The link would wait 30 s for its first attempt; serving must not.
-        dev.provision(tiny_bundle(tmp_path), link_extra="startup_wait_s = 30.0\nconnect_timeout_s = 60.0\n")
-        t0 = time.monotonic()
+        # The link would wait 120 s for its first attempt; serving must not (60 s: room for a busy machine).
+        dev.provision(tiny_bundle(tmp_path), link_extra="startup_wait_s = 120.0\nconnect_timeout_s = 120.0\n")
         dev.start()
         try:
-            dev.wait(lambda: _served(dev), 20, "serving without a broker")
-            took = time.monotonic() - t0
-            assert took < 20
+            dev.wait(lambda: _served(dev), 60, "serving without a broker")
             health = dev.request("GET", "/v1/health", token=STATUS)[1]
             assert health["outbox"]["depth"] >= 1  # the result waits in the outbox for the broker
         finally:
