@@ -135,6 +135,10 @@ host = "127.0.0.1"
 port = {api_port}
 tokens_file = "tokens"
 max_body_bytes = 16777216
+[outbox]
+# A dense output (PP-OCR det: a 640x640 probability map) makes a result of several MB as JSON; the default
+# 256 KiB refuses it (the API then answers 500).
+max_payload_bytes = 33554432
 [link]
 port = {broker_port}
 heartbeat_s = 5.0
