@@ -1,9 +1,11 @@
 """The worker process: sources -> pipeline (engine + outbox) -> MQTT link, reporting liveness to the
 supervisor.
 
-Run by the supervisor as ``python -m edgeguard.service._worker -c CONFIG --mode serve|safe --liveness-fd N``.
-Liveness lines are written from the event loop, so a blocked loop stops them; a stalled inference is reported
-explicitly. SIGTERM: stop accepting, finish in-flight work, flush the outbox, publish the offline status.
+Run by the supervisor as ``python -m edgeguard.service._worker_main -c CONFIG --mode serve|safe|spare
+--liveness-fd N`` (``spare``: load the model, then wait for ``takeover`` on stdin; docs/service.md).
+Liveness lines are written from the event loop, so a blocked loop stops them; they never wait for an
+inference. A stalled inference is reported explicitly, judged by its own bound (:meth:`Worker.stall_bound_s`).
+SIGTERM: stop accepting, finish in-flight work, flush the outbox, publish the offline status.
 SIGHUP: re-read the config, rebuild the trust store from the key files, reload API tokens and the bundle
 (verified like any bundle) without dropping requests.
 
