@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from edgeguard import __version__
 from edgeguard.errors import (
     ArchiveRejected,
     BundleRejected,
@@ -25,21 +26,6 @@ from edgeguard.errors import (
     EdgeGuardError,
     InputRejected,
     KeyFileError,
-)
-
-from . import (
-    _bundle_cmds,
-    _demo,
-    _engine_cmds,
-    _fleet_cmds,
-    _init_cmd,
-    _provision_cmds,
-    _quantize_cmds,
-    _scan_cmds,
-    _service_cmds,
-    _status_cmd,
-    _token_cmds,
-    _zoo_cmds,
 )
 
 __all__ = ["main", "build_parser", "EXIT_OK", "EXIT_RUNTIME", "EXIT_USAGE", "EXIT_REJECTED"]
@@ -56,12 +42,65 @@ _USAGE_ERRNOS = frozenset(
 )
 
 _EPILOG = """\
-exit codes: 0 ok, 1 runtime error, 2 usage or config error, 3 bundle rejected.
+exit codes: 0 ok, 1 runtime error, 2 usage or config error, 3 bundle (or provisioning archive) rejected.
 Start with `edgeguard demo`, then `edgeguard init DIR` (README: "Your first device, step by step");
 `edgeguard COMMAND --help` explains each command and gives every option's default."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The modules whose register(sub) adds the subcommands, in listing order.
+_MODULES = (
+    "_bundle_cmds", "_engine_cmds", "_quantize_cmds", "_service_cmds", "_demo",
+    "_zoo_cmds", "_init_cmd", "_token_cmds", "_status_cmd", "_scan_cmds", "_provision_cmds", "_fleet_cmds",
+)
+
+# Every top-level command: the module that registers it and its one-line help, so that `edgeguard --help`
+# imports none of them and `edgeguard CMD` imports only CMD's (the bundle and engine modules pull in numpy,
+# cryptography and onnxruntime: ~0.3 s before anything is printed). tests/cli/test_help.py checks this table
+# against what the modules' register() really adds; a new command goes in both.
+_COMMANDS: dict[str, tuple[str, str]] = {
+    "keygen": ("_bundle_cmds", "create a publisher or device key pair"),
+    "pack": ("_bundle_cmds", "seal a model into a signed, encrypted bundle (.egm)"),
+    "verify": ("_bundle_cmds", "verify a bundle (and decrypt it in memory with --device-key)"),
+    "inspect": ("_bundle_cmds", "print a bundle's manifest as JSON (signature not checked)"),
+    "infer": ("_engine_cmds", "run one input through a sealed model"),
+    "doctor": ("_engine_cmds", "board, accelerators, and which one a model would use"),
+    "bench": ("_engine_cmds", "engine vs raw library throughput and cold start (ratios)"),
+    "quantize": ("_quantize_cmds", "quantize an fp32 ONNX model to int8, guarded by accuracy"),
+    "run": ("_service_cmds", "run the service (supervisor, worker, input sources, MQTT link, watchdogs)"),
+    "demo": (
+        "_demo", "seal a real model with throwaway keys, run it from memory, buffer and deliver its results"
+    ),
+    "zoo": ("_zoo_cmds", "list and fetch the known models and sample photos"),
+    "init": ("_init_cmd", "create a working development device (keys, tokens, sealed model, config) in DIR"),
+    "token": ("_token_cmds", "add, list or revoke the local API's bearer tokens"),
+    "status": ("_status_cmd", "is the service OK, and if not, why (health, model, outbox, link, MTBF)"),
+    "scan": ("_scan_cmds", "the device's security posture: findings, evidence, fixes"),
+    "advisories": ("_scan_cmds", "publisher side: sign the advisory file devices check against"),
+    "enroll": ("_provision_cmds", "make this device's keys and a CSR (private keys stay here)"),
+    "provision": ("_provision_cmds", "install a fleet provisioning archive on this device"),
+    "fleet": (
+        "_fleet_cmds",
+        "operate a fleet: CA, devices, broker config, sealing, commands, status, ingest (docs/fleet.md)",
+    ),
+}
+
+
+class _Version(argparse._VersionAction):
+    """``--version``, looked up only when asked for (importlib.metadata is not free)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        from edgeguard import __version__  # noqa: PLC0415
+
+        self.version = f"edgeguard {__version__}"
+        super().__call__(parser, namespace, values, option_string)
+
+
+def build_parser(command: str | None = None, *, lazy: bool = False) -> argparse.ArgumentParser:
+    """The command-line parser with every command registered by its module.
+
+    ``lazy``: register only ``command``'s module (none when it is None or unknown); the other commands are
+    listed from ``_COMMANDS`` without their options, enough for the top-level help and argparse's choices."""
     parser = argparse.ArgumentParser(
         prog="edgeguard",
         description="Secure inference runtime for edge devices: sealed models, hardware fast path, "
@@ -69,15 +108,26 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"edgeguard {__version__}")
+    parser.add_argument("--version", action=_Version, help="show the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (
-        _bundle_cmds, _engine_cmds, _quantize_cmds, _service_cmds, _scan_cmds, _demo,
-        _zoo_cmds, _init_cmd, _token_cmds, _status_cmd, _provision_cmds, _fleet_cmds,
-    ):
-        module.register(sub)
+    if lazy:
+        owner = _COMMANDS.get(command or "")
+        modules: Sequence[str] = (owner[0],) if owner is not None else ()
+    else:
+        modules = _MODULES
+    for name in modules:
+        importlib.import_module(f"{__name__}.{name}").register(sub)
+    if lazy:
+        for cmd, (_, text) in _COMMANDS.items():
+            if cmd not in sub.choices:
+                sub.add_parser(cmd, help=text)
     _describe_defaults(parser)
     return parser
+
+
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The command word: the first argument that is not an option (the top level's options take no value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def _describe_defaults(parser: argparse.ArgumentParser) -> None:
@@ -109,8 +159,9 @@ def _fail(code: int, message: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_of(words), lazy=True)
+    args = parser.parse_args(words)
     handler = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()

@@ -25,7 +25,7 @@ _STATUS_MAX_BYTES = 64 * 1024
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     fleet = sub.add_parser(
         "fleet",
-        help="operate a fleet: CA, devices, broker config, sealing, signed commands, ingest (docs/fleet.md)",
+        help="operate a fleet: CA, devices, broker config, sealing, commands, status, ingest (docs/fleet.md)",
         description="Operator-side fleet tools (docs/fleet.md, docs/ingest.md). Never needed on a device.",
     )
     fsub = fleet.add_subparsers(dest="fleet_command", metavar="FLEET_COMMAND")

@@ -61,7 +61,8 @@ class _Slot:
 
 
 class FastPath:
-    """The ordered accelerator chain for one loaded model. Thread-safe: runs are serialised.
+    """The ordered accelerator chain for one loaded model. Thread-safe: runs are serialised; reports never
+    wait for a run.
 
     With ``release`` the standby candidates are built on a background thread once the active one has passed
     its self-test, and ``release()`` is called exactly once when the plaintext ``model`` is no longer needed:
@@ -91,7 +92,8 @@ class FastPath:
         self._format = model_format
         self._tuning = tuning
         self._clock = clock
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # slot states and counters: held briefly, never across a session call
+        self._run_lock = threading.Lock()  # serialises runs (and promotion self-tests) among themselves
         self._changed = threading.Condition(self._lock)  # a background standby was published / build ended
         self._stats = threading.Lock()
         self._slots = [_Slot(accelerator=a, rank=i) for i, a in enumerate(candidates)]
@@ -103,6 +105,9 @@ class FastPath:
         self.request_failures = 0  # requests refused because the model, not the accelerator, failed on them
         self.promotions = 0
         self.selftest_ms = 0.0
+        # The slowest single run the self-tests measured on this device: what one inference costs here, the
+        # base of the service's bound for a stuck inference (a Pi Zero 2 may take seconds per run).
+        self.slowest_run_ms = 0.0
         started = time.perf_counter()
         handed_off = False
         try:
@@ -153,7 +158,7 @@ class FastPath:
             inputs = reference_inputs(manifest, ref)
             t0 = time.perf_counter()
             outputs = ref.run(inputs)
-            self._add_selftest((time.perf_counter() - t0) * 1000.0)
+            self._add_selftest((time.perf_counter() - t0) * 1000.0, runs=1)
         except BaseException:
             ref.close()
             raise
@@ -163,15 +168,19 @@ class FastPath:
             ref.close()
         return (Sample(inputs=inputs, outputs=outputs),)
 
-    def _add_selftest(self, ms: float) -> None:
+    def _add_selftest(self, ms: float, *, runs: int) -> None:
         with self._stats:
             self.selftest_ms += ms
+            if runs:
+                self.slowest_run_ms = max(self.slowest_run_ms, ms / runs)
 
     def _self_test(self, backend: Backend) -> str | None:
         t0 = time.perf_counter()
+        runs = 0
         try:
             for i, sample in enumerate(self._samples):
                 try:
+                    runs += 1
                     got = backend.run(sample.inputs)
                 except BackendError as exc:
                     return f"self-test run failed: {exc}"
@@ -180,7 +189,7 @@ class FastPath:
                     return f"disagrees with the reference on sample {i}: {why}"
             return None
         finally:
-            self._add_selftest((time.perf_counter() - t0) * 1000.0)
+            self._add_selftest((time.perf_counter() - t0) * 1000.0, runs=runs)
 
     def _try(self, slot: _Slot, model: bytes | bytearray, threads: int,
              opener: BackendOpener) -> Backend | None:
@@ -300,33 +309,40 @@ class FastPath:
 
         A failure is blamed on the accelerator only when it also fails its self-test (or hangs); otherwise the
         request is refused with ``InputRejected`` and nothing is demoted.
+
+        Runs are serialised by ``_run_lock`` (one session call at a time: a LiteRT interpreter is not
+        thread-safe, and the profile sizes the threads for one run). The state lock is taken only for short
+        bookkeeping, never across a session call or a self-test: :meth:`report` and :meth:`degraded_reason`,
+        which the service's liveness beat reads, must never wait for an inference (on a slow board one run
+        can outlast the liveness timeout).
         """
-        with self._lock:
+        with self._run_lock:
             self._maybe_promote()
             errors: list[str] = []
             waited = False
             while True:
-                slot = self._active()
-                if slot is None and self._builder is not None and not self._closing:
-                    # The standby is still being built in the background: the request waits for it rather
-                    # than failing (the build publishes it as active when nothing else is left), within
-                    # run_timeout_ms when one is set.
-                    limit_ms = self._tuning.run_timeout_ms
-                    if not self._changed.wait(None if limit_ms is None else limit_ms / 1000.0):
+                with self._lock:
+                    slot = self._active()
+                    if slot is None and self._builder is not None and not self._closing:
+                        # The standby is still being built in the background: the request waits for it
+                        # rather than failing (the build publishes it as active when nothing else is left),
+                        # within run_timeout_ms when one is set.
+                        limit_ms = self._tuning.run_timeout_ms
+                        if not self._changed.wait(None if limit_ms is None else limit_ms / 1000.0):
+                            why = "; ".join(errors) or self._why_none()
+                            raise BackendError(f"no working accelerator left: {why}; the standby is still "
+                                               f"being built (waited {limit_ms} ms)")
+                        waited = True
+                        continue
+                    if slot is None:
                         why = "; ".join(errors) or self._why_none()
-                        raise BackendError(f"no working accelerator left: {why}; the standby is still being "
-                                           f"built (waited {limit_ms} ms)")
-                    waited = True
-                    continue
-                if slot is None:
-                    why = "; ".join(errors) or self._why_none()
-                    if waited:
-                        why += f"; the standby built meanwhile did not help ({self._why_none()})"
-                    raise BackendError(f"no working accelerator left: {why}")
-                backend = slot.backend
+                        if waited:
+                            why += f"; the standby built meanwhile did not help ({self._why_none()})"
+                        raise BackendError(f"no working accelerator left: {why}")
+                    backend = slot.backend
                 assert backend is not None
                 try:
-                    outputs = self._run_on(slot, inputs)
+                    outputs = self._run_on(slot, backend, inputs)
                     bad = self._non_finite(outputs)
                     if bad is not None:
                         raise BackendError(f"{slot.accelerator.label}: {bad}")
@@ -337,15 +353,16 @@ class FastPath:
                         # The accelerator still reproduces the golden outputs: this request is what fails
                         # (e.g. a dynamic shape the graph cannot take). Demoting would let one bad request
                         # knock out every accelerator in turn.
-                        self.request_failures += 1
+                        with self._lock:
+                            self.request_failures += 1
                         raise InputRejected(f"the model cannot run this input ({slot.accelerator.label} "
                                             f"passes its self-test): {exc}") from None
                     errors.append(str(exc))
-                    self._demote(slot, str(exc), hung=hung)
+                    with self._lock:
+                        self._demote(slot, str(exc), hung=hung)
 
-    def _run_on(self, slot: _Slot, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        backend = slot.backend
-        assert backend is not None
+    def _run_on(self, slot: _Slot, backend: Backend,
+                inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         timeout_ms = self._tuning.run_timeout_ms
         if timeout_ms is None:
             return backend.run(inputs)
@@ -386,31 +403,40 @@ class FastPath:
             nxt.status = "active"
 
     def _maybe_promote(self) -> None:
-        if not any(s.status == "failed" for s in self._slots):
-            return  # the common case, on every request: nothing was demoted
-        active = self._active()
-        limit = active.rank if active is not None else len(self._slots)
-        now = self._clock()
-        for slot in self._slots:
-            if slot.rank >= limit:
-                break
-            if slot.status != "failed" or slot.backend is None or now < slot.retry_at:
+        """Self-test the demoted accelerators whose cool-down has passed; the first that passes and ranks
+        above the active one becomes active. Called with ``_run_lock`` held; the self-tests run without the
+        state lock (they take as long as inferences)."""
+        with self._lock:
+            if not any(s.status == "failed" for s in self._slots):
+                return  # the common case, on every request: nothing was demoted
+            active = self._active()
+            limit = active.rank if active is not None else len(self._slots)
+            now = self._clock()
+            due = [s for s in self._slots if s.rank < limit and s.status == "failed" and s.backend is not None
+                   and now >= s.retry_at]
+        for slot in due:
+            backend = slot.backend
+            if backend is None:
                 continue
-            why = self._self_test(slot.backend)
-            if why is None:
-                if active is not None:
-                    active.status = "standby"
-                slot.status, slot.reason, slot.backoff_s = "active", None, 0.0
-                self.promotions += 1
-                return
-            slot.reason = f"promotion self-test failed: {why}"
-            slot.backoff_s = min(slot.backoff_s * 2, self._tuning.promote_after_s * _MAX_BACKOFF_FACTOR) or \
-                self._tuning.promote_after_s
-            slot.retry_at = now + slot.backoff_s
+            why = self._self_test(backend)
+            with self._lock:
+                if slot.status != "failed" or slot.backend is not backend:
+                    continue  # closed meanwhile
+                if why is None:
+                    active = self._active()
+                    if active is not None:
+                        active.status = "standby"
+                    slot.status, slot.reason, slot.backoff_s = "active", None, 0.0
+                    self.promotions += 1
+                    return
+                slot.reason = f"promotion self-test failed: {why}"
+                slot.backoff_s = min(slot.backoff_s * 2, self._tuning.promote_after_s * _MAX_BACKOFF_FACTOR) \
+                    or self._tuning.promote_after_s
+                slot.retry_at = self._clock() + slot.backoff_s
 
     def try_promote(self) -> None:
         """Self-test demoted accelerators whose cool-down has passed (also done before each run)."""
-        with self._lock:
+        with self._run_lock:
             self._maybe_promote()
 
     def _why_none(self) -> str:
@@ -449,7 +475,9 @@ class FastPath:
             self._changed.notify_all()  # a request waiting for the standby gives up
         if builder is not None and builder is not threading.current_thread():
             builder.join()
-        with self._lock:
+        # A run in progress finishes first (as when runs held the state lock): its session is not closed
+        # under it.
+        with self._run_lock, self._lock:
             for slot in self._slots:
                 if slot.executor is not None:
                     slot.executor.shutdown(wait=False)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from edgeguard.bundle import Manifest, check_model_name, open_bundle
 from edgeguard.clock import TrustedClock, parse_time
-from edgeguard.engine import Engine
+from edgeguard.engine import BackendOpener, Engine, open_backend
 from edgeguard.errors import BundleRejected
 from edgeguard.keys import DeviceKey, TrustStore, derive_storage_key, load_device_key
 from edgeguard.profiles import get_profile
@@ -59,6 +59,7 @@ def load_engine(
     now: datetime,
     clock: TrustedClock | None = None,
     commit_floor: bool = True,
+    opener: BackendOpener | None = None,
 ) -> EngineLike:
     """open_bundle (all checks; floor not yet moved) -> Engine.load (fast path + golden self-test) -> commit
     the rollback floor and slot. BundleRejected if any fails.
@@ -83,7 +84,8 @@ def load_engine(
     if clock is not None and created is not None and commit_floor:
         clock.observe(created, f"bundle {opened.manifest.name} v{opened.manifest.version}")
     profile = get_profile(cfg.model.profile) if cfg.model.profile else None
-    engine = Engine.load(opened, profile=profile)  # wipes the plaintext, whether it loads or not
+    # Wipes the plaintext, whether it loads or not. ``opener``: the fault injector's slowed sessions.
+    engine = Engine.load(opened, profile=profile, opener=opener or open_backend)
     if not commit_floor:
         return engine
     try:

@@ -7,6 +7,11 @@ worker with SIGKILL (a hung process may not honour SIGTERM) and starts a new one
 runs in ``safe`` mode (no model, no sources; link and heartbeat only, so the device keeps reporting) until
 SIGHUP or a restart of the service. Watchdogs are kicked only while the verdict is healthy (see
 :meth:`_verdict`).
+
+A serving worker's first failure is replaced at once; the backoff starts with the second failure in a row.
+With ``spare_worker`` a second worker is started once the first is ready: it loads and self-tests the model,
+says ``spare-ready`` and waits on its stdin; when the serving worker fails it gets ``takeover`` and only has
+to open the outbox, the link and the sources (docs/service.md, "Spare worker").
 """
 
 from __future__ import annotations
@@ -29,14 +34,14 @@ from typing import IO, Any, Literal
 from edgeguard.watchdog import WatchdogChain
 
 from ._hooks import HookRunner
+from ._settings import SupervisorSection
 from ._state import Failure, SupervisorState, read_state, write_state
-from .config import SupervisorSection
 
 __all__ = ["Supervisor", "WorkerMode", "default_worker_argv"]
 
 _log = logging.getLogger("edgeguard.supervisor")
 
-WorkerMode = Literal["serve", "safe"]
+WorkerMode = Literal["serve", "safe", "spare"]
 MAX_LINE = 64 * 1024
 
 
@@ -52,6 +57,16 @@ def default_worker_argv(config_path: Path, mode: WorkerMode, liveness_fd: int) -
         "--liveness-fd",
         str(liveness_fd),
     ]
+
+
+@dataclass
+class _Spare:
+    """A pre-started worker (``spare_worker``): model loaded, waiting on its stdin for ``takeover``."""
+
+    proc: subprocess.Popen[bytes]
+    fd: int
+    buf: bytes = b""
+    ready: bool = False
 
 
 @dataclass
@@ -76,8 +91,10 @@ class Supervisor:
         handle_signals: bool = True,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         self.config_path = config_path
+        self._on_first_ready = on_ready  # called once, when the first worker is ready (a test seam)
         self.s = settings
         self.state_path = state_path
         self.chain = chain
@@ -93,6 +110,9 @@ class Supervisor:
         self._stop = False
         self._reload = False
         self._consecutive = 0
+        self._failed_serving = False  # the last failed worker had been ready (serving) before it failed
+        self._spare: _Spare | None = None
+        self._spare_failures = 0  # spares that exited in a row; after 3 no new one is started (log says so)
         self._recovery_since: float | None = None  # set while no worker is ready
         self._run_started = 0.0  # wall clock of this run's start: the crash-loop window begins no earlier
         self._pending_repair: Failure | None = None
@@ -153,6 +173,7 @@ class Supervisor:
                 self._after_failure(outcome)
                 self._backoff()
         finally:
+            self._drop_spare()
             self.chain.notifier.stopping("stopping")
             self.chain.close(clean=True)
             self._save()
@@ -168,9 +189,10 @@ class Supervisor:
         except OSError as exc:
             _log.warning("cannot write %s: %s", self.state_path, exc)
 
-    def _spawn(self) -> tuple[subprocess.Popen[bytes], int]:
+    def _spawn(self, mode: WorkerMode | None = None) -> tuple[subprocess.Popen[bytes], int]:
+        mode = mode or self.mode
         r, w = os.pipe()
-        argv = list(self._argv(self.config_path, self.mode, w))
+        argv = list(self._argv(self.config_path, mode, w))
         proc = subprocess.Popen(
             argv, pass_fds=(w,), stdin=subprocess.PIPE, env=self._env, start_new_session=False
         )
@@ -178,22 +200,33 @@ class Supervisor:
         os.set_blocking(r, False)
         if proc.stdin is not None:  # a hung worker must never block the supervisor on a full pipe
             os.set_blocking(proc.stdin.fileno(), False)
-        self.state.starts += 1
-        self._save()
-        _log.info("worker %d started (%s mode)", proc.pid, self.mode)
+        if mode != "spare":  # a spare counts as a start when it takes over
+            self.state.starts += 1
+            self._save()
+        _log.info("worker %d started (%s mode)", proc.pid, mode)
         return proc, r
 
     def _run_worker(self) -> _Outcome:
-        proc, fd = self._spawn()
+        spare = self._take_spare()
+        if spare is not None:
+            proc, fd = spare.proc, spare.fd
+            self._send(proc, {"t": "takeover"})
+            self.state.starts += 1
+            self._save()
+            _log.info("spare worker %d takes over", proc.pid)
+        else:
+            proc, fd = self._spawn()
         started = self._clock()
         self._reset_worker_view(started)
         self._starting_since = started
         buf = b""
         try:
             while True:
-                ready, _, _ = select.select([fd, self._wake_r], [], [], 0.1)
+                spare_fds = [self._spare.fd] if self._spare is not None else []
+                ready, _, _ = select.select([fd, self._wake_r, *spare_fds], [], [], 0.1)
                 if self._wake_r in ready:
                     _drain(self._wake_r)
+                self._watch_spare(ready)
                 if fd in ready:
                     try:
                         chunk = os.read(fd, 65536)
@@ -211,6 +244,7 @@ class Supervisor:
                     return _Outcome(stopped=True)
                 if self._reload:
                     self._reload = False
+                    self._drop_spare()  # it holds the bundle and config of before the reload
                     if self.mode == "safe":
                         self._leave_safe_state(proc)
                         return _Outcome(stopped=False, reason="", broken_at=now)
@@ -243,6 +277,7 @@ class Supervisor:
                     )
                 if self._ready_at is not None and now - self._ready_at > self.s.backoff_max_s:
                     self._consecutive = 0  # stable long enough: the next failure starts the backoff afresh
+                self._keep_spare()
                 self._tick(now)
         finally:
             os.close(fd)
@@ -291,6 +326,8 @@ class Supervisor:
             # READY=1 only once the model is verified and self-tested (the worker says ready only then).
             self.chain.notifier.ready(status)
             self._announced_ready = True
+            if self._on_first_ready is not None:
+                self._on_first_ready()
         self._set_status(status, force=True)
         for event in self._pending_events:
             self._send(proc, event)
@@ -360,6 +397,7 @@ class Supervisor:
             return
         if self._ready_at is not None:
             self.state.up_s += max(0.0, outcome.broken_at - self._ready_at)
+        self._failed_serving = self._ready_at is not None
         failure = self.state.record_failure(at=self._wall(), reason=outcome.reason)
         self._pending_repair = failure
         self._recovery_since = outcome.broken_at if self._recovery_since is None else self._recovery_since
@@ -380,6 +418,7 @@ class Supervisor:
                 f"{len(recent)} failures within {self.s.crash_loop_window_s:g} s; last: {outcome.reason}"
             )
             _log.error("crash loop: entering the safe state (%s)", self.state.safe_reason)
+            self._drop_spare()
             data = {"reason": self.state.safe_reason}
             self.hooks.fire("crash-loop", data)
             self._pending_events.append({"t": "event", "kind": "crash-loop", "data": data})
@@ -406,6 +445,10 @@ class Supervisor:
     def _backoff(self) -> None:
         if self._stop or self._consecutive == 0:
             return
+        if self._consecutive == 1 and self._failed_serving:
+            # A worker that was serving failed: replace it at once (every second here is an outage). The
+            # backoff protects against a crash loop, which starts with the second failure in a row.
+            return
         delay = min(self.s.backoff_max_s, self.s.backoff_initial_s * 2 ** (self._consecutive - 1))
         _log.info("restarting the worker in %.2f s", delay)
         end = self._clock() + delay
@@ -421,6 +464,74 @@ class Supervisor:
         if self._reload and self.mode == "safe":
             self._reload = False
             self._resume_serving()
+
+    # -- the spare worker
+    # ----------------------------------------------------------------------------------------------
+    def _keep_spare(self) -> None:
+        """Start a spare once the serving worker is ready (not before: both would load the model at once)."""
+        if (
+            not self.s.spare_worker
+            or self._spare is not None
+            or self.mode != "serve"
+            or self._ready_at is None
+            or self._stop
+        ):
+            return
+        if self._spare_failures >= 3:
+            return
+        proc, fd = self._spawn("spare")
+        self._spare = _Spare(proc=proc, fd=fd)
+
+    def _watch_spare(self, readable: Sequence[int]) -> None:
+        spare = self._spare
+        if spare is None:
+            return
+        if spare.fd in readable:
+            try:
+                chunk = os.read(spare.fd, 4096)
+            except BlockingIOError:
+                chunk = b""
+            spare.buf += chunk
+            *lines, spare.buf = spare.buf.split(b"\n")
+            spare.buf = spare.buf[-MAX_LINE:]
+            if any(b'"spare-ready"' in line for line in lines) and not spare.ready:
+                spare.ready = True
+                self._spare_failures = 0
+                _log.info("spare worker %d ready to take over", spare.proc.pid)
+        rc = spare.proc.poll()
+        if rc is not None:
+            self._spare = None
+            os.close(spare.fd)
+            self._spare_failures += 1
+            _log.warning("spare worker %d exited (code %s)%s", spare.proc.pid, rc,
+                         "; no further spare is started" if self._spare_failures >= 3 else "")
+
+    def _take_spare(self) -> _Spare | None:
+        """The spare, to serve now: also one still loading, which has a head start on a fresh worker."""
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        if self.mode == "serve" and spare.proc.poll() is None:
+            return spare
+        self._spare = spare
+        self._drop_spare()
+        return None
+
+    def _drop_spare(self) -> None:
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return
+        os.close(spare.fd)
+        if spare.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                spare.proc.stdin.close()
+        if spare.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                spare.proc.terminate()  # it runs no handlers yet: loading or waiting for the takeover
+            try:
+                spare.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                _kill(spare.proc)
 
     def _stop_worker(self, proc: subprocess.Popen[bytes]) -> None:
         """Graceful stop: SIGTERM (stop accepting, finish in-flight work, flush), then SIGKILL."""

@@ -1,9 +1,11 @@
 """The worker process: sources -> pipeline (engine + outbox) -> MQTT link, reporting liveness to the
 supervisor.
 
-Run by the supervisor as ``python -m edgeguard.service._worker -c CONFIG --mode serve|safe --liveness-fd N``.
-Liveness lines are written from the event loop, so a blocked loop stops them; a stalled inference is reported
-explicitly. SIGTERM: stop accepting, finish in-flight work, flush the outbox, publish the offline status.
+Run by the supervisor as ``python -m edgeguard.service._worker_main -c CONFIG --mode serve|safe|spare
+--liveness-fd N`` (``spare``: load the model, then wait for ``takeover`` on stdin; docs/service.md).
+Liveness lines are written from the event loop, so a blocked loop stops them; they never wait for an
+inference. A stalled inference is reported explicitly, judged by its own bound (:meth:`Worker.stall_bound_s`).
+SIGTERM: stop accepting, finish in-flight work, flush the outbox, publish the offline status.
 SIGHUP: re-read the config, rebuild the trust store from the key files, reload API tokens and the bundle
 (verified like any bundle) without dropping requests.
 
@@ -41,7 +43,7 @@ from ._command_wiring import build_commands, load_operators
 from ._faults import FaultInjector
 from ._hooks import HookRunner
 from ._loader import load_engine, load_keys, load_tokens, serving_problem
-from ._pipeline import Pipeline
+from ._pipeline import EngineLike, Pipeline
 from ._state import read_state
 from ._sysinfo import system_facts
 from ._wiring import build_sources
@@ -50,6 +52,11 @@ from .config import ServiceConfig, load_config
 __all__ = ["main", "Worker"]
 
 _log = logging.getLogger("edgeguard.worker")
+
+# A stuck inference is one running longer than this many times the slowest run measured on this device (see
+# Worker.stall_bound_s and docs/service.md): wide enough for a throttled CPU and a busy board, tight enough to
+# recover a wedged accelerator call within seconds of a normal run.
+STALL_FACTOR = 5.0
 
 
 def _utc_now() -> datetime:
@@ -71,8 +78,10 @@ class Worker:
         liveness_fd: int,
         clock: TrustedClock | None = None,
         now: Callable[[], datetime] | None = None,
+        engine: EngineLike | None = None,
     ) -> None:
         self.cfg = config
+        self._preloaded = engine  # a spare's engine, loaded and self-tested before it took over
         self.mode = mode
         self._fd = liveness_fd
         self._started = time.monotonic()
@@ -110,6 +119,7 @@ class Worker:
         self.reloads = 0
         self._stopping_model: Any = None  # the engine the expiry timer is unloading (at most one at a time)
         self._commands: CommandService | None = None  # signed remote commands on `cmd` ([commands] enabled)
+        self._link_start: asyncio.Future[Any] | None = None  # link.start() running in the executor
 
     # -- health
     # ------------------------------------------------------------------------------------------------
@@ -146,6 +156,19 @@ class Worker:
         }
         return doc
 
+    def stall_bound_s(self) -> float:
+        """How long one inference may run before it counts as stuck: ``STALL_FACTOR`` x one run as the
+        self-test measured it on this device, never less than ``hang_timeout_s``. Judged apart from liveness:
+        on a slow board (a Pi Zero 2 running YOLO) one healthy inference can outlast the liveness timeout.
+        The self-test's figure, not the served requests' percentiles: one slow request must not widen the
+        bound for the next stuck one."""
+        floor = self.cfg.service.hang_timeout_s
+        engine = self.pipeline.engine
+        if engine is None:
+            return floor
+        measured_ms = float(engine.health().get("selftest_run_ms") or 0.0)
+        return max(floor, STALL_FACTOR * measured_ms / 1000.0)
+
     def verdict(self) -> dict[str, Any]:
         """The checks behind every watchdog kick: inference progressing, outbox accepting, link loop alive.
 
@@ -154,9 +177,13 @@ class Worker:
         acknowledged results, so withholding the watchdog's kicks would turn an alarm into certain loss.
         """
         stalled_s = self.pipeline.oldest_in_flight_s()
-        if stalled_s > self.cfg.service.hang_timeout_s:
-            return {"healthy": False, "stalled": True, "reason": f"inference stalled for {stalled_s:.1f} s"}
-        if not self.link.loop_alive:
+        if stalled_s > 0.0:
+            bound = self.stall_bound_s()
+            if stalled_s > bound:
+                return {"healthy": False, "stalled": True,
+                        "reason": f"inference stalled for {stalled_s:.1f} s (bound {bound:.1f} s)"}
+        # Not running, and not because link.start() is still creating its thread in the executor.
+        if not self.link.loop_alive and (self._link_start is None or self._link_start.done()):
             return {"healthy": False, "stalled": False, "reason": "MQTT link loop not running"}
         alarm = self.outbox.stats().alarm
         degraded = f"outbox: {alarm}" if alarm else ""
@@ -198,7 +225,11 @@ class Worker:
             os.set_blocking(self._fd, False)
         self.faults.check_start(self.mode)
         if self.mode == "serve":
-            await loop.run_in_executor(None, self._load_model, False)
+            if self._preloaded is not None:
+                self.pipeline.swap(self.faults.wrap(self._preloaded))
+                self._preloaded = None
+            else:
+                await loop.run_in_executor(None, self._load_model, False)
             # Before the link starts (inbound topics are subscribed on connect), and even without a valid
             # model: the API then answers health requests and 503, the directory keeps its files.
             self._build_sources()
@@ -208,10 +239,12 @@ class Worker:
                 None, lambda: build_commands(self, now=lambda: self._now().timestamp())
             )
             self._commands.start()
-        err = await loop.run_in_executor(None, self.link.start)
-        if err is not None:
-            _log.warning("MQTT link: %s (retrying in the background)", err)
         await self._start_sources()
+        # Serving does not wait for the broker: the link starts after the sources, and its first connection
+        # attempt (up to link.startup_wait_s against a broker that does not answer) is not waited for before
+        # ready; results queue in the outbox meanwhile, as whenever the link is down.
+        self._link_start = loop.run_in_executor(None, self.link.start)
+        self._link_start.add_done_callback(self._link_started)
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload()))
@@ -223,7 +256,21 @@ class Worker:
         await self._stop.wait()
         beat.cancel()
         await self._shutdown()
+        if self._link_start is not None and self._link_start.done() and not self._link_start.cancelled():
+            failed = self._link_start.exception()
+            if failed is not None:
+                raise failed
         return 0
+
+    def _link_started(self, done: asyncio.Future[Any]) -> None:
+        if done.cancelled():
+            return
+        if done.exception() is not None:  # the link could not even start (bad TLS files): fatal, as before
+            self._stop.set()
+            return
+        err = done.result()
+        if err is not None:
+            _log.warning("MQTT link: %s (retrying in the background)", err)
 
     async def _liveness(self) -> None:
         while True:
@@ -276,7 +323,12 @@ class Worker:
     def _load_model(self, reload: bool) -> bool:
         try:
             engine = load_engine(
-                self.cfg, trust=self.trust, device_key=self.device_key, now=self._now(), clock=self.clock
+                self.cfg,
+                trust=self.trust,
+                device_key=self.device_key,
+                now=self._now(),
+                clock=self.clock,
+                opener=self.faults.opener(),
             )
         except BundleRejected as exc:
             self._model_failed("bundle-rejected", str(exc), check=exc.check, reload=reload)
@@ -431,11 +483,33 @@ class Worker:
         _log.info("stopped")
 
 
+def _preload(cfg: ServiceConfig) -> EngineLike:
+    """A spare worker's head start: everything imported, the bundle verified, the engine loaded and
+    self-tested (what makes a start slow); the outbox, the link and the sources wait for the takeover, since
+    only one worker may own them."""
+    trust, device_key, _ = load_keys(cfg)
+    return load_engine(cfg, trust=trust, device_key=device_key, now=_utc_now())
+
+
+def _await_takeover(liveness_fd: int) -> bool:
+    """Tell the supervisor this spare is ready, then wait (blocked on stdin, nothing else running) for its
+    ``takeover`` line. False when stdin closes first: the supervisor dropped this spare or is gone."""
+    os.write(liveness_fd, b'{"t": "spare-ready"}\n')
+    for line in sys.stdin:
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(msg, dict) and msg.get("t") == "takeover":
+            return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     harden_process()  # before any key or plaintext is read: no core dumps, no ptrace (docs/security.md)
     ap = argparse.ArgumentParser(prog="edgeguard-worker")
     ap.add_argument("-c", "--config", type=Path, required=True)
-    ap.add_argument("--mode", choices=("serve", "safe"), default="serve")
+    ap.add_argument("--mode", choices=("serve", "safe", "spare"), default="serve")
     ap.add_argument("--liveness-fd", type=int, default=-1)
     args = ap.parse_args(argv)
     logging.basicConfig(
@@ -445,7 +519,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         cfg = load_config(args.config)
-        worker = Worker(config=cfg, mode=args.mode, liveness_fd=args.liveness_fd)
+        engine = None
+        if args.mode == "spare":
+            engine = _preload(cfg)
+            if not _await_takeover(args.liveness_fd):
+                engine.close()
+                return 0
+        mode = "serve" if args.mode == "spare" else args.mode
+        worker = Worker(config=cfg, mode=mode, liveness_fd=args.liveness_fd, engine=engine)
         return asyncio.run(worker.run())
     except EdgeGuardError as exc:
         print(f"edgeguard worker: {exc}", file=sys.stderr)

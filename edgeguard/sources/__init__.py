@@ -6,20 +6,24 @@ Every source turns untrusted bytes into an :class:`InferenceRequest` and hands i
 
 from __future__ import annotations
 
-from ._api import AdminHandler, ApiConfig, ApiSource
-from ._directory import DirectoryConfig, DirectorySource
-from ._mqtt import MqttInputSource
-from ._openapi import OPENAPI
-from ._request import (
-    BodyLimits,
-    InferenceRequest,
-    InferenceSink,
-    SourceName,
-    UnsupportedMediaType,
-    parse_body,
-)
-from ._serial import SerialConfig, SerialSource, parse_sensor_frame
-from ._tokens import SCOPES, Scope, Token, TokenStore, credential_path
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._api import AdminHandler, ApiConfig, ApiSource
+    from ._directory import DirectoryConfig, DirectorySource
+    from ._mqtt import MqttInputSource
+    from ._openapi import OPENAPI
+    from ._request import (
+        BodyLimits,
+        InferenceRequest,
+        InferenceSink,
+        SourceName,
+        UnsupportedMediaType,
+        parse_body,
+    )
+    from ._serial import SerialConfig, SerialSource, parse_sensor_frame
+    from ._tokens import SCOPES, Scope, Token, TokenStore, credential_path
 
 __all__ = [
     "AdminHandler",
@@ -44,3 +48,42 @@ __all__ = [
     "parse_body",
     "parse_sensor_frame",
 ]
+
+# Imported on first use (PEP 562): a process that needs one source, or only the framing helpers (the MCU
+# watchdog in the supervisor), does not load every source's stack (aiohttp, numpy).
+_HOME = {
+    "AdminHandler": "._api",
+    "ApiConfig": "._api",
+    "ApiSource": "._api",
+    "DirectoryConfig": "._directory",
+    "DirectorySource": "._directory",
+    "MqttInputSource": "._mqtt",
+    "OPENAPI": "._openapi",
+    "BodyLimits": "._request",
+    "InferenceRequest": "._request",
+    "InferenceSink": "._request",
+    "SourceName": "._request",
+    "UnsupportedMediaType": "._request",
+    "parse_body": "._request",
+    "SerialConfig": "._serial",
+    "SerialSource": "._serial",
+    "parse_sensor_frame": "._serial",
+    "SCOPES": "._tokens",
+    "Scope": "._tokens",
+    "Token": "._tokens",
+    "TokenStore": "._tokens",
+    "credential_path": "._tokens",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value  # once: later lookups do not come back here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

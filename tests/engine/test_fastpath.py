@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -264,5 +266,46 @@ def test_standby_zero_loads_only_the_winner(fp32: bytes) -> None:
         assert src.wiped and not any(src.model)  # wiped before load returned: nothing is built later
         status = {c.label: c.status for c in engine.candidates()}
         assert status == {"a": "active", "b": "not tried"}
+    finally:
+        engine.close()
+
+
+def test_health_and_report_never_wait_for_a_long_run(fp32: bytes) -> None:
+    """The service's liveness beat reads health() every tick: a run that takes long (a slow board) must not
+    hold it up, or the supervisor kills a healthy worker for missing liveness."""
+    clock = Clock()
+    engine, opener = _two_candidate_engine(fp32, clock)
+    fast = opener.opened["fast"]
+    try:
+        fast.fail, fast.hang_s = "hang", 3.0  # without run_timeout_ms: a run that takes 3 s, then returns
+        calls = fast.calls
+        done = threading.Event()
+        runner = threading.Thread(target=lambda: (engine.infer({"x": _x()}), done.set()))
+        runner.start()
+        deadline = time.monotonic() + 10
+        while fast.calls == calls and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling for the run to have begun (no hook inside the native call)
+        assert fast.calls > calls and not done.is_set()
+        t0 = time.monotonic()
+        health = engine.health()
+        candidates = engine.candidates()
+        waited = time.monotonic() - t0
+        assert not done.is_set(), "the run ended before health() was read: the check proved nothing"
+        assert waited < 1.0, f"health() waited {waited:.2f} s for a run"
+        assert health["accelerator"] == "fast" and {c.label for c in candidates} == {"fast", "slow"}
+        runner.join(10)
+        assert done.is_set()
+    finally:
+        engine.close()
+
+
+def test_selftest_measures_one_run_on_this_device(fp32: bytes) -> None:
+    clock = Clock()
+    engine, _ = _two_candidate_engine(fp32, clock)
+    try:
+        h = engine.health()
+        # One run, not a sum: at most the time all self-tests took (the standby's, built after ready and
+        # not in health's selftest_ms, included).
+        assert 0.0 < h["selftest_run_ms"] <= engine._fast.selftest_ms
     finally:
         engine.close()

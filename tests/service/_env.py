@@ -27,6 +27,18 @@ STATUS = "mon-token-0123456789abcdef"
 ADMIN = "ops-token-0123456789abcdef"
 
 
+HOOK_DELAY_S = 0.3
+
+
+def hook_events(log: Path) -> list[str]:
+    """The events the test hook has logged so far (one JSON document per line; none while it is missing)."""
+    try:
+        text = log.read_text()
+    except FileNotFoundError:
+        return []
+    return [json.loads(line)["event"] for line in text.splitlines() if line.strip()]
+
+
 def tiny_onnx(scale: float = 2.0) -> bytes:
     """y = x * scale for x float32 [1, 4] in [0, 1]: a sensor model small enough for serial frames."""
     from onnx import TensorProto, helper
@@ -147,9 +159,11 @@ class Device:
         api_extra: str = "",
         link_extra: str = "",
         model_extra: str = "",
+        service_extra: str = "",
     ) -> None:
-        """``api_extra`` / ``link_extra`` / ``model_extra``: more key lines for the ``[sources.api]`` /
-        ``[link]`` / ``[model]`` tables (a TOML table cannot be reopened by ``extra``)."""
+        """``api_extra`` / ``link_extra`` / ``model_extra`` / ``service_extra``: more key lines for the
+        ``[sources.api]`` / ``[link]`` / ``[model]`` / ``[service]`` tables (a TOML table cannot be
+        reopened by ``extra``)."""
         ensure_keys(self.root)
         if bundle:
             (self.root / "model.egm").write_bytes(bundle)
@@ -179,6 +193,7 @@ crash_loop_window_s = 120.0
 stop_timeout_s = 10.0
 hooks_dir = "hooks"
 fault_injection = {"true" if fault_injection else "false"}
+{service_extra}
 
 [sources.api]
 unix_socket = "api.sock"
@@ -211,7 +226,9 @@ backoff_max_s = 0.5
         hooks = self.root / "hooks"
         hooks.mkdir(exist_ok=True)
         hook = hooks / "50-log"
-        hook.write_text(f"#!/bin/sh\n(cat; echo) >> {self.root / 'hooks.log'}\n")
+        # Hooks run asynchronously; a deliberately late writer (as on a slow board) makes a test that reads
+        # the log without waiting for it fail every time instead of once in a while.
+        hook.write_text(f"#!/bin/sh\nsleep {HOOK_DELAY_S}\n(cat; echo) >> {self.root / 'hooks.log'}\n")
         hook.chmod(0o755)
 
     def start(self, env: dict[str, str] | None = None, **popen: Any) -> None:

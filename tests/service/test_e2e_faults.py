@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeguard.sources.framing import encode_frame
-from tests.service._env import ADMIN, STATUS, Device, tiny_bundle
+from tests.service._env import ADMIN, STATUS, Device, hook_events, tiny_bundle
 from tests.support.broker import MosquittoBroker, Recorder
 from tests.watchdog.mcu_sim import McuSimulator
 
@@ -78,8 +78,7 @@ def test_hang_and_stall_are_restarted_within_timeout(tmp_path: Path) -> None:
                 10,
             )
             assert dev.request("POST", "/v1/infer", GOOD)[0] == 200
-            hooks = (tmp_path / "hooks.log").read_text()
-            assert '"event": "restart"' in hooks
+            dev.wait(lambda: "restart" in hook_events(tmp_path / "hooks.log"), 10, "the restart hook")
         finally:
             assert dev.stop() == 0
         kicks = wd.read_bytes()
@@ -114,7 +113,7 @@ def test_crash_loop_enters_safe_state_and_keeps_reporting(tmp_path: Path) -> Non
             assert rec.wait_for(lambda m: any(e["kind"] == "crash-loop" for e in _events(rec)), 10)
             assert any("SAFE STATE" in n for n in dev.notifications())
             assert not dev.api_up()  # not serving
-            assert '"event": "crash-loop"' in (tmp_path / "hooks.log").read_text()
+            dev.wait(lambda: "crash-loop" in hook_events(tmp_path / "hooks.log"), 10, "the crash-loop hook")
             time.sleep(1.0)
             assert json.loads((tmp_path / "state/supervisor.json").read_text())["starts"] == 4  # no thrashing
             # The safe state keeps the board alive: the MCU keeps getting kicks and never resets it.
@@ -186,7 +185,7 @@ def test_serial_frames_reload_and_rejected_bundle(tmp_path: Path) -> None:
             assert ev["check"] in ("integrity", "signature")
             code, res = dev.request("POST", "/v1/infer", GOOD)
             assert code == 200 and res["model"]["version"] == 2
-            assert '"event": "bundle-rejected"' in (tmp_path / "hooks.log").read_text()
+            dev.wait(lambda: "bundle-rejected" in hook_events(tmp_path / "hooks.log"), 10, "the hook")
             assert dev.request("GET", "/v1/health", token=STATUS)[1]["pipeline"]["reloads"] == 1
         finally:
             assert dev.stop() == 0
@@ -233,7 +232,7 @@ def test_rejected_bundle_at_start_keeps_reporting_then_reload_serves(tmp_path: P
             (tmp_path / "incoming" / "x.json").write_bytes(GOOD)
             time.sleep(1.0)
             assert (tmp_path / "incoming" / "x.json").exists()  # kept until a model can serve it
-            assert '"event": "bundle-rejected"' in (tmp_path / "hooks.log").read_text()
+            dev.wait(lambda: "bundle-rejected" in hook_events(tmp_path / "hooks.log"), 10, "the hook")
             # A valid bundle and SIGHUP: serving, and the waiting file is processed.
             (tmp_path / "model.egm").write_bytes(tiny_bundle(tmp_path, version=1))
             assert dev.proc is not None

@@ -19,6 +19,7 @@ from edgeguard.service._state import read_state
 from edgeguard.service._supervisor import Supervisor, WorkerMode
 from edgeguard.service.config import SupervisorSection
 from edgeguard.watchdog import SystemdNotifier, WatchdogChain
+from tests.service._env import HOOK_DELAY_S, hook_events
 
 FAKE = Path(__file__).with_name("fake_worker.py")
 
@@ -44,7 +45,8 @@ class Harness:
         hooks_dir = tmp / "hooks"
         hooks_dir.mkdir()
         hook = hooks_dir / "10-record"
-        hook.write_text(f"#!/bin/sh\ncat >> {tmp / 'hook.log'}\necho >> {tmp / 'hook.log'}\n")
+        # Late on purpose (tests/service/_env.py says why): a test must wait for a hook's line.
+        hook.write_text(f"#!/bin/sh\nsleep {HOOK_DELAY_S}\n(cat; echo) >> {tmp / 'hook.log'}\n")
         hook.chmod(0o755)
         count_file = str(tmp / "count") if count else ""
 
@@ -135,8 +137,7 @@ def test_crash_is_restarted_and_recorded(tmp_path: Path) -> None:
     # The replacement worker was told why it was started (it publishes this as an event).
     controls = [e["msg"] for e in h.events() if e["event"] == "control"]
     assert any(c["kind"] == "restart" and c["data"]["reason"] == "crash: exit code 3" for c in controls)
-    hook_events = [json.loads(x) for x in (tmp_path / "hook.log").read_text().split("\n") if x.strip()]
-    assert any(e["event"] == "restart" for e in hook_events)
+    assert h.wait(lambda: "restart" in hook_events(tmp_path / "hook.log"))
 
 
 def test_hang_is_detected_within_timeout_plus_margin(tmp_path: Path) -> None:
@@ -189,10 +190,7 @@ def test_crash_loop_enters_safe_state_with_backoff(tmp_path: Path) -> None:
         assert sum(e["event"] == "start" for e in h.events()) == 4  # no thrashing in the safe state
     st = read_state(tmp_path / "state.json")
     assert st.failures == 3 and "3 failures within 60 s" in (st.safe_reason or "")
-    hook_events = [
-        json.loads(x)["event"] for x in (tmp_path / "hook.log").read_text().split("\n") if x.strip()
-    ]
-    assert "crash-loop" in hook_events
+    assert h.wait(lambda: "crash-loop" in hook_events(tmp_path / "hook.log"))
 
 
 def test_backoff_grows_exponentially(tmp_path: Path) -> None:
@@ -231,3 +229,17 @@ def test_sighup_leaves_safe_state(tmp_path: Path) -> None:
 @pytest.fixture(autouse=True)
 def _quiet() -> Iterator[None]:
     yield
+
+
+def test_first_failure_of_a_serving_worker_restarts_at_once_then_backs_off(tmp_path: Path) -> None:
+    """A worker that was serving and fails is replaced at once (recovery must not wait out a backoff); only a
+    failure that follows another one without a stable period in between waits (crash-loop protection)."""
+    settings = SupervisorSection(
+        **{**FAST, "backoff_initial_s": 1.0, "backoff_max_s": 4.0}, crash_loop_restarts=50
+    )
+    h = Harness(tmp_path, "crash-after-ready", settings)
+    with h:
+        assert h.wait(lambda: h.sup.state.repaired >= 2, timeout=20)
+    first, second = read_state(tmp_path / "state.json").history[:2]
+    assert first.mttr_s is not None and first.mttr_s < 1.0, first
+    assert second.mttr_s is not None and second.mttr_s >= 1.0, second
