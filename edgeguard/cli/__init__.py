@@ -58,7 +58,7 @@ _MODULES = (
 # cryptography and onnxruntime: ~0.3 s before anything is printed). tests/cli/test_help.py checks this table
 # against what the modules' register() really adds; a new command goes in both.
 _COMMANDS: dict[str, tuple[str, str]] = {
-    "keygen": ("_bundle_cmds", "create a publisher or device key pair"),
+    "keygen": ("_bundle_cmds", "create a publisher, device or operator key pair"),
     "pack": ("_bundle_cmds", "seal a model into a signed, encrypted bundle (.egm)"),
     "verify": ("_bundle_cmds", "verify a bundle (and decrypt it in memory with --device-key)"),
     "inspect": ("_bundle_cmds", "print a bundle's manifest as JSON (signature not checked)"),

@@ -11,7 +11,7 @@ from typing import Any
 
 from edgeguard.cli import main
 from tests.commands._support import commands_device, deliver, sender, sign
-from tests.service._env import ADMIN, INFER, STATUS
+from tests.service._env import ADMIN, INFER, STATUS, hook_events
 from tests.support.broker import MosquittoBroker, Recorder
 
 GOOD = b'{"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}}'
@@ -66,7 +66,7 @@ def test_round_trips_ping_status_reload_set_log_level_with_verified_answers(
                 s.close()
             names = {"ping", "status", "reload", "set-log-level"}
             assert rec.wait_for(lambda _m: names <= {e["name"] for e in _events(rec, "command-accepted")}, 20)
-            dev.wait(lambda: "command-accepted" in (tmp_path / "hooks.log").read_text(), 20, "hook")
+            dev.wait(lambda: "command-accepted" in hook_events(tmp_path / "hooks.log"), 20, "hook")
 
             # the command line, with the key pinned from the device's .pub
             code = main([
