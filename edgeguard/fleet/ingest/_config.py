@@ -115,8 +115,8 @@ class IngestConfig:
     status_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
-        _check(bool(TOPIC_SEGMENT.match(self.fleet)), "ingest.fleet", "must be 1..64 of [A-Za-z0-9_.-]")
-        _check(bool(TOPIC_SEGMENT.match(self.group)), "ingest.group", "must be 1..64 of [A-Za-z0-9_.-]")
+        _check(bool(TOPIC_SEGMENT.fullmatch(self.fleet)), "ingest.fleet", "must be 1..64 of [A-Za-z0-9_.-]")
+        _check(bool(TOPIC_SEGMENT.fullmatch(self.group)), "ingest.group", "must be 1..64 of [A-Za-z0-9_.-]")
         _check(
             1 <= len(self.client_id) <= 128 and self.client_id.isprintable(),
             "ingest.client_id",

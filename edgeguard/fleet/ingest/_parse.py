@@ -72,7 +72,7 @@ def _split_topic(topic: str, fleet: str) -> tuple[str, str]:
     parts = topic.split("/")
     if len(parts) != 5 or parts[0] != "edgeguard" or parts[1] != "v1" or parts[2] != fleet:
         raise Rejected("topic outside edgeguard/v1/<fleet>/<device>/<kind>")
-    if not TOPIC_SEGMENT.match(parts[3]):
+    if not TOPIC_SEGMENT.fullmatch(parts[3]):
         raise Rejected("bad device name in topic")
     if parts[4] not in KINDS:
         raise Rejected(f"unknown topic kind {parts[4][:32]!r}")

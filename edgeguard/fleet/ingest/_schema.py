@@ -207,7 +207,7 @@ def maintain_partitions(
         }
         for table, column in PARTITIONED.items():
             for name in sorted(existing):
-                m = _PART_NAME.match(name)
+                m = _PART_NAME.fullmatch(name)
                 if m is None or m["table"] != table:
                     continue
                 day = dt.datetime.strptime(m["day"], "%Y%m%d").date()
