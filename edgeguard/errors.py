@@ -24,6 +24,7 @@ __all__ = [
     "LinkError",
     "WatchdogError",
     "ServiceUnavailable",
+    "AuditError",
 ]
 
 # The one-word (or two-word) names of the checks a bundle can fail; they are part of the CLI contract.
@@ -88,3 +89,7 @@ class WatchdogError(EdgeGuardError):
 
 class ServiceUnavailable(EdgeGuardError):
     """The service cannot take a request now (safe state, stopping, too many in flight); try again later."""
+
+
+class AuditError(EdgeGuardError):
+    """The audit log cannot be written or read (disk full, I/O error, a log file that is not ours)."""

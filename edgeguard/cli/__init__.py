@@ -1,7 +1,7 @@
 """The ``edgeguard`` command line.
 
 Each concern registers its own subcommands (``_bundle_cmds``, ``_engine_cmds``, ``_service_cmds``, ``_demo``,
-``_zoo_cmds``, ``_init_cmd``, ``_token_cmds``, ``_status_cmd``);
+``_zoo_cmds``, ``_init_cmd``, ``_token_cmds``, ``_status_cmd``, ``_audit_cmds``);
 this module only builds the parser and maps error families to the exit-code contract:
 
     0 ok · 1 runtime error · 2 usage/config error · 3 bundle rejected
@@ -21,6 +21,7 @@ from edgeguard import __version__
 from edgeguard.errors import BundleRejected, ConfigError, EdgeGuardError, InputRejected, KeyFileError
 
 from . import (
+    _audit_cmds,
     _bundle_cmds,
     _demo,
     _engine_cmds,
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in (
         _bundle_cmds, _engine_cmds, _quantize_cmds, _service_cmds, _scan_cmds, _demo,
-        _zoo_cmds, _init_cmd, _token_cmds, _status_cmd,
+        _zoo_cmds, _init_cmd, _token_cmds, _status_cmd, _audit_cmds,
     ):
         module.register(sub)
     _describe_defaults(parser)

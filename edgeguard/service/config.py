@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from edgeguard.audit import AuditConfig, IntegrityConfig
 from edgeguard.bundle import MODEL_NAME_RE
 from edgeguard.errors import ConfigError
 from edgeguard.link._config import LinkConfig
 from edgeguard.outbox import OutboxConfig
-from edgeguard.sources import ApiConfig, BodyLimits, DirectoryConfig, SerialConfig
+from edgeguard.sources import AbuseConfig, ApiConfig, BodyLimits, DirectoryConfig, SerialConfig
 
 from ._toml import SECRET_KEYS, build, load_toml
 
@@ -148,6 +149,15 @@ class ApiSection:
     max_bytes_in_flight: int = 64 * 1024 * 1024
     infer_threads: int = 2
     parse_threads: int = 1
+    # Abuse detection (docs/sources.md, "Lockout and rate anomalies"); lockout_failures = 0 turns lockout off,
+    # rate_anomaly_factor = 0 the rate anomaly detector.
+    lockout_failures: int = 10
+    lockout_window_s: float = 60.0
+    lockout_initial_s: float = 30.0
+    lockout_max_s: float = 3600.0
+    rate_anomaly_factor: float = 5.0
+    rate_anomaly_window_s: float = 10.0
+    rate_anomaly_min_requests: int = 50
 
     def __post_init__(self) -> None:
         if self.enabled:
@@ -172,6 +182,15 @@ class ApiSection:
             max_bytes_in_flight=self.max_bytes_in_flight,
             infer_threads=self.infer_threads,
             parse_threads=self.parse_threads,
+            abuse=AbuseConfig(
+                lockout_failures=self.lockout_failures,
+                lockout_window_s=self.lockout_window_s,
+                lockout_initial_s=self.lockout_initial_s,
+                lockout_max_s=self.lockout_max_s,
+                rate_factor=self.rate_anomaly_factor,
+                rate_window_s=self.rate_anomaly_window_s,
+                rate_min=self.rate_anomaly_min_requests,
+            ),
         )
 
 
@@ -260,6 +279,8 @@ class ServiceConfig:
     directory: DirectorySection = field(default_factory=DirectorySection)
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     link: LinkConfig = field(default_factory=LinkConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    integrity: IntegrityConfig = field(default_factory=IntegrityConfig)
 
     @property
     def outbox_path(self) -> Path:
@@ -270,7 +291,7 @@ class ServiceConfig:
         return self.device.state_dir / "supervisor.json"
 
 
-_TOP = ("device", "model", "service", "watchdog", "sources", "outbox", "link")
+_TOP = ("device", "model", "service", "watchdog", "sources", "outbox", "link", "audit", "integrity")
 _SOURCES = ("api", "mqtt", "serial", "directory")
 
 
@@ -312,6 +333,8 @@ def parse_config(doc: dict[str, Any], *, path: Path) -> ServiceConfig:
         link=build(
             LinkConfig, _paths(doc.get("link", {}), ("ca_file", "client_cert", "client_key"), base), "link"
         ),
+        audit=build(AuditConfig, doc.get("audit", {}), "audit"),
+        integrity=build(IntegrityConfig, _paths(doc.get("integrity", {}), ("paths",), base), "integrity"),
     )
     if cfg.mqtt_input.enabled and cfg.mqtt_input.max_body_bytes > cfg.link.inbound_max_bytes:
         raise ConfigError(

@@ -6,6 +6,7 @@ Every source turns untrusted bytes into an :class:`InferenceRequest` and hands i
 
 from __future__ import annotations
 
+from ._abuse import AbuseConfig
 from ._api import AdminHandler, ApiConfig, ApiSource
 from ._directory import DirectoryConfig, DirectorySource
 from ._mqtt import MqttInputSource
@@ -22,6 +23,7 @@ from ._serial import SerialConfig, SerialSource, parse_sensor_frame
 from ._tokens import SCOPES, Scope, Token, TokenStore, credential_path
 
 __all__ = [
+    "AbuseConfig",
     "AdminHandler",
     "ApiConfig",
     "ApiSource",
