@@ -158,6 +158,7 @@ class ApiSection:
     rate_anomaly_factor: float = 5.0
     rate_anomaly_window_s: float = 10.0
     rate_anomaly_min_requests: int = 50
+    lockout_loopback: bool = False
 
     def __post_init__(self) -> None:
         if self.enabled:
@@ -190,6 +191,7 @@ class ApiSection:
                 rate_factor=self.rate_anomaly_factor,
                 rate_window_s=self.rate_anomaly_window_s,
                 rate_min=self.rate_anomaly_min_requests,
+                lockout_loopback=self.lockout_loopback,
             ),
         )
 

@@ -40,6 +40,9 @@ class AbuseConfig:
     rate_factor: float = 5.0  # 0: no rate anomaly detection
     rate_window_s: float = 10.0
     rate_min: int = 50  # requests in one window below which nothing is an anomaly
+    # Lock loopback TCP clients out fully (429) too. Off by default: they all share one address, so a full
+    # lockout would let any local user lock out every local application.
+    lockout_loopback: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.lockout_failures <= 100_000:

@@ -306,7 +306,11 @@ class ApiSource:
         if scope is not None:
             client = _client_of(request)
             wait = self._lockouts.retry_after(client)
-            if wait > 0:
+            # Every local process shares the loopback address: a hard lockout there would let any local user
+            # lock every local application out, so by default a locked-out loopback client only has its
+            # failures answered with Retry-After (and reported) while its valid tokens are still served.
+            hard = not _is_loopback(client) or self.config.abuse.lockout_loopback
+            if wait > 0 and hard:
                 # Before the token is looked at: a locked-out client learns nothing more, at no cost.
                 retry = str(math.ceil(wait))
                 return self._count(_error(429, f"too many failed authentications; retry in {retry} s",
@@ -332,6 +336,11 @@ class ApiSource:
     def _refused(
         self, client: str, status: int, reason: str, name: str | None, **headers: str
     ) -> web.Response:
+        wait = self._lockouts.retry_after(client)
+        if wait > 0:  # a locked-out loopback client (soft lockout): Retry-After, no more counting or events
+            retry = str(math.ceil(wait))
+            why = f"{reason}; too many failed authentications, retry in {retry} s"
+            return self._count(_error(status, why, **headers, **{"Retry-After": retry}))
         seconds = self._lockouts.failure(client)
         data = {"client": client, "status": status, "reason": reason, "token_name": name}
         if seconds > 0:

@@ -104,7 +104,9 @@ def test_refuse_policy_stops_serving_when_the_tokens_file_changes(tmp_path: Path
 def test_bad_token_burst_locks_out_that_client_only(tmp_path: Path) -> None:
     with MosquittoBroker(tmp_path) as broker, Recorder(broker, "edgeguard/v1/#") as rec:
         dev = Device(root=tmp_path, broker=broker)
-        dev.provision(tiny_bundle(tmp_path), api_extra="lockout_failures = 10\nlockout_initial_s = 30\n")
+        # lockout_loopback: the two clients are told apart by their loopback addresses here.
+        lock = "lockout_failures = 10\nlockout_initial_s = 30\nlockout_loopback = true\n"
+        dev.provision(tiny_bundle(tmp_path), api_extra=lock)
         dev.start()
         try:
             dev.wait_ready()
@@ -128,6 +130,27 @@ def test_bad_token_burst_locks_out_that_client_only(tmp_path: Path) -> None:
         finally:
             assert dev.stop() == 0
     assert len(_audited(dev, "api-lockout")) == 1 and len(_audited(dev, "token-refused")) == 9
+
+
+def test_loopback_lockout_by_default_answers_failures_only(tmp_path: Path) -> None:
+    """Every local process shares the loopback address: by default a burst there is detected and its
+    failures answered with Retry-After, while valid tokens from the same address are still served."""
+    with MosquittoBroker(tmp_path) as broker, Recorder(broker, "edgeguard/v1/#") as rec:
+        dev = Device(root=tmp_path, broker=broker)
+        dev.provision(tiny_bundle(tmp_path))
+        dev.start()
+        try:
+            dev.wait_ready()
+            answers = []
+            for i in range(20):
+                answers.append(_request_from(dev, "127.0.0.1", f"guess-{i:020d}"))
+                assert _request_from(dev, "127.0.0.1", INFER)[0] == 200
+            assert [a[0] for a in answers] == [401] * 20
+            assert ["Retry-After" in a[1] for a in answers] == [False] * 10 + [True] * 10
+            assert rec.wait_for(lambda _m: bool(_events(rec, "api-lockout")), 20)
+            assert len(_events(rec, "api-lockout")) == 1
+        finally:
+            assert dev.stop() == 0
 
 
 class _Clock:
