@@ -188,9 +188,9 @@ class ApiSection:
                 lockout_window_s=self.lockout_window_s,
                 lockout_initial_s=self.lockout_initial_s,
                 lockout_max_s=self.lockout_max_s,
-                rate_factor=self.rate_anomaly_factor,
-                rate_window_s=self.rate_anomaly_window_s,
-                rate_min=self.rate_anomaly_min_requests,
+                rate_anomaly_factor=self.rate_anomaly_factor,
+                rate_anomaly_window_s=self.rate_anomaly_window_s,
+                rate_anomaly_min_requests=self.rate_anomaly_min_requests,
                 lockout_loopback=self.lockout_loopback,
             ),
         )

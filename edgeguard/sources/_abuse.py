@@ -8,11 +8,12 @@ comparison. The first lockout lasts ``initial_s``; each further one within ``max
 to ``max_s`` (exponential backoff). The table of clients is bounded (``max_clients``; the least recently seen
 client that is not locked out is forgotten first).
 
-Rate anomaly: for each token, requests are counted in windows of ``rate_window_s``; an exponentially weighted
-moving average (EWMA, weight ``_ALPHA`` for the newest window) of the per-window rate is its baseline. A
-window whose rate exceeds ``rate_factor`` times the baseline (and at least ``rate_min`` requests) raises an
-anomaly, after ``_WARMUP`` windows have formed a baseline. Windows in which a token made no request count as
-zero, so a token idle for long has a low baseline and a sudden scrape stands out.
+Rate anomaly: for each token, requests are counted in windows of ``rate_anomaly_window_s``; an exponentially
+weighted moving average (EWMA, weight ``_ALPHA`` for the newest window) of the per-window rate is its
+baseline. A window whose count exceeds ``rate_anomaly_factor`` times the baseline (and at least
+``rate_anomaly_min_requests`` requests) raises an anomaly, after ``_WARMUP`` windows have formed a baseline.
+Windows in which a token made no request count as zero, so a token idle for long has a low baseline and a
+sudden scrape stands out.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ class AbuseConfig:
     lockout_initial_s: float = 30.0
     lockout_max_s: float = 3600.0
     max_clients: int = 4096
-    rate_factor: float = 5.0  # 0: no rate anomaly detection
-    rate_window_s: float = 10.0
-    rate_min: int = 50  # requests in one window below which nothing is an anomaly
+    rate_anomaly_factor: float = 5.0  # 0: no rate anomaly detection
+    rate_anomaly_window_s: float = 10.0
+    rate_anomaly_min_requests: int = 50  # requests in one window below which nothing is an anomaly
     # Lock loopback TCP clients out fully (429) too. Off by default: they all share one address, so a full
     # lockout would let any local user lock out every local application.
     lockout_loopback: bool = False
@@ -49,17 +50,17 @@ class AbuseConfig:
             raise ValueError("lockout_failures must be 0..100000")
         for name, lo, hi in (("lockout_window_s", 0.1, 86400.0), ("lockout_initial_s", 0.1, 86400.0),
                              ("lockout_max_s", self.lockout_initial_s, 7 * 86400.0),
-                             ("rate_window_s", 0.1, 86400.0)):
+                             ("rate_anomaly_window_s", 0.1, 86400.0)):
             v = getattr(self, name)
             if not (math.isfinite(v) and lo <= v <= hi):
                 raise ValueError(f"{name} must be {lo}..{hi} s")
         if not 16 <= self.max_clients <= 1_000_000:
             raise ValueError("max_clients must be 16..1000000")
-        factor = self.rate_factor
+        factor = self.rate_anomaly_factor
         if not (math.isfinite(factor) and (factor == 0 or 1.5 <= factor <= 1000)):
-            raise ValueError("rate_factor must be 0 (off) or 1.5..1000")
-        if not 1 <= self.rate_min <= 10_000_000:
-            raise ValueError("rate_min must be 1..10000000")
+            raise ValueError("rate_anomaly_factor must be 0 (off) or 1.5..1000")
+        if not 1 <= self.rate_anomaly_min_requests <= 10_000_000:
+            raise ValueError("rate_anomaly_min_requests must be 1..10000000")
 
 
 @dataclass
@@ -151,20 +152,20 @@ class RateWatch:
 
     def hit(self, token: str) -> dict[str, Any] | None:
         cfg = self.config
-        if cfg.rate_factor == 0:
+        if cfg.rate_anomaly_factor == 0:
             return None
         now = self._now()
         r = self._tokens.get(token)
         if r is None:
             r = self._tokens[token] = _Rate(start=now)
         found = None
-        if now - r.start >= cfg.rate_window_s:
+        if now - r.start >= cfg.rate_anomaly_window_s:
             self._close(r)
-            elapsed = int((now - r.start) // cfg.rate_window_s)
+            elapsed = int((now - r.start) // cfg.rate_anomaly_window_s)
             for _ in range(min(elapsed - 1, 50)):  # idle windows count as zero requests
                 r.ewma = (1 - _ALPHA) * r.ewma
                 r.windows += 1
-            r.start += elapsed * cfg.rate_window_s
+            r.start += elapsed * cfg.rate_anomaly_window_s
             r.count = 0
         r.count += 1
         # Also judged while the window is still open: a scrape is seen within one window, not after it.
@@ -173,11 +174,12 @@ class RateWatch:
         return found
 
     def _limit(self, r: _Rate) -> int:
-        base = r.ewma * self.config.rate_window_s
-        return max(self.config.rate_min, math.ceil(self.config.rate_factor * base))
+        base = r.ewma * self.config.rate_anomaly_window_s
+        cfg = self.config
+        return max(cfg.rate_anomaly_min_requests, math.ceil(cfg.rate_anomaly_factor * base))
 
     def _close(self, r: _Rate) -> None:
-        rate = r.count / self.config.rate_window_s
+        rate = r.count / self.config.rate_anomaly_window_s
         r.ewma = rate if r.windows == 0 else (1 - _ALPHA) * r.ewma + _ALPHA * rate
         r.windows += 1
 
@@ -186,7 +188,7 @@ class RateWatch:
         return {
             "token_name": token,
             "requests": int(count),
-            "window_s": self.config.rate_window_s,
+            "window_s": self.config.rate_anomaly_window_s,
             "baseline_per_s": round(r.ewma, 3),
-            "factor": self.config.rate_factor,
+            "factor": self.config.rate_anomaly_factor,
         }

@@ -180,7 +180,8 @@ def test_lockout_backs_off_exponentially_and_stays_bounded() -> None:
 
 def test_request_rate_anomaly_against_the_token_baseline() -> None:
     clock = _Clock()
-    watch = RateWatch(AbuseConfig(rate_factor=5, rate_window_s=10, rate_min=20), now=clock)
+    cfg = AbuseConfig(rate_anomaly_factor=5, rate_anomaly_window_s=10, rate_anomaly_min_requests=20)
+    watch = RateWatch(cfg, now=clock)
     found = []
     for _ in range(30):  # a steady 2 requests/s for 5 minutes: the baseline, nothing to report
         for _ in range(20):
