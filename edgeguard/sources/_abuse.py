@@ -1,12 +1,14 @@
 """API abuse detection: per-client lockout after bursts of authentication failures, and a per-token
-request-rate anomaly detector (docs/sources.md, "Lockout and rate anomalies").
+request-rate anomaly detector (docs/security.md, "API abuse: lockout and rate anomalies").
 
 Lockout: a client (the TCP peer's address, or the Unix socket peer's uid) that fails authentication
-(401, or 403 for a scope it lacks) ``failures`` times within ``window_s`` is locked out: every request from
-it is answered 429 with ``Retry-After`` before any token is looked at, so guessing stops costing the device a
-comparison. The first lockout lasts ``initial_s``; each further one within ``max_s`` of the last doubles, up
-to ``max_s`` (exponential backoff). The table of clients is bounded (``max_clients``; the least recently seen
-client that is not locked out is forgotten first).
+(401, or 403 for a scope it lacks) ``lockout_failures`` times within ``lockout_window_s`` is locked out: every
+request from it is answered 429 with ``Retry-After`` before any token is looked at, so guessing stops costing
+the device a comparison (loopback TCP clients, who all share one address, only have their failures answered
+so unless ``lockout_loopback``: see ``_api``). The first lockout lasts ``lockout_initial_s``; each further one
+within ``lockout_max_s`` of the last doubles, up to ``lockout_max_s`` (exponential backoff).
+The table of clients is bounded (``max_clients``; the least recently seen client that is not locked out is
+forgotten first).
 
 Rate anomaly: for each token, requests are counted in windows of ``rate_anomaly_window_s``; an exponentially
 weighted moving average (EWMA, weight ``_ALPHA`` for the newest window) of the per-window rate is its
