@@ -51,7 +51,7 @@ from ._record import GENESIS, MAX_LINE_BYTES, Record, canonical, scrub
 __all__ = ["AuditLog", "FILE_RE", "CHECKPOINT_FILE", "checkpoint_payload", "log_files"]
 
 _log = logging.getLogger("edgeguard.audit")
-FILE_RE = re.compile(r"^audit-(\d{6})\.log$")
+FILE_RE = re.compile(r"audit-(\d{6})\.log")
 CHECKPOINT_FILE = "checkpoint.json"
 Publish = Callable[[str, dict[str, Any]], None]
 
@@ -63,7 +63,7 @@ def _iso(now: datetime) -> str:
 def log_files(directory: Path) -> list[Path]:
     """The log files in chain order (by their number)."""
     try:
-        names = [p for p in directory.iterdir() if FILE_RE.match(p.name)]
+        names = [p for p in directory.iterdir() if FILE_RE.fullmatch(p.name)]
     except FileNotFoundError:
         return []
     return sorted(names, key=lambda p: p.name)
@@ -277,7 +277,7 @@ class AuditLog:
     def _rotate(self) -> None:
         previous = self._file
         files = log_files(self.directory)
-        number = int(FILE_RE.match(files[-1].name).group(1)) + 1 if files else 1  # type: ignore[union-attr]
+        number = int(FILE_RE.fullmatch(files[-1].name).group(1)) + 1 if files else 1  # type: ignore[union-attr]
         path = self.directory / f"audit-{number:06d}.log"
         if self._fd >= 0:
             self._sync()
