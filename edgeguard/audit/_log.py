@@ -103,10 +103,11 @@ class AuditLog:
         self._lock = threading.Lock()  # file, head and counters
         self._cond = threading.Condition()  # the queue
         self._queue: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
-        self._lost = 0  # records refused because the queue was full (recorded once there is room)
+        self._lost = 0  # records refused (queue full) or not written (I/O error), recorded once possible
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.failed: str | None = None  # the last write error (health shows it)
+        self._unwritten = 0  # records of the last failed group that did not reach the file
         self.last_checkpoint: dict[str, Any] | None = None
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._fd = -1
@@ -218,12 +219,18 @@ class AuditLog:
             self._queue.clear()
             lost, self._lost = self._lost, 0
         if lost:
-            batch.append(("audit-lost", {"records": lost, "why": "the audit queue was full"}))
+            why = "the audit queue was full or a write failed"
+            batch.append(("audit-lost", {"records": lost, "why": why}))
         if batch:
             try:
                 self._write(batch)
             except AuditError as exc:
                 self._failed(exc)
+                # What did not reach the disk is counted, so the next record that does says how much was lost
+                # (the "audit-lost" record itself, last in the batch, carries the earlier count).
+                unwritten = self._unwritten
+                with self._cond:
+                    self._lost += unwritten - 1 + lost if lost and unwritten else unwritten
 
     def _failed(self, exc: AuditError) -> None:
         # The log is evidence: a write error is loud (health, device log) and the next group tries again.
@@ -233,8 +240,15 @@ class AuditLog:
     # -- writing ---------------------------------------------------------------------------------------
     def _write(self, batch: list[tuple[str, dict[str, Any]]]) -> list[Record]:
         with self._lock:
-            out = [self._append_locked(kind, data) for kind, data in batch]
-            self._sync()
+            out: list[Record] = []
+            try:
+                for kind, data in batch:
+                    out.append(self._append_locked(kind, data))
+                self._sync()
+            except AuditError:
+                # Written but not fsynced records may survive; counting them as lost overstates, never hides.
+                self._unwritten = len(batch) - len(out)
+                raise
             self.failed = None
             if self._uncovered >= self.config.checkpoint_records:
                 self._checkpoint_locked()

@@ -4,6 +4,7 @@ no secrets."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -140,3 +141,25 @@ def test_writer_thread_checkpoints_on_time(tmp_path: Path) -> None:
     log.stop()
     assert published[0]["count"] >= 1
     assert verify_log(directory=tmp_path, pub=key.public_key(), external=published).ok
+
+
+def test_a_batch_that_cannot_be_written_is_counted_and_recorded_later(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    log = AuditLog(directory=tmp_path, signing_key=key, device_id="dev-1")
+    log.append("service-start", {})
+    real_fd = log._fd
+    log._fd = os.open("/dev/full", os.O_WRONLY)  # the disk is full: every write fails with ENOSPC
+    log.record("token-refused", {"i": 1})
+    log.record("token-refused", {"i": 2})
+    log._drain()
+    health = log.health()
+    assert health["error"] is not None and "No space left" in health["error"] and health["lost"] == 2
+    os.close(log._fd)
+    log._fd = real_fd  # space again
+    log.record("reloaded", {})
+    log._drain()
+    log.stop()
+    recs = _records(tmp_path)
+    lost = [r for r in recs if r.kind == "audit-lost"]
+    assert len(lost) == 1 and lost[0].data["records"] == 2 and log.health()["error"] is None
+    assert verify_log(directory=tmp_path, pub=key.public_key()).ok
