@@ -165,8 +165,12 @@ class Worker:
     def _security_health(self) -> dict[str, Any]:
         """Lockouts, integrity state, the audit log's head and the last alert (docs/security.md)."""
         api = self.api.security() if self.api is not None else {}
-        integrity = self.integrity.health() if self.integrity is not None else {"state": "off"}
-        alerts = [a for a in (integrity.get("last_alert"), api.get("last_lockout")) if a]
+        integrity: dict[str, Any] = {"state": "off"}
+        if self.integrity is not None:
+            integrity = self.integrity.health()
+        # Both carry an ISO 8601 UTC "time" of the same form: the newest is the last alert.
+        alerts = sorted((a for a in (integrity.get("last_alert"), api.get("last_lockout")) if a),
+                        key=lambda a: str(a.get("time")), reverse=True)
         return {
             "lockouts": api.get("lockouts", 0),
             "locked_clients": api.get("locked_clients", 0),

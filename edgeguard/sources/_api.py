@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -344,7 +345,9 @@ class ApiSource:
         seconds = self._lockouts.failure(client)
         data = {"client": client, "status": status, "reason": reason, "token_name": name}
         if seconds > 0:
-            self._lockouts.last = {"client": client, "seconds": seconds}
+            when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            why = f"API client {client} locked out for {seconds:.0f} s"
+            self._lockouts.last = {"time": when, "reason": why}
             _log.warning("API client %s locked out for %.0f s after repeated failed authentications",
                          client, seconds)
             self._event("api-lockout", {**data, "locked_s": seconds,

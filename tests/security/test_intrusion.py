@@ -127,6 +127,7 @@ def test_bad_token_burst_locks_out_that_client_only(tmp_path: Path) -> None:
             assert code == 200, health
             sec = health["security"]
             assert sec["lockouts"] == 1 and sec["locked_clients"] == 1 and sec["auth_failures"] == 10, sec
+            assert "127.0.0.2 locked out for 30 s" in sec["last_alert"]["reason"], sec
         finally:
             assert dev.stop() == 0
     assert len(_audited(dev, "api-lockout")) == 1 and len(_audited(dev, "token-refused")) == 9
