@@ -31,6 +31,7 @@ __all__ = [
     "CommandRefused",
     "CommandCheck",
     "COMMAND_CHECKS",
+    "AuditError",
 ]
 
 # The one-word (or two-word) names of the checks a bundle can fail; they are part of the CLI contract.
@@ -150,3 +151,7 @@ class CommandRefused(EdgeGuardError):
         self.check: CommandCheck = check
         self.detail = cut(detail)
         super().__init__(f"command refused: {check}: {self.detail}")
+
+
+class AuditError(EdgeGuardError):
+    """The audit log cannot be written or read (disk full, I/O error, a log file that is not ours)."""

@@ -57,6 +57,7 @@ class MqttLink:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         backoff: Backoff | None = None,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         for name, value in (("fleet", fleet), ("device_id", device_id)):
             if not TOPIC_SEGMENT.fullmatch(value):
@@ -67,6 +68,9 @@ class MqttLink:
         self.prefix = f"edgeguard/v1/{fleet}/{device_id}/"
         self._outbox = outbox
         self._health = health or dict
+        # Sees every event before it is queued (the audit log records the security-relevant ones): all of the
+        # device's events pass here, so no publisher can forget to audit.
+        self._on_event = on_event
         self._clock = clock
         self._wall = wall
         self._backoff = backoff or Backoff(config.backoff_initial_s, config.backoff_max_s)
@@ -167,6 +171,11 @@ class MqttLink:
 
     def publish_event(self, kind: str, data: dict[str, Any]) -> None:
         """Queue an event for the `events` topic (bounded; dropped ones are counted). Never blocks."""
+        if self._on_event is not None:
+            try:
+                self._on_event(kind, data)
+            except Exception:  # the observer must not cost the event
+                log.exception("event observer failed for %s", kind)
         body = {"kind": kind, "time": self._wall(), "device": self.device_id, **data}
         payload = json.dumps(body, default=str).encode()
         with self._lock:

@@ -106,11 +106,13 @@ class _HookFeed:
                 _log.exception("command event hooks failed")
 
 
-def build_commands(host: CommandHost, *, now: Callable[[], float] = time.time) -> CommandService:
+def build_commands(
+    host: CommandHost, *, now: Callable[[], float] = time.time, key: Ed25519PrivateKey | None = None
+) -> CommandService:
     """The service, subscribed on ``cmd``; the caller starts it (and stops it at shutdown). ``now``: the
     wall clock (seconds since the epoch) commands' issued_at / expires_at are checked against."""
     cfg = host.cfg
-    key = answer_key(cfg)
+    key = key or answer_key(cfg)
     raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     host.link.birth_extra = {
         "groups": list(cfg.device.groups),

@@ -3,7 +3,7 @@
 Typical hooks drive a status LED or a relay (see firmware_hooks/hooks.d/). Hooks run one after another in name
 order, each with a timeout after which it is killed; a failing hook is logged and never affects the service.
 Events: ``degraded``, ``recovered``, ``restart``, ``crash-loop``, ``safe-state-left``, ``bundle-rejected``,
-``reloaded``, ``stopping``.
+``reloaded``, ``stopping``, ``integrity-alert``.
 
 A hook runs with the service's rights, so it is refused (logged, counted in ``refused``) unless ssh would
 accept it as an ``authorized_keys`` file: the directory and the hook are owned by root or the service user and
@@ -39,6 +39,7 @@ EVENT_KINDS = (
     "stopping",
     "command-accepted",
     "command-refused",
+    "integrity-alert",
 )
 
 

@@ -67,6 +67,7 @@ def build_sources(worker: WorkerView) -> tuple[ApiSource | None, list[Any]]:
             specs=specs,
             health=lambda: _api_health(worker),
             admin=admin,
+            on_event=worker.link.publish_event,  # lockouts and refused tokens: events and audit records
         )
         sources.append(api)
     if cfg.mqtt_input.enabled:

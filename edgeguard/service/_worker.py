@@ -30,7 +30,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import edgeguard
 from edgeguard._hardening import harden_process
+from edgeguard.audit import AuditLog, IntegrityMonitor, IntegrityReport
 from edgeguard.clock import TrustedClock
 from edgeguard.commands import CommandService
 from edgeguard.errors import BundleRejected, ConfigError, EdgeGuardError
@@ -39,7 +41,7 @@ from edgeguard.link import MqttLink
 from edgeguard.outbox import Outbox
 from edgeguard.posture import PostureMonitor
 
-from ._command_wiring import build_commands, load_operators
+from ._command_wiring import answer_key, build_commands, load_operators
 from ._faults import FaultInjector
 from ._hooks import HookRunner
 from ._loader import load_engine, load_keys, load_tokens, serving_problem
@@ -99,12 +101,30 @@ class Worker:
             path=config.outbox_path, storage_key=storage_key, device_id=config.device.id, config=config.outbox
         )
         self.pipeline = Pipeline(engine=None, store=self.outbox)
+        # -- audit trail and integrity monitor (edgeguard/audit; docs/security.md) --
+        # The device's one signing key (audit checkpoints, integrity baseline, command answers):
+        # device.signing_key, or <state_dir>/device-sign.key made at the first start.
+        self.signing_key = answer_key(config)
+        self.audit: AuditLog | None = (
+            AuditLog(
+                directory=config.device.state_dir / "audit",
+                signing_key=self.signing_key,
+                device_id=config.device.id,
+                config=config.audit,
+                publish=self._publish_checkpoint,
+            )
+            if config.audit.enabled
+            else None
+        )
+        self.integrity: IntegrityMonitor | None = self._integrity_monitor(config)
+        self.integrity_block: str | None = None  # why the refuse policy stops serving, if it does
         self.link = MqttLink(
             config=config.link,
             fleet=config.device.fleet,
             device_id=config.device.id,
             outbox=self.outbox,
             health=self.health,
+            on_event=self.audit.event if self.audit is not None else None,  # every event passes the audit
         )
         self.posture = PostureMonitor(
             config=lambda: self.cfg, clock=self.clock, publish=self.link.publish_event
@@ -153,6 +173,7 @@ class Worker:
             "api_unauthorized": api.get("401", 0),
             "api_forbidden": api.get("403", 0),
             "rejected_inputs": doc.get("rejected", 0),
+            **self._security_health(),
         }
         return doc
 
@@ -168,6 +189,82 @@ class Worker:
             return floor
         measured_ms = float(engine.health().get("selftest_run_ms") or 0.0)
         return max(floor, STALL_FACTOR * measured_ms / 1000.0)
+
+    def _security_health(self) -> dict[str, Any]:
+        """Lockouts, integrity state, the audit log's head and the last alert (docs/security.md)."""
+        api = self.api.security() if self.api is not None else {}
+        integrity: dict[str, Any] = {"state": "off"}
+        if self.integrity is not None:
+            integrity = self.integrity.health()
+        # Both carry an ISO 8601 UTC "time" of the same form: the newest is the last alert.
+        alerts = sorted((a for a in (integrity.get("last_alert"), api.get("last_lockout")) if a),
+                        key=lambda a: str(a.get("time")), reverse=True)
+        return {
+            "lockouts": api.get("lockouts", 0),
+            "locked_clients": api.get("locked_clients", 0),
+            "auth_failures": api.get("auth_failures", 0),
+            "rate_anomalies": api.get("rate_anomalies", 0),
+            "integrity": integrity,
+            "audit": self.audit.health() if self.audit is not None else None,
+            "last_alert": alerts[0] if alerts else None,
+        }
+
+    # -- integrity monitor
+    # ------------------------------------------------------------------------------------------------
+    def _integrity_monitor(self, cfg: ServiceConfig) -> IntegrityMonitor | None:
+        if not cfg.integrity.enabled:
+            return None
+        targets: dict[str, Path] = {"config": cfg.path}
+        for i, pub in enumerate(cfg.model.trust):
+            targets[f"trust{i}"] = pub
+        if cfg.model.revocations is not None:
+            targets["revocations"] = cfg.model.revocations
+        if cfg.api.enabled and cfg.api.tokens_file is not None:
+            targets["tokens"] = cfg.api.tokens_file
+        if cfg.service.hooks_dir is not None:
+            targets["hooks"] = cfg.service.hooks_dir
+        for i, extra in enumerate(cfg.integrity.paths):
+            targets[f"path{i}"] = extra
+        return IntegrityMonitor(
+            config=cfg.integrity,
+            state_dir=cfg.device.state_dir,
+            targets=targets,
+            package_dir=Path(edgeguard.__file__).resolve().parent,
+            version=edgeguard.__version__,
+            signing_key=self.signing_key,
+            on_report=self._integrity_report,
+        )
+
+    def _publish_checkpoint(self, kind: str, data: dict[str, Any]) -> None:
+        # The log is created before the link (the link observes every event for the log).
+        link = getattr(self, "link", None)
+        if link is not None:
+            link.publish_event(kind, data)
+
+    def _integrity_report(self, report: IntegrityReport, previous: IntegrityReport | None) -> None:
+        """Called by the monitor (its thread; the executor at start and reload) when the outcome changed."""
+        policy = self.cfg.integrity.policy
+        if report.state == "baseline-taken":
+            self.link.publish_event("integrity-baseline", {"time": report.time})
+            return
+        if report.alert:
+            reason = report.reason()
+            _log.error("%s (policy %s)", reason, policy)
+            data = {"state": report.state, "changed": list(report.changed[:20]), "policy": policy,
+                    "reason": reason}
+            self.hooks.fire("integrity-alert", data)
+            self.link.publish_event("integrity-alert", data)
+            if policy == "refuse":
+                self.integrity_block = reason
+                self.model_error = reason
+                if self.pipeline.engine is not None:
+                    self.pipeline.unload(f"not serving: {reason}")
+                else:
+                    self.pipeline.stop_accepting(f"not serving: {reason}")
+            return
+        if previous is not None and previous.alert:
+            self.integrity_block = None
+            self.link.publish_event("integrity-restored", {"time": report.time})
 
     def verdict(self) -> dict[str, Any]:
         """The checks behind every watchdog kick: inference progressing, outbox accepting, link loop alive.
@@ -224,6 +321,13 @@ class Worker:
         if self._fd >= 0:
             os.set_blocking(self._fd, False)
         self.faults.check_start(self.mode)
+        if self.audit is not None:
+            self.audit.start()
+        self.link.publish_event("service-start", {"mode": self.mode, "pid": os.getpid(),
+                                                  "version": edgeguard.__version__})
+        if self.integrity is not None:
+            await loop.run_in_executor(None, self.integrity.check)  # before serving: the refuse policy
+            self.integrity.start()
         if self.mode == "serve":
             if self._preloaded is not None:
                 self.pipeline.swap(self.faults.wrap(self._preloaded))
@@ -236,7 +340,7 @@ class Worker:
         if self.cfg.commands.enabled:  # before the link starts: its birth status carries the answer key
             # Command expiry is judged on the worker's wall clock, the same one bundle expiry uses.
             self._commands = await loop.run_in_executor(
-                None, lambda: build_commands(self, now=lambda: self._now().timestamp())
+                None, lambda: build_commands(self, now=lambda: self._now().timestamp(), key=self.signing_key)
             )
             self._commands.start()
         await self._start_sources()
@@ -321,6 +425,10 @@ class Worker:
         self.link.publish_event(kind, data)
 
     def _load_model(self, reload: bool) -> bool:
+        if self.integrity_block is not None:  # integrity.policy = "refuse" and files changed
+            self.model_error = self.integrity_block
+            self.pipeline.stop_accepting(f"not serving: {self.integrity_block}")
+            return False
         try:
             engine = load_engine(
                 self.cfg,
@@ -343,6 +451,8 @@ class Worker:
         self.pipeline.swap(self.faults.wrap(engine))
         self.model_error = None
         _log.info("model %s v%d ready", engine.manifest.name, engine.manifest.version)
+        m = engine.manifest
+        self.link.publish_event("bundle-accepted", {"model": m.name, "version": m.version, "reload": reload})
         return True
 
     def _model_failed(self, kind: str, reason: str, *, check: str | None, reload: bool) -> None:
@@ -397,6 +507,7 @@ class Worker:
             self.link.publish_event("reload-failed", {"reason": str(exc)})
             return
         self.cfg = new
+        await loop.run_in_executor(None, self._rebaseline, new)
         if self.api is not None and new.api.enabled:
             try:
                 self.api.replace_tokens(load_tokens(new))
@@ -452,6 +563,21 @@ class Worker:
         self._send({"t": "restart", "reason": reason})
         return True
 
+    def _rebaseline(self, cfg: ServiceConfig) -> None:
+        """A reload is the operator's word that the config, keys, tokens and hooks are as meant: take them as
+        the new baseline (recording what changed); the runtime package keeps its baseline."""
+        old = self.integrity
+        if old is not None:
+            old.stop()
+        self.integrity = self._integrity_monitor(cfg)
+        if self.integrity is None:
+            return
+        self.integrity_block = None
+        changed = self.integrity.rebaseline()
+        if changed:
+            self.link.publish_event("config-changed", {"changed": changed[:20], "count": len(changed)})
+        self.integrity.start()
+
     def _control_reader(self) -> None:
         """Lines from the supervisor on stdin: events to publish (restart, crash-loop)."""
         for line in sys.stdin:
@@ -474,6 +600,11 @@ class Worker:
         await loop.run_in_executor(None, self.pipeline.wait_idle, self.cfg.service.stop_timeout_s)
         if self._commands is not None:
             await loop.run_in_executor(None, self._commands.stop)
+
+        if self.integrity is not None:
+            await loop.run_in_executor(None, self.integrity.stop)
+        if self.audit is not None:  # before the link: its final signed checkpoint is published
+            await loop.run_in_executor(None, self.audit.stop)
         await loop.run_in_executor(None, self.link.stop)  # publishes the offline status
         await loop.run_in_executor(None, self.outbox.close)
         await self.posture.stop()  # the shutdown time checkpoint

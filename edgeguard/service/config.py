@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeguard.audit import AuditConfig, IntegrityConfig
 from edgeguard.bundle import MODEL_NAME_RE
 from edgeguard.errors import ConfigError
 from edgeguard.link._config import LinkConfig
 from edgeguard.outbox import OutboxConfig
-from edgeguard.sources import ApiConfig, BodyLimits, DirectoryConfig, SerialConfig
+from edgeguard.sources import AbuseConfig, ApiConfig, BodyLimits, DirectoryConfig, SerialConfig
 
 # The supervisor's and the watchdogs' sections live in a module of their own, free of the worker's stack: the
 # supervisor process imports them without this module (see _supervisor_main).
@@ -105,6 +106,16 @@ class ApiSection:
     max_bytes_in_flight: int = 64 * 1024 * 1024
     infer_threads: int = 2
     parse_threads: int = 1
+    # Abuse detection (docs/sources.md, "Lockout and rate anomalies"); lockout_failures = 0 turns lockout off,
+    # rate_anomaly_factor = 0 the rate anomaly detector.
+    lockout_failures: int = 10
+    lockout_window_s: float = 60.0
+    lockout_initial_s: float = 30.0
+    lockout_max_s: float = 3600.0
+    rate_anomaly_factor: float = 5.0
+    rate_anomaly_window_s: float = 10.0
+    rate_anomaly_min_requests: int = 50
+    lockout_loopback: bool = False
 
     def __post_init__(self) -> None:
         if self.enabled:
@@ -129,6 +140,16 @@ class ApiSection:
             max_bytes_in_flight=self.max_bytes_in_flight,
             infer_threads=self.infer_threads,
             parse_threads=self.parse_threads,
+            abuse=AbuseConfig(
+                lockout_failures=self.lockout_failures,
+                lockout_window_s=self.lockout_window_s,
+                lockout_initial_s=self.lockout_initial_s,
+                lockout_max_s=self.lockout_max_s,
+                rate_anomaly_factor=self.rate_anomaly_factor,
+                rate_anomaly_window_s=self.rate_anomaly_window_s,
+                rate_anomaly_min_requests=self.rate_anomaly_min_requests,
+                lockout_loopback=self.lockout_loopback,
+            ),
         )
 
 
@@ -235,6 +256,8 @@ class ServiceConfig:
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     link: LinkConfig = field(default_factory=LinkConfig)
     commands: CommandsSection = field(default_factory=CommandsSection)
+    audit: AuditConfig = field(default_factory=AuditConfig)
+    integrity: IntegrityConfig = field(default_factory=IntegrityConfig)
 
     @property
     def outbox_path(self) -> Path:
@@ -245,7 +268,9 @@ class ServiceConfig:
         return self.device.state_dir / "supervisor.json"
 
 
-_TOP = ("device", "model", "service", "watchdog", "sources", "outbox", "link", "commands")
+_TOP = (
+    "device", "model", "service", "watchdog", "sources", "outbox", "link", "commands", "audit", "integrity"
+)
 _SOURCES = ("api", "mqtt", "serial", "directory")
 
 
@@ -292,6 +317,8 @@ def parse_config(doc: dict[str, Any], *, path: Path) -> ServiceConfig:
             _paths(doc.get("commands", {}), ("operator_keys", "revocations"), base),
             "commands",
         ),
+        audit=build(AuditConfig, doc.get("audit", {}), "audit"),
+        integrity=build(IntegrityConfig, _paths(doc.get("integrity", {}), ("paths",), base), "integrity"),
     )
     if cfg.commands.enabled and cfg.commands.max_bytes > cfg.link.inbound_max_bytes:
         raise ConfigError(

@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._abuse import AbuseConfig
     from ._api import AdminHandler, ApiConfig, ApiSource
     from ._directory import DirectoryConfig, DirectorySource
     from ._mqtt import MqttInputSource
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from ._tokens import SCOPES, Scope, Token, TokenStore, credential_path
 
 __all__ = [
+    "AbuseConfig",
     "AdminHandler",
     "ApiConfig",
     "ApiSource",
@@ -52,6 +54,7 @@ __all__ = [
 # Imported on first use (PEP 562): a process that needs one source, or only the framing helpers (the MCU
 # watchdog in the supervisor), does not load every source's stack (aiohttp, numpy).
 _HOME = {
+    "AbuseConfig": "._abuse",
     "AdminHandler": "._api",
     "ApiConfig": "._api",
     "ApiSource": "._api",

@@ -6,9 +6,9 @@ Routes (``docs/openapi.json`` describes them; :data:`OPENAPI` is the same docume
   POST /v1/admin/{action}  scope admin   reload, and whatever else the service registers
   GET  /v1/openapi.json    no auth       this API's description
 
-Order of checks: route -> token (401) -> scope (403) -> declared size (413) -> capacity (503: requests and
-body bytes in flight) -> body read with the same limit (413) -> parse (400/415) -> engine (400 for a rejected
-input, 500 for a backend error).
+Order of checks: route -> client locked out (429 with Retry-After) -> token (401) -> scope (403) -> declared
+size (413) -> capacity (503: requests and body bytes in flight) -> body read with the same limit (413) ->
+parse (400/415) -> engine (400 for a rejected input, 500 for a backend error).
 
 The event loop only moves bytes: parsing (JSON -> numpy, .npy, base64) runs on ``parse_threads`` threads and
 inference on ``infer_threads``. The worker's liveness reports are written from this loop, so a body parsed on
@@ -17,6 +17,11 @@ worker into the crash-loop safe state). Memory is bounded in bytes, not only in 
 admitted only if its declared size (``max_body_bytes`` when it declares none, e.g. chunked) fits in
 ``max_bytes_in_flight`` beside the bodies already admitted; otherwise it is answered 503 before its body is
 read.
+
+Authentication failures (401, 403) are counted per client (``_abuse``): a burst locks the client out with
+exponential backoff (429 + ``Retry-After``, event ``api-lockout``); each refused token is an event
+``token-refused`` until then; a token whose request rate jumps far above its own baseline raises
+``api-rate-anomaly``.
 """
 
 from __future__ import annotations
@@ -26,13 +31,17 @@ import functools
 import ipaddress
 import json
 import logging
+import math
 import os
 import socket
 import stat
+import struct
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +51,7 @@ from edgeguard._echo import cut, echo
 from edgeguard.bundle.manifest import TensorSpec
 from edgeguard.errors import BackendError, ConfigError, InputRejected, ServiceUnavailable
 
+from ._abuse import AbuseConfig, LockoutTable, RateWatch
 from ._openapi import OPENAPI
 from ._request import BodyLimits, InferenceSink, UnsupportedMediaType, parse_body
 from ._tokens import TokenStore
@@ -52,6 +62,7 @@ _log = logging.getLogger("edgeguard.sources.api")
 _SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path) on Linux, with its terminating NUL
 
 AdminHandler = Callable[[str, dict[str, Any]], dict[str, Any]]
+EventSink = Callable[[str, dict[str, Any]], None]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +79,7 @@ class ApiConfig:
     # Request bodies parsed at once, off the event loop: a 16 MiB JSON body costs several times that while it
     # becomes an array, so this bounds that working set.
     parse_threads: int = 1
+    abuse: AbuseConfig = field(default_factory=AbuseConfig)
 
     def __post_init__(self) -> None:
         if self.unix_socket is None and self.host is None:
@@ -165,8 +177,14 @@ class ApiSource:
         specs: Callable[[], Sequence[TensorSpec]],
         health: Callable[[], dict[str, Any]],
         admin: AdminHandler | None = None,
+        on_event: EventSink | None = None,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         self.config = config
+        self._on_event = on_event
+        clock = monotonic or time.monotonic
+        self._lockouts = LockoutTable(config.abuse, now=clock)
+        self._rates = RateWatch(config.abuse, now=clock)
         self._tokens = tokens
         self._sink = sink
         self._specs = specs
@@ -184,6 +202,7 @@ class ApiSource:
             "403": 0,
             "413": 0,
             "415": 0,
+            "429": 0,
             "500": 0,
             "503": 0,
         }
@@ -248,6 +267,20 @@ class ApiSource:
             "responses": dict(self.counts),
         }
 
+    def security(self) -> dict[str, Any]:
+        """The API's part of the health and heartbeat ``security`` block."""
+        return {
+            "auth_failures": self._lockouts.failures,
+            "lockouts": self._lockouts.lockouts,
+            "locked_clients": self._lockouts.locked_clients(),
+            "last_lockout": self._lockouts.last,
+            "rate_anomalies": self._rates.anomalies,
+        }
+
+    def _event(self, kind: str, data: dict[str, Any]) -> None:
+        if self._on_event is not None:
+            self._on_event(kind, data)
+
     # -- error bodies ----------------------------------------------------------------------------------
     @web.middleware
     async def _json_errors_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -272,18 +305,56 @@ class ApiSource:
     async def _auth_middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         scope = _required_scope(request)
         if scope is not None:
+            client = _client_of(request)
+            wait = self._lockouts.retry_after(client)
+            # Every local process shares the loopback address: a hard lockout there would let any local user
+            # lock every local application out, so by default a locked-out loopback client only has its
+            # failures answered with Retry-After (and reported) while its valid tokens are still served.
+            hard = not _is_loopback(client) or self.config.abuse.lockout_loopback
+            if wait > 0 and hard:
+                # Before the token is looked at: a locked-out client learns nothing more, at no cost.
+                retry = str(math.ceil(wait))
+                return self._count(_error(429, f"too many failed authentications; retry in {retry} s",
+                                          **{"Retry-After": retry}))
             header = request.headers.get("Authorization", "")
             if not header.startswith("Bearer ") or not header[7:].strip():
-                return self._count(_error(401, "missing bearer token", **{"WWW-Authenticate": "Bearer"}))
+                return self._refused(client, 401, "missing bearer token", None,
+                                     **{"WWW-Authenticate": "Bearer"})
             token = self._tokens.authenticate(header[7:].strip())
             if token is None:
-                return self._count(
-                    _error(401, "invalid token", **{"WWW-Authenticate": 'Bearer error="invalid_token"'})
-                )
+                return self._refused(client, 401, "invalid token", None,
+                                     **{"WWW-Authenticate": 'Bearer error="invalid_token"'})
             if scope not in token.scopes:
-                return self._count(_error(403, f"token {token.name!r} lacks the {scope!r} scope"))
+                lacks = f"token {token.name!r} lacks the {scope!r} scope"
+                return self._refused(client, 403, lacks, token.name)
+            anomaly = self._rates.hit(token.name)
+            if anomaly is not None:
+                _log.warning("request rate anomaly for token %r: %s", token.name, anomaly)
+                self._event("api-rate-anomaly", {**anomaly, "client": client})
         response: web.StreamResponse = await handler(request)
         return response
+
+    def _refused(
+        self, client: str, status: int, reason: str, name: str | None, **headers: str
+    ) -> web.Response:
+        wait = self._lockouts.retry_after(client)
+        if wait > 0:  # a locked-out loopback client (soft lockout): Retry-After, no more counting or events
+            retry = str(math.ceil(wait))
+            why = f"{reason}; too many failed authentications, retry in {retry} s"
+            return self._count(_error(status, why, **headers, **{"Retry-After": retry}))
+        seconds = self._lockouts.failure(client)
+        data = {"client": client, "status": status, "reason": reason, "token_name": name}
+        if seconds > 0:
+            when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            why = f"API client {client} locked out for {seconds:.0f} s"
+            self._lockouts.last = {"time": when, "reason": why}
+            _log.warning("API client %s locked out for %.0f s after repeated failed authentications",
+                         client, seconds)
+            self._event("api-lockout", {**data, "locked_s": seconds,
+                                        "failures": self.config.abuse.lockout_failures})
+        else:
+            self._event("token-refused", data)
+        return self._count(_error(status, reason, **headers))
 
     def _count(self, response: web.Response) -> web.Response:
         key = str(response.status) if response.status >= 400 else "ok"
@@ -388,6 +459,23 @@ class ApiSource:
     async def _openapi(self, request: web.Request) -> web.Response:
         del request
         return web.json_response(OPENAPI)
+
+
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def _client_of(request: web.Request) -> str:
+    """Who is asking, as far as the socket can tell: the TCP peer's address, or the Unix socket peer's uid
+    (``SO_PEERCRED``: the kernel's word, not the client's). Local TCP clients all share 127.0.0.1."""
+    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    if sock is not None and sock.family == socket.AF_UNIX:
+        try:
+            _pid, uid, _gid = _PEERCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            return f"uid:{uid}"
+        except OSError:
+            return "unix"
+    return str(request.remote or "unknown")
 
 
 def _required_scope(request: web.Request) -> str | None:

@@ -115,7 +115,7 @@ def test_worker_expiry_timer_follows_the_injected_clock(tmp_path: Path) -> None:
         assert health["state"] == "no-model" and "expired at" in health["degraded_reason"]
         assert "expired" in worker.pipeline.unavailable_reason
         events = [json.loads(e) for e in worker.link._events]
-        kinds = [(e["kind"], e["check"], e["reload"]) for e in events]
-        assert kinds == [("bundle-rejected", "expired", False)]
+        kinds = [(e["kind"], e.get("check"), e["reload"]) for e in events]
+        assert kinds == [("bundle-accepted", None, False), ("bundle-rejected", "expired", False)]
     finally:
         worker.outbox.close()
