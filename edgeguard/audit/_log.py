@@ -356,7 +356,8 @@ class AuditLog:
             _log.error("audit checkpoint file: %s", exc.strerror or exc)
         if self._publish is not None:
             try:
-                self._publish("audit-checkpoint", dict(data))
+                # Nested: the event envelope has its own time and device; the signed fields stay as signed.
+                self._publish("audit-checkpoint", {"checkpoint": dict(data)})
             except Exception:  # the log must not depend on the link
                 _log.exception("publishing the audit checkpoint failed")
 

@@ -107,7 +107,9 @@ def checkpoints_from_capture(path: Path) -> list[dict[str, Any]]:
         except (ValueError, UnicodeDecodeError):
             continue
         if isinstance(doc, dict) and doc.get("kind") == "audit-checkpoint":
-            found.append({k: doc.get(k) for k in ("device", "head", "count", "time", "key_id", "sig")})
+            cp = doc.get("checkpoint")
+            if isinstance(cp, dict):
+                found.append({k: cp.get(k) for k in ("device", "head", "count", "time", "key_id", "sig")})
     return found
 
 

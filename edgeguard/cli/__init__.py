@@ -51,8 +51,8 @@ Start with `edgeguard demo`, then `edgeguard init DIR` (README: "Your first devi
 # The modules whose register(sub) adds the subcommands, in listing order.
 _MODULES = (
     "_bundle_cmds", "_engine_cmds", "_quantize_cmds", "_service_cmds", "_demo",
-    "_zoo_cmds", "_init_cmd", "_token_cmds", "_status_cmd", "_scan_cmds", "_provision_cmds", "_fleet_cmds",
-    "_audit_cmds",
+    "_zoo_cmds", "_init_cmd", "_token_cmds", "_status_cmd", "_scan_cmds", "_provision_cmds",
+    "_audit_cmds", "_fleet_cmds",
 )
 
 # Every top-level command: the module that registers it and its one-line help, so that `edgeguard --help`

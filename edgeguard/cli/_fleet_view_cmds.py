@@ -15,20 +15,12 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeguard.errors import ConfigError, EdgeGuardError
-from edgeguard.fleet.view import (
-    SORT_COLUMNS,
-    BrokerOptions,
-    FleetEvent,
-    FleetState,
-    Follower,
-    headline,
-    render_table,
-    report_json,
-    select,
-)
+
+if TYPE_CHECKING:  # the operator package is imported by the handlers only: a device never loads it
+    from edgeguard.fleet.view import FleetEvent, FleetState, Follower
 
 __all__ = ["register_fleet"]
 
@@ -78,7 +70,11 @@ def register_fleet(fsub: argparse._SubParsersAction[Any]) -> None:
         if name != "exporter":
             p.add_argument("--group", metavar="G", help="only devices in group G")
             p.add_argument("--problem", action="store_true", help="only devices that need attention")
-            p.add_argument("--sort", choices=sorted(SORT_COLUMNS), default="device", help="sort column")
+            p.add_argument(
+                "--sort",
+                default="device",
+                help="sort column: device, state, heartbeat, model, outbox, rate, latency, restarts, problem",
+            )
             p.add_argument("--json", action="store_true", help="JSON for scripts (default: a table)")
         if name == "status":
             p.add_argument("--wait", type=float, default=2.0, metavar="S",
@@ -111,6 +107,10 @@ def _host_port(text: str, what: str) -> tuple[str, int]:
 
 
 def _follow(args: argparse.Namespace, on_event: Any = None) -> tuple[Follower, FleetState]:
+    from edgeguard.fleet.view import SORT_COLUMNS, BrokerOptions, FleetState, Follower  # noqa: PLC0415 - the operator package, loaded by the handlers only
+
+    if getattr(args, "sort", "device") not in SORT_COLUMNS:  # before connecting to anything
+        raise ConfigError(f"--sort: unknown column {args.sort!r} (one of {', '.join(SORT_COLUMNS)})")
     host, port = _host_port(args.broker, "--broker")
     try:
         options = BrokerOptions(
@@ -131,6 +131,8 @@ def _follow(args: argparse.Namespace, on_event: Any = None) -> tuple[Follower, F
 
 
 def _status(args: argparse.Namespace) -> int:
+    from edgeguard.fleet.view import report_json, select  # noqa: PLC0415 - the operator package, loaded by the handlers only
+
     if args.wait < 0:
         raise ConfigError("--wait must be >= 0")
     follower, state = _follow(args)
@@ -151,6 +153,8 @@ def _status(args: argparse.Namespace) -> int:
 
 def _print_table(rows: list[dict[str, Any]], now: float, every: list[dict[str, Any]]) -> None:
     from rich.console import Console  # noqa: PLC0415 - only the table needs rich's console
+
+    from edgeguard.fleet.view import headline, render_table  # noqa: PLC0415 - the operator package, loaded by the handlers only
 
     if not rows:
         print(headline(every))
@@ -199,6 +203,8 @@ def _watch(args: argparse.Namespace) -> int:
 
 def _watch_table(args: argparse.Namespace, state: FleetState) -> int:
     from rich.live import Live  # noqa: PLC0415 - only --table needs it
+
+    from edgeguard.fleet.view import render_table, select  # noqa: PLC0415 - the operator package, loaded by the handlers only
 
     stop = threading.Event()
 

@@ -176,7 +176,9 @@ class MqttLink:
                 self._on_event(kind, data)
             except Exception:  # the observer must not cost the event
                 log.exception("event observer failed for %s", kind)
-        body = {"kind": kind, "time": self._wall(), "device": self.device_id, **data}
+        # The envelope's own keys win: consumers (docs/schemas/events.json) rely on a numeric time and the
+        # publishing device's id whatever an event's data carries.
+        body = {**data, "kind": kind, "time": self._wall(), "device": self.device_id}
         payload = json.dumps(body, default=str).encode()
         with self._lock:
             if len(self._events) >= self.config.events_max_queued:

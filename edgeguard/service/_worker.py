@@ -245,7 +245,7 @@ class Worker:
         """Called by the monitor (its thread; the executor at start and reload) when the outcome changed."""
         policy = self.cfg.integrity.policy
         if report.state == "baseline-taken":
-            self.link.publish_event("integrity-baseline", {"time": report.time})
+            self.link.publish_event("integrity-baseline", {"taken": report.time})
             return
         if report.alert:
             reason = report.reason()
@@ -264,7 +264,7 @@ class Worker:
             return
         if previous is not None and previous.alert:
             self.integrity_block = None
-            self.link.publish_event("integrity-restored", {"time": report.time})
+            self.link.publish_event("integrity-restored", {"checked": report.time})
 
     def verdict(self) -> dict[str, Any]:
         """The checks behind every watchdog kick: inference progressing, outbox accepting, link loop alive.

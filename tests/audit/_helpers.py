@@ -26,7 +26,7 @@ def write_log(
         signing_key=key,
         device_id="dev-1",
         config=AuditConfig(**config),
-        publish=lambda _kind, data: sink.append(data),
+        publish=lambda _kind, data: sink.append(data["checkpoint"]),  # published nested under "checkpoint"
     )
     for i in range(n):
         log.append("bundle-rejected", {"i": i, "reason": f"signature: test {i}"})

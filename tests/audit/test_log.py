@@ -130,7 +130,7 @@ def test_writer_thread_checkpoints_on_time(tmp_path: Path) -> None:
     got = threading.Event()
 
     def publish(_kind: str, data: dict[str, Any]) -> None:
-        published.append(data)
+        published.append(data["checkpoint"])
         got.set()
 
     log = AuditLog(directory=tmp_path, signing_key=key, device_id="dev-1",
