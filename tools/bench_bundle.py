@@ -186,7 +186,8 @@ def main() -> int:
     print(
         f"model {args.model.name}: {size_mb:.1f} MB, chunk {args.chunk_size} B, {threads} open thread(s) "
         f"(cpus available: {BundleLimits(max_open_threads=64).open_threads()}), {args.reps} interleaved "
-        "reps, medians; ratio = throughput vs raw single-shot AES-256-GCM under the same setting"
+        "reps, medians; ratio = throughput vs raw single-shot AES-256-GCM under the same setting; load "
+        f"average at the end {os.getloadavg()[0]:.1f}"
     )
     result: dict[str, object] = {"model_bytes": len(model), "threads": threads, "chunk_size": args.chunk_size}
     for name, run in runs.items():
@@ -197,12 +198,15 @@ def main() -> int:
         )
         print(f"\n[{name}] {label}")
         for case, ms in times.items():
+            # CPU ms (all threads): the work itself. On a machine shared with other jobs, cpu/wall well
+            # below 1 (one thread) or 2 (two threads) means the case waited for a CPU, not for its work.
             print(
                 f"  {case:<42} {ms:8.2f} ms  {size_mb / ms:6.2f} GB/s  {raw / ms:6.3f}x raw"
-                f"  cpu/wall {cpu[case]:.2f}"
+                f"  cpu/wall {cpu[case]:.2f}  cpu {ms * cpu[case]:7.2f} ms"
             )
             result[f"{name}: {case} vs raw"] = round(raw / ms, 3)
             result[f"{name}: {case} ms"] = round(ms, 2)
+            result[f"{name}: {case} cpu ms"] = round(ms * cpu[case], 2)
     native = runs["native"]["times"]
     best = max(SUITES, key=lambda s: native["raw AES-256-GCM"] / native[f"open {s} (path)"])
     print("\ngoals:")
