@@ -263,3 +263,41 @@ def test_cli_pack_suite_auto_from_profiles(tmp_path: Path, tiny_model: bytes) ->
     # A suite swapped on the way: one line naming the check, exit 3.
     (tmp_path / "swapped.egm").write_bytes(_swap_suite((tmp_path / "chacha.egm").read_bytes(), None))
     rejected(eg("verify", "swapped.egm", "--trust", "pub/publisher.pub", cwd=tmp_path), "signature")
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_failed_chacha_open_wipes_what_it_decrypted(
+    *,
+    party: Party,
+    chacha_bundle: bytes,
+    tiny_model: bytes,
+    forge: Forge,
+    monkeypatch: pytest.MonkeyPatch,
+    threads: int,
+) -> None:
+    """The earlier chunks are decrypted into the plaintext buffer before the last one fails its tag: the
+    buffer is zeroed before the error leaves open_bundle, as with AES-GCM."""
+    seen: list[bytearray] = []
+
+    class Spy(bytearray):
+        def __init__(self, *a: Any) -> None:
+            super().__init__(*a)
+            seen.append(self)
+
+    import edgeguard.bundle._open as mod
+
+    monkeypatch.setattr(mod, "bytearray", Spy, raising=False)
+    chunks = split(chacha_bundle).model_chunks
+    last = bytearray(chunks[-1])
+    last[0] ^= 1
+    bad = forge(chacha_bundle, lambda p: p.with_model_chunks([*chunks[:-1], bytes(last)]))
+    with pytest.raises(BundleRejected, match=f"chunk {len(chunks) - 1} of stream 2 failed authentication"):
+        open_bundle(
+            bad,
+            trust=party.trust,
+            device_key=party.device,
+            state_dir=None,
+            limits=fmt.BundleLimits(max_open_threads=threads),
+        )
+    assert any(len(b) == len(tiny_model) for b in seen)  # the plaintext buffer was allocated and filled...
+    assert all(not any(b) for b in seen)  # ...and zeroed before the error left open_bundle
