@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Run EdgeGuard's tests on an emulated arm64 Debian bookworm (Python 3.11, as Raspberry Pi OS bookworm), with the
-# aarch64 wheels of onnxruntime and ai-edge-litert. The recipe and its measured timings are in ARM64 notes
-# (docs/bundle.md links the figures); this tool is that recipe, made repeatable.
+# aarch64 wheels of onnxruntime and ai-edge-litert: a recipe measured by hand, made repeatable.
 #
 #   sudo bash tools/arm64.sh [PYTEST ARGS...]     default: tests/bundle tests/engine
 #
@@ -123,15 +122,15 @@ if [ "$(cat "$root/.eg-venv" 2>/dev/null)" != "$stamp" ]; then
 fi  # else: the editable install points at $src, which was replaced by the same layout
 
 # 4. The tests.
-say "pytest $* (uname -m: $(in_root uname -m), QEMU_CPU=$qemu_cpu)"
+arch=$(in_root uname -m)
+say "pytest $* (uname -m: $arch, QEMU_CPU=$qemu_cpu)"
 test_started=$(date +%s)
 set +e
 in_root bash -c "cd $src && python -m pytest -q -p no:cacheprovider $(printf '%q ' "$@")" 2>&1 |
   tee "$root/.eg-last-run.log"
 rc=${PIPESTATUS[0]}
 set -e
-summary=$(grep -E '^(=+ )?[0-9]+ (passed|failed|error)|^=+ .*(passed|failed|error).* =+$' "$root/.eg-last-run.log" |
-  tail -n1)
+summary=$(grep -aE '[0-9]+ (passed|failed|error)' "$root/.eg-last-run.log" | tail -n1 || true)
 echo
 echo "arm64 summary: rc=$rc | ${summary:-no pytest summary} | tests $(($(date +%s) - test_started)) s," \
   "total $(($(date +%s) - started)) s | root $root"
