@@ -557,26 +557,28 @@ class _ChunkPass:
                 "integrity", f"chunk {c.index} of stream {c.stream} failed authentication"
             ) from None
 
-
     def _open_chacha(self, c: fmt.ChunkRef, ct: memoryview) -> None:
-        # cryptography's ChaCha20-Poly1305 has no incremental decryptor: it checks the tag and returns a
-        # new plaintext (one chunk, freed at once), which is then copied into place. Memory stays bounded
-        # by threads x chunk; nothing unauthenticated reaches the output.
         n = c.plain_size
         assert self._chacha is not None
+        nonce = fmt.chunk_nonce(c.stream, c.index, c.final)
+        aad = fmt.chunk_aad(self._binding, c.stream, c.index, c.final)
+        out = self._outs[c.stream][c.plain_offset : c.plain_offset + n]
         try:
-            plain = self._chacha.decrypt(
-                fmt.chunk_nonce(c.stream, c.index, c.final),
-                ct,
-                fmt.chunk_aad(self._binding, c.stream, c.index, c.final),
-            )
+            if hasattr(self._chacha, "decrypt_into"):
+                # Straight into the final buffer, as GCM's update_into: no plaintext copy left in an
+                # immutable ``bytes`` that nobody can wipe. On a bad tag open_bundle zeroes the buffer.
+                self._chacha.decrypt_into(nonce, ct, aad, out)
+                return
+            # Older cryptography (no decrypt_into): the tag is checked, then a new plaintext of one chunk is
+            # copied into place; that copy is freed at once but cannot be zeroed (docs/bundle.md, Caveats).
+            plain = self._chacha.decrypt(nonce, ct, aad)
         except InvalidTag:
             raise BundleRejected(
                 "integrity", f"chunk {c.index} of stream {c.stream} failed authentication"
             ) from None
         if len(plain) != n:  # cannot happen with a 16-byte tag; the output slice must not be resized
             raise BundleRejected("malformed", f"chunk {c.index} of stream {c.stream} has the wrong size")
-        self._outs[c.stream][c.plain_offset : c.plain_offset + n] = plain
+        out[:] = plain
 
 
 def verify_bundle(

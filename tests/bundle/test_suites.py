@@ -265,6 +265,19 @@ def test_cli_pack_suite_auto_from_profiles(tmp_path: Path, tiny_model: bytes) ->
     rejected(eg("verify", "swapped.egm", "--trust", "pub/publisher.pub", cwd=tmp_path), "signature")
 
 
+class _ChaChaWithoutDecryptInto:
+    """ChaCha20Poly1305 as cryptography releases without ``decrypt_into`` have it."""
+
+    def __init__(self, key: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+        self._aead = ChaCha20Poly1305(key)
+
+    def decrypt(self, nonce: bytes, data: Any, aad: bytes) -> bytes:
+        return self._aead.decrypt(nonce, data, aad)
+
+
+@pytest.mark.parametrize("into", [True, False], ids=["decrypt_into", "decrypt+copy"])
 @pytest.mark.parametrize("threads", [1, 4])
 def test_failed_chacha_open_wipes_what_it_decrypted(
     *,
@@ -274,17 +287,26 @@ def test_failed_chacha_open_wipes_what_it_decrypted(
     forge: Forge,
     monkeypatch: pytest.MonkeyPatch,
     threads: int,
+    into: bool,
 ) -> None:
     """The earlier chunks are decrypted into the plaintext buffer before the last one fails its tag: the
-    buffer is zeroed before the error leaves open_bundle, as with AES-GCM."""
+    buffer is zeroed before the error leaves open_bundle, as with AES-GCM; with and without
+    ``decrypt_into`` (older cryptography), and the honest bundle opens both ways."""
+    import edgeguard.bundle._open as mod
+
+    if not into:
+        monkeypatch.setattr(mod, "ChaCha20Poly1305", _ChaChaWithoutDecryptInto)
+    limits = fmt.BundleLimits(max_open_threads=threads)
+    good = open_bundle(
+        chacha_bundle, trust=party.trust, device_key=party.device, state_dir=None, limits=limits
+    )
+    assert good.model == tiny_model
     seen: list[bytearray] = []
 
     class Spy(bytearray):
         def __init__(self, *a: Any) -> None:
             super().__init__(*a)
             seen.append(self)
-
-    import edgeguard.bundle._open as mod
 
     monkeypatch.setattr(mod, "bytearray", Spy, raising=False)
     chunks = split(chacha_bundle).model_chunks
