@@ -6,9 +6,16 @@
 
 from __future__ import annotations
 
-from edgeguard.bundle._format import DEFAULT_CHUNK_SIZE, BundleLimits
+from edgeguard.bundle._format import DEFAULT_CHUNK_SIZE, DEFAULT_SUITE, SUITES, BundleLimits
 from edgeguard.bundle._open import OpenedBundle, VerifiedBundle, inspect_bundle, open_bundle, verify_bundle
-from edgeguard.bundle._pack import detect_format, load_golden_npz, load_meta, pack_bundle, read_model
+from edgeguard.bundle._pack import (
+    SUITE_CHOICES,
+    detect_format,
+    load_golden_npz,
+    load_meta,
+    pack_bundle,
+    read_model,
+)
 from edgeguard.bundle._rollback import MODEL_NAME_RE, RollbackFloor, check_model_name
 from edgeguard.bundle.manifest import GoldenSample, Manifest, TensorSpec, Tolerance
 from edgeguard.keys import DeviceKey, PublisherKey, RecipientKey, TrustStore
@@ -16,6 +23,7 @@ from edgeguard.keys import DeviceKey, PublisherKey, RecipientKey, TrustStore
 __all__ = [
     "BundleLimits",
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_SUITE",
     "DeviceKey",
     "GoldenSample",
     "MODEL_NAME_RE",
@@ -24,6 +32,8 @@ __all__ = [
     "PublisherKey",
     "RecipientKey",
     "RollbackFloor",
+    "SUITES",
+    "SUITE_CHOICES",
     "TensorSpec",
     "Tolerance",
     "TrustStore",

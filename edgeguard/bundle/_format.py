@@ -6,19 +6,20 @@ how nonces/AAD are built. The full description, with the reasons behind each cho
 Layout (all integers big-endian)::
 
     header     64 bytes   magic(8) version(u16) flags(u16) manifest_len(u32) body_len(u64)
-                          signer_key_id(8) index_sha256(32)
-    manifest   manifest_len bytes of UTF-8 JSON
+                          signer_key_id(8) index_digest(32)
+    manifest   manifest_len bytes of UTF-8 JSON (its ``suite`` field names the cipher suite; absent: the
+                          default, AES-256-GCM + SHA-256, as in every bundle before suites existed)
     signature  64 bytes   Ed25519 over header || manifest
     body       body_len bytes:
                  index          wrapped keys: recipients x 80 bytes, HPKE(enc 32 || AES-256-GCM(key) 48)
-                                chunk table: 32 bytes per chunk, SHA-256(chunk ciphertext || tag), golden
-                                chunks then model chunks, in stream order
-                                (the header's index_sha256 is SHA-256 of these two parts together)
+                                chunk table: 32 bytes per chunk, the suite's digest (SHA-256 or BLAKE2b-256)
+                                of chunk ciphertext || tag, golden chunks then model chunks, in stream order
+                                (the header's index_digest is the suite's digest of these two parts together)
                  golden stream  chunks of the golden-vector .npz (may be empty)
                  model stream   chunks of the model
 
-The signature covers the header, so it covers SHA-256 of the index, which covers every wrapped key and the
-digest of every chunk at its position: every byte of the file except the signature itself.
+The signature covers the header and the manifest, so it covers the suite and the digest of the index, which
+covers every wrapped key and the digest of every chunk at its position: every byte except the signature.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Literal
 
-__all__ = ["BundleLimits"]
+__all__ = ["BundleLimits", "SUITES", "DEFAULT_SUITE", "Suite"]
 
 MAGIC: Final = b"\x89EGM\r\n\x1a\n"  # PNG-style: a non-ASCII byte and CR/LF/EOF catch text-mode mangling
 FORMAT_VERSION: Final = 2  # 2: per-chunk digest table (one streaming pass); 1 hashed the whole body
@@ -40,10 +42,54 @@ KEY_ID_BYTES: Final = 8  # key ids are the first 8 bytes (16 hex) of SHA-256(raw
 CONTENT_KEY_SIZE: Final = 32
 WRAPPED_KEY_SIZE: Final = 80  # X25519 enc (32) + AES-256-GCM of a 32-byte key (32 + 16 tag)
 TAG_SIZE: Final = 16
-DIGEST_SIZE: Final = 32  # one SHA-256 per chunk in the chunk table
+DIGEST_SIZE: Final = 32  # one digest per chunk in the chunk table (SHA-256, or BLAKE2b with 32-byte output)
 # 512 KiB measured fastest for opening a 12 MB model from a file with 2 threads while the per-thread scratch
 # buffers stay within a tenth of the model (tools/bench_bundle.py, docs/bundle.md "Performance").
 DEFAULT_CHUNK_SIZE: Final = 512 * 1024
+
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A cipher suite: the AEAD that seals the chunks and the collision-resistant digest the signed index
+    uses for each chunk and for itself. The HPKE key wrap, the key commitment and the manifest binding stay
+    SHA-256/AES-GCM in every suite: they process a few hundred bytes (docs/bundle.md, "Cipher suites")."""
+
+    name: str
+    aead: Literal["aes256gcm", "chacha20poly1305"]
+    digest: Callable[[bytes | bytearray | memoryview], bytes]
+
+
+def _sha256(data: bytes | bytearray | memoryview) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _blake2b_256(data: bytes | bytearray | memoryview) -> bytes:
+    # BLAKE2b parameterised to 32 bytes (not a truncation): its own function, fast in plain 64-bit code.
+    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+
+
+def _blake3_256(data: bytes | bytearray | memoryview) -> bytes:
+    # Imported here: only a process that opens or packs such a bundle loads it (lean supervisor, fast CLI).
+    from blake3 import blake3  # noqa: PLC0415
+
+    return bytes(blake3(data).digest())
+
+
+# AES-256-GCM + SHA-256 where the CPU has AES and SHA instructions (x86-64, Pi 5, Jetson Orin); ChaCha20-
+# Poly1305 + BLAKE2b where it has neither (Pi 4, Pi Zero 2 W): both run at speed in plain integer/NEON code.
+# AES-256-GCM + BLAKE3 for the fastest open where GCM is fast: SHA-256 (~1 GB/s even with SHA-NI) bounds the
+# default suite far below what VAES-GCM reaches; BLAKE3's SIMD tree runs at several GB/s. Why the GCM tags
+# themselves cannot replace the digests: docs/bundle.md, "Cipher suites".
+SUITES: Final[dict[str, Suite]] = {
+    s.name: s
+    for s in (
+        Suite("aes256gcm-sha256", "aes256gcm", _sha256),
+        Suite("chacha20poly1305-blake2b", "chacha20poly1305", _blake2b_256),
+        Suite("aes256gcm-blake3", "aes256gcm", _blake3_256),
+    )
+}
+DEFAULT_SUITE: Final = "aes256gcm-sha256"  # also what a manifest without a ``suite`` field means
 
 STREAM_GOLDEN: Final = 1
 STREAM_MODEL: Final = 2
@@ -134,7 +180,7 @@ class Layout:
     golden_chunks: int = field(init=False)
     chunks: int = field(init=False)
     table_offset: int = field(init=False)
-    index_len: int = field(init=False)  # wrapped keys + chunk table: what the header's index_sha256 covers
+    index_len: int = field(init=False)  # wrapped keys + chunk table: what the header's index_digest covers
     body_len: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -184,7 +230,8 @@ def key_commitment(content_key: bytes) -> str:
 
 
 def chunk_nonce(stream: int, index: int, final: bool) -> bytes:
-    """96-bit GCM nonce: stream id, final flag, chunk index. Unique per (content key, chunk) by construction;
+    """96-bit AEAD nonce (GCM and ChaCha20-Poly1305 alike): stream id, final flag, chunk index. Unique per
+    (content key, chunk) by construction;
     a chunk moved to another position, stream or to the end decrypts under another nonce (tag fails)."""
     return struct.pack(">BBHQ", stream, 1 if final else 0, 0, index)
 

@@ -25,7 +25,6 @@ written to be safe on arbitrary bytes.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import io
 import json
@@ -42,6 +41,7 @@ from typing import Any, NoReturn
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from edgeguard import __version__
 from edgeguard._hardening import protect, release
@@ -67,7 +67,7 @@ class _Header:
     manifest_len: int
     body_len: int
     signer_key_id: str
-    index_sha256: bytes
+    index_digest: bytes  # the suite's digest of the index; the suite is in the manifest, checked later
 
 
 class _Source:
@@ -282,6 +282,7 @@ _MANIFEST_KEYS = frozenset(
         "postprocess",
         "input_stats",
         "quantization",
+        "suite",
     }
 )
 _HEX16, _HEX32, _HEX64 = r"[0-9a-f]{16}", r"[0-9a-f]{32}", r"[0-9a-f]{64}"
@@ -317,6 +318,14 @@ def _parse_unverified_manifest(raw: bytes, limits: fmt.BundleLimits) -> Manifest
     tolerance = Tolerance(**{k: _number(v, f"golden_tolerance.{k}") for k, v in tol.items()})
     if tolerance.rtol < 0 or tolerance.atol < 0:
         _bad("golden_tolerance must not be negative")
+    suite = d.get("suite", fmt.DEFAULT_SUITE)
+    if not isinstance(suite, str) or len(suite) > 64:
+        _bad("suite must be a string of <= 64 chars")
+    if suite not in fmt.SUITES:
+        # Signed, so not an attack on the reader: a publisher newer than this runtime.
+        raise BundleRejected(
+            "unsupported", f"cipher suite {suite[:64]!r} (this runtime reads {', '.join(fmt.SUITES)})"
+        )
     extras: dict[str, Mapping[str, Any] | None] = {}
     for key in ("preprocess", "postprocess", "input_stats", "quantization"):
         v = d.get(key)
@@ -340,6 +349,7 @@ def _parse_unverified_manifest(raw: bytes, limits: fmt.BundleLimits) -> Manifest
         golden_count=_int(d, "golden_count", 0, 10_000),
         golden_size=_int(d, "golden_size", 0, 2**62),
         golden_tolerance=tolerance,
+        suite=suite,
         description=_str(d, "description", 4096) if "description" in d else "",
         bundle_id=_str(d, "bundle_id", 32, _HEX32),
         key_commitment=_str(d, "key_commitment", 64, _HEX64),
@@ -445,7 +455,8 @@ def _verify(
     # Step 7: the index (wrapped keys + chunk table; its size follows from the signed, bounded manifest).
     body_start = fmt.HEADER_SIZE + header.manifest_len + fmt.SIGNATURE_SIZE
     index = src.read(body_start, layout.index_len)
-    if not hmac.compare_digest(hashlib.sha256(index).digest(), header.index_sha256):
+    # The suite comes from the signed manifest, so the index is hashed with the function the publisher chose.
+    if not hmac.compare_digest(fmt.SUITES[manifest.suite].digest(index), header.index_digest):
         raise BundleRejected("integrity", "wrapped keys or chunk table do not match the signed index digest")
     return _Checked(VerifiedBundle(manifest, manifest_bytes, header.signer_key_id), layout, body_start, index)
 
@@ -467,7 +478,13 @@ class _ChunkPass:
     ) -> None:
         self._src, self._layout, self._start = src, checked.layout, checked.body_start
         self._table = memoryview(checked.index)[checked.layout.table_offset :]
-        self._aes = None if content_key is None else algorithms.AES(content_key)
+        self._digest = fmt.SUITES[checked.verified.manifest.suite].digest
+        aead = fmt.SUITES[checked.verified.manifest.suite].aead
+        self._aes = self._chacha = None
+        if content_key is not None and aead == "aes256gcm":
+            self._aes = algorithms.AES(content_key)
+        elif content_key is not None:
+            self._chacha = ChaCha20Poly1305(content_key)
         self._binding = fmt.manifest_binding(checked.verified.manifest_bytes)
         self._outs = outs
         self._lock = threading.Lock()
@@ -517,10 +534,13 @@ class _ChunkPass:
         ct = self._src.chunk(self._start + c.body_offset, n + fmt.TAG_SIZE, scratch)
         # hashlib releases the GIL on buffers this large, so threads hash in parallel.
         expected = self._table[k * fmt.DIGEST_SIZE : (k + 1) * fmt.DIGEST_SIZE]
-        if not hmac.compare_digest(hashlib.sha256(ct).digest(), expected):
+        if not hmac.compare_digest(self._digest(ct), expected):
             raise BundleRejected(
                 "integrity", f"chunk {c.index} of stream {c.stream} does not match its signed digest"
             )
+        if self._chacha is not None:
+            self._open_chacha(c, ct)
+            return
         if self._aes is None:
             return
         decryptor = Cipher(
@@ -536,6 +556,29 @@ class _ChunkPass:
             raise BundleRejected(
                 "integrity", f"chunk {c.index} of stream {c.stream} failed authentication"
             ) from None
+
+    def _open_chacha(self, c: fmt.ChunkRef, ct: memoryview) -> None:
+        n = c.plain_size
+        assert self._chacha is not None
+        nonce = fmt.chunk_nonce(c.stream, c.index, c.final)
+        aad = fmt.chunk_aad(self._binding, c.stream, c.index, c.final)
+        out = self._outs[c.stream][c.plain_offset : c.plain_offset + n]
+        try:
+            if hasattr(self._chacha, "decrypt_into"):
+                # Straight into the final buffer, as GCM's update_into: no plaintext copy left in an
+                # immutable ``bytes`` that nobody can wipe. On a bad tag open_bundle zeroes the buffer.
+                self._chacha.decrypt_into(nonce, ct, aad, out)
+                return
+            # Older cryptography (no decrypt_into): the tag is checked, then a new plaintext of one chunk is
+            # copied into place; that copy is freed at once but cannot be zeroed (docs/bundle.md, Caveats).
+            plain = self._chacha.decrypt(nonce, ct, aad)
+        except InvalidTag:
+            raise BundleRejected(
+                "integrity", f"chunk {c.index} of stream {c.stream} failed authentication"
+            ) from None
+        if len(plain) != n:  # cannot happen with a 16-byte tag; the output slice must not be resized
+            raise BundleRejected("malformed", f"chunk {c.index} of stream {c.stream} has the wrong size")
+        out[:] = plain
 
 
 def verify_bundle(

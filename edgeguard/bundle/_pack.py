@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives import hpke
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from edgeguard.bundle import _format as fmt
 from edgeguard.bundle._golden import decode_golden, encode_golden, split_golden_keys
@@ -29,7 +29,7 @@ from edgeguard.bundle.manifest import GoldenSample, Manifest, ModelFormat, Tenso
 from edgeguard.errors import BundleRejected, ConfigError
 from edgeguard.keys import PublisherKey, RecipientKey
 
-__all__ = ["pack_bundle", "load_golden_npz", "load_meta", "detect_format"]
+__all__ = ["pack_bundle", "load_golden_npz", "load_meta", "detect_format", "resolve_suite", "SUITE_CHOICES"]
 
 _HPKE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 _META_KEYS = frozenset(
@@ -45,6 +45,24 @@ _META_KEYS = frozenset(
         "min_runtime",
     }
 )
+
+
+SUITE_CHOICES = (*fmt.SUITES, "auto")
+# Device profiles whose CPUs have neither the ARMv8 AES nor the SHA-2 instructions (BCM2711 of the Pi 4,
+# BCM2710A1 of the Pi Zero 2 W and Pi 3): AES-GCM and SHA-256 run there in slow table-free software.
+_WITHOUT_CRYPTO_INSTRUCTIONS = frozenset({"raspberry-pi-4", "raspberry-pi-zero-2", "raspberry-pi-3"})
+
+
+def resolve_suite(suite: str, profiles: Sequence[str] = ()) -> str:
+    """``pack --suite``: a suite name as given, or ``auto``: ChaCha20-Poly1305 + BLAKE2b when any recipient's
+    device profile is known to lack AES/SHA instructions (the slowest board decides: ChaCha still runs at
+    GB/s on the others), else the default AES-256-GCM + SHA-256."""
+    if suite == "auto":
+        slow = any(p in _WITHOUT_CRYPTO_INSTRUCTIONS for p in profiles)
+        return "chacha20poly1305-blake2b" if slow else fmt.DEFAULT_SUITE
+    if suite not in fmt.SUITES:
+        raise ConfigError(f"unknown cipher suite {suite!r} (choose from {', '.join(SUITE_CHOICES)})")
+    return suite
 
 
 def detect_format(path: Path | None, data: bytes) -> ModelFormat:
@@ -117,7 +135,9 @@ def _iso(t: datetime) -> str:
     return t.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _seal_stream(aead: AESGCM, data: bytes, *, chunk_size: int, binding: bytes, stream: int) -> list[bytes]:
+def _seal_stream(
+    aead: AESGCM | ChaCha20Poly1305, data: bytes, *, chunk_size: int, binding: bytes, stream: int
+) -> list[bytes]:
     """The chunks of one stream, each ciphertext || 16-byte tag."""
     count = fmt.chunk_count(len(data), chunk_size)
     view = memoryview(data)
@@ -134,11 +154,18 @@ def _seal_stream(aead: AESGCM, data: bytes, *, chunk_size: int, binding: bytes, 
 
 
 def assemble(
-    manifest_bytes: bytes, wrapped_keys: Sequence[bytes], chunks: Sequence[bytes], sign_key: PublisherKey
+    manifest_bytes: bytes,
+    wrapped_keys: Sequence[bytes],
+    chunks: Sequence[bytes],
+    sign_key: PublisherKey,
+    *,
+    suite: str = fmt.DEFAULT_SUITE,
 ) -> bytes:
     """Header, manifest, signature and body around already sealed parts (``chunks``: golden stream then
-    model stream, in order). The chunk table and the index digest are computed here, from the chunks."""
-    index = b"".join(wrapped_keys) + b"".join(hashlib.sha256(c).digest() for c in chunks)
+    model stream, in order). The chunk table and the index digest are computed here, from the chunks, with
+    ``suite``'s digest (which must be the suite the manifest names)."""
+    digest = fmt.SUITES[suite].digest
+    index = b"".join(wrapped_keys) + b"".join(digest(c) for c in chunks)
     body_len = len(index) + sum(len(c) for c in chunks)
     header = fmt.HEADER.pack(
         fmt.MAGIC,
@@ -147,7 +174,7 @@ def assemble(
         len(manifest_bytes),
         body_len,
         bytes.fromhex(sign_key.key_id),
-        hashlib.sha256(index).digest(),
+        digest(index),
     )
     signature = sign_key.private_key.sign(header + manifest_bytes)
     return b"".join([header, manifest_bytes, signature, index, *chunks])
@@ -167,14 +194,20 @@ def pack_bundle(
     chunk_size: int = fmt.DEFAULT_CHUNK_SIZE,
     now: datetime | None = None,
     limits: fmt.BundleLimits | None = None,
+    suite: str = fmt.DEFAULT_SUITE,
+    recipient_profiles: Sequence[str] = (),
 ) -> bytes:
     """Seal ``model`` for ``recipients`` and sign it; return the ``.egm`` bytes.
+
+    ``suite``: a name of ``_format.SUITES`` or ``auto`` (decided by ``recipient_profiles``, the recipients'
+    device profile names, see ``resolve_suite``).
 
     ``golden`` holds samples {"in": {name: array}, "out": {name: array}}; a sample without outputs gets them
     from a CPU reference run of the model. ``meta`` may give inputs/outputs (else read from the model) and the
     optional preprocess/postprocess/input_stats/quantization/tolerance/description.
     """
     limits = limits or fmt.BundleLimits()
+    suite = resolve_suite(suite, recipient_profiles)
     meta = dict(meta or {})
     for key, kind in (
         ("inputs", list),
@@ -247,6 +280,7 @@ def pack_bundle(
         description=str(meta.get("description", "")),
         bundle_id=os.urandom(16).hex(),
         key_commitment=fmt.key_commitment(content_key),
+        suite=suite,
     )
     manifest_bytes = json.dumps(manifest.to_json(), separators=(",", ":"), sort_keys=True).encode("utf-8")
     try:  # the device's parser is the judge of what a valid manifest is
@@ -269,12 +303,15 @@ def pack_bundle(
 
     info = fmt.hpke_info(manifest_bytes)
     wrapped = [_HPKE.encrypt(content_key, r.public_key, info=info) for r in recipients]
-    aead, binding = AESGCM(content_key), fmt.manifest_binding(manifest_bytes)
+    aead: AESGCM | ChaCha20Poly1305 = (
+        ChaCha20Poly1305(content_key) if fmt.SUITES[suite].aead == "chacha20poly1305" else AESGCM(content_key)
+    )
+    binding = fmt.manifest_binding(manifest_bytes)
     chunks = [
         *_seal_stream(aead, golden_bytes, chunk_size=chunk_size, binding=binding, stream=fmt.STREAM_GOLDEN),
         *_seal_stream(aead, model, chunk_size=chunk_size, binding=binding, stream=fmt.STREAM_MODEL),
     ]
-    return assemble(manifest_bytes, wrapped, chunks, sign_key)
+    return assemble(manifest_bytes, wrapped, chunks, sign_key, suite=suite)
 
 
 def read_model(path: Path) -> tuple[bytes, ModelFormat]:

@@ -92,6 +92,8 @@ class Manifest:
     # hex SHA-256 of a label and the content key: every recipient checks it unwrapped this same key
     key_commitment: str = ""
     bundle_id: str = ""  # 32 random hex digits: makes every manifest (hashed into HPKE info and AAD) unique
+    # Cipher suite of the chunks and index digests (edgeguard.bundle._format.SUITES); signed with the rest.
+    suite: str = "aes256gcm-sha256"
 
     def expires_at(self) -> datetime | None:
         """``not_after`` as an aware datetime (None: never expires). ``_open`` checked its format already."""
@@ -123,6 +125,9 @@ class Manifest:
             "bundle_id": self.bundle_id,
             "key_commitment": self.key_commitment,
         }
+        if self.suite != "aes256gcm-sha256":
+            # The default is left out: such a bundle is byte for byte what runtimes before suites read.
+            out["suite"] = self.suite
         for key in ("preprocess", "postprocess", "input_stats", "quantization"):
             value = getattr(self, key)
             if value is not None:

@@ -13,6 +13,8 @@ from edgeguard._atomic import atomic_write
 from edgeguard._hardening import harden_process
 from edgeguard.bundle import (
     DEFAULT_CHUNK_SIZE,
+    DEFAULT_SUITE,
+    SUITE_CHOICES,
     TrustStore,
     inspect_bundle,
     load_golden_npz,
@@ -128,6 +130,21 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         default=DEFAULT_CHUNK_SIZE,
         help=f"plaintext bytes per AEAD chunk (default {DEFAULT_CHUNK_SIZE // 1024} KiB; "
         "chunks are opened in parallel)",
+    )
+    p.add_argument(
+        "--suite",
+        choices=SUITE_CHOICES,
+        default=DEFAULT_SUITE,
+        help=f"cipher suite of the chunks and digests (default {DEFAULT_SUITE}); chacha20poly1305-blake2b "
+        "opens several times faster on boards without AES/SHA instructions (Pi 4, Pi Zero 2 W); auto: "
+        "chosen from the --profile of the recipients",
+    )
+    p.add_argument(
+        "--profile",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a recipient's device profile (repeatable), read by --suite auto",
     )
     p.add_argument(
         "-o", "--output", required=True, type=Path, metavar="OUT.egm", help="the sealed bundle to write"
@@ -265,6 +282,8 @@ def _pack(args: argparse.Namespace) -> int:
         not_after=not_after,
         meta=meta,
         chunk_size=args.chunk_size,
+        suite=args.suite,
+        recipient_profiles=args.profile,
     )
     _write_atomic(args.output, data)
     print(

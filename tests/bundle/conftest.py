@@ -153,7 +153,10 @@ def resign(parts: Parts, key: PublisherKey) -> bytes:
     an attacker holding a trusted publisher key but not the content key could do. Used to reach the layers
     behind the signature (AEAD, key commitment, layout, limits)."""
     raw = json.dumps(parts.manifest, separators=(",", ":")).encode()
-    return assemble(raw, [parts.wrapped], parts.chunks, key)
+    suite = parts.manifest.get("suite", fmt.DEFAULT_SUITE)
+    if not isinstance(suite, str) or suite not in fmt.SUITES:
+        suite = fmt.DEFAULT_SUITE  # an unknown or ill-typed suite is hashed as the default
+    return assemble(raw, [parts.wrapped], parts.chunks, key, suite=suite)
 
 
 Forge = Callable[[bytes, Callable[[Parts], Parts]], bytes]
@@ -175,12 +178,14 @@ def seal(
     key: PublisherKey,
     to: RecipientKey,
     key_commitment: str | None = None,
+    aead: str = "aes256gcm",
 ) -> bytes:
     """Encrypt and sign exactly what it is given (a publisher that lies in its own manifest): reaches the
     checks that only run during or after decryption (key commitment, plaintext digest, golden vectors).
-    ``golden_size`` and ``payload_size`` are set from the data; ``key_commitment`` too unless given."""
+    ``golden_size`` and ``payload_size`` are set from the data; ``key_commitment`` too unless given.
+    ``aead`` seals the chunks whatever suite the manifest names; the digests follow the manifest's suite."""
     from cryptography.hazmat.primitives import hpke
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
     from edgeguard.bundle._pack import _seal_stream
 
@@ -190,8 +195,10 @@ def seal(
     raw = json.dumps(manifest, separators=(",", ":")).encode()
     suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
     wrapped = suite.encrypt(content_key, to.public_key, info=fmt.hpke_info(raw))
-    aead, binding = AESGCM(content_key), fmt.manifest_binding(raw)
+    cipher = ChaCha20Poly1305(content_key) if aead == "chacha20poly1305" else AESGCM(content_key)
+    binding = fmt.manifest_binding(raw)
     chunks = []
     for stream, data in ((fmt.STREAM_GOLDEN, golden), (fmt.STREAM_MODEL, model)):
-        chunks += _seal_stream(aead, data, chunk_size=manifest["chunk_size"], binding=binding, stream=stream)
-    return assemble(raw, [wrapped], chunks, key)
+        size = manifest["chunk_size"]
+        chunks += _seal_stream(cipher, data, chunk_size=size, binding=binding, stream=stream)
+    return assemble(raw, [wrapped], chunks, key, suite=manifest.get("suite", fmt.DEFAULT_SUITE))

@@ -6,6 +6,7 @@ interface an opened bundle provides, from plaintext model bytes.
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -16,6 +17,12 @@ import numpy as np
 from edgeguard.bundle.manifest import GoldenSample, Manifest, TensorSpec
 from edgeguard.engine import Backend, Engine, TensorInfo, open_backend
 from edgeguard.profiles import Accelerator, EngineTuning, Profile, get_profile
+
+# The shipped profiles this machine's CPU runs: the engine tests use them instead of pinning one, so that
+# on an aarch64 board (or tools/arm64.sh) they exercise the generic aarch64 profile and a Raspberry Pi 4's.
+_AARCH64 = platform.machine() in ("aarch64", "arm64")
+HOST_PROFILES: tuple[str, ...] = ("generic-aarch64", "raspberry-pi-4") if _AARCH64 else ("generic-x86_64",)
+HOST_PROFILE = HOST_PROFILES[0]
 
 
 @dataclass
@@ -50,7 +57,7 @@ def golden_from(fmt: str, model: bytes, inputs: Mapping[str, np.ndarray]) -> Gol
 
 
 def profile_with(fmt: str, chain: Sequence[Accelerator], *, tuning: EngineTuning | None = None) -> Profile:
-    base = get_profile("generic-x86_64")
+    base = get_profile(HOST_PROFILE)
     kw: dict[str, Any] = {fmt: tuple(chain)}
     return replace(base, engine=tuning or EngineTuning(promote_after_s=30.0, standby=1), **kw)
 

@@ -15,14 +15,22 @@ from edgeguard.engine import Engine, InferenceResult
 from edgeguard.errors import BackendError, InputRejected
 from edgeguard.profiles import Accelerator, get_profile
 
-from .support import PlainSource, golden_from, manifest_for, profile_with, wait_standby
+from .support import (
+    HOST_PROFILE,
+    HOST_PROFILES,
+    PlainSource,
+    golden_from,
+    manifest_for,
+    profile_with,
+    wait_standby,
+)
 
 YOLO_IN = TensorSpec("images", "float32", (1, 3, 320, 320), (0.0, 1.0))
 YOLO_OUT = TensorSpec("output0", "float32", (1, 22, 2100))
 
 
-@pytest.fixture(scope="module")
-def yolo(yolov8n_path: Path) -> Any:
+@pytest.fixture(scope="module", params=HOST_PROFILES)
+def yolo(yolov8n_path: Path, request: pytest.FixtureRequest) -> Any:
     model = yolov8n_path.read_bytes()
     x = np.random.default_rng(0).uniform(0, 1, (1, 3, 320, 320)).astype(np.float32)
     golden = golden_from("onnx", model, {"images": x})
@@ -31,7 +39,7 @@ def yolo(yolov8n_path: Path) -> Any:
                        preprocess={"size": [320, 320], "layout": "NCHW", "resize": "letterbox"},
                        postprocess={"kind": "yolov8", "conf": 0.25, "iou": 0.45})
     src = PlainSource(man, bytearray(model), [golden])
-    engine = Engine.load(src, profile=get_profile("generic-x86_64"))
+    engine = Engine.load(src, profile=get_profile(request.param))
     yield engine
     engine.close()
 
@@ -81,11 +89,11 @@ def test_bad_image_bytes_are_rejected(yolo: Engine) -> None:
         yolo.infer_image(b"\x89PNG\r\n\x1a\nnot really")
 
 
-def test_health_is_json_and_reports_latency(yolo: Engine) -> None:
+def test_health_is_json_and_reports_latency(yolo: Engine, request: pytest.FixtureRequest) -> None:
     yolo.infer({"images": np.full((1, 3, 320, 320), 0.25, np.float32)})
     h = yolo.health()
     json.dumps(h)
-    assert h["profile"] == "generic-x86_64" and h["model"]["name"] == "yolov8n"
+    assert h["profile"] == request.node.callspec.params["yolo"] and h["model"]["name"] == "yolov8n"
     assert h["latency_ms"]["p50"] is not None and h["latency_ms"]["p99"] >= h["latency_ms"]["p50"]
     assert h["selftest_ms"] > 0 and h["load_ms"] >= h["selftest_ms"]
 
@@ -113,7 +121,7 @@ def test_blazeface_on_litert(blazeface_path: Path, astronaut_png: Path) -> None:
 def test_model_without_preprocessing_refuses_images(yolov8n_path: Path) -> None:
     model = yolov8n_path.read_bytes()
     man = manifest_for("onnx", "raw", [YOLO_IN], [YOLO_OUT])
-    engine = Engine.load(PlainSource(man, bytearray(model)), profile=get_profile("generic-x86_64"))
+    engine = Engine.load(PlainSource(man, bytearray(model)), profile=get_profile(HOST_PROFILE))
     with engine, pytest.raises(InputRejected, match="declares no image preprocessing"):
         engine.infer_image(np.zeros((10, 10, 3), np.uint8))
 
@@ -122,7 +130,7 @@ def test_corrupt_model_fails_to_load_with_one_line(tmp_path: Path) -> None:
     man = manifest_for("onnx", "junk", [YOLO_IN])
     src = PlainSource(man, bytearray(b"\x08\x07not a model" * 10))
     with pytest.raises(BackendError) as info:
-        Engine.load(src, profile=get_profile("generic-x86_64"))
+        Engine.load(src, profile=get_profile(HOST_PROFILE))
     assert "cpu-reference" in str(info.value) or "cpu" in str(info.value)
     assert "\n" not in str(info.value) and src.wiped
 

@@ -20,6 +20,7 @@ import numpy as np
 from edgeguard.sources.framing import encode_frame
 from tests.service._env import ADMIN, STATUS, Device, hook_events, tiny_bundle
 from tests.support.broker import MosquittoBroker, Recorder
+from tests.support.slowdown import scaled
 from tests.watchdog.mcu_sim import McuSimulator
 
 GOOD = b'{"inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}}'
@@ -50,7 +51,8 @@ def test_hang_and_stall_are_restarted_within_timeout(tmp_path: Path) -> None:
             t0 = time.monotonic()
             dev.wait(lambda: dev.restarted(old), 30, "restart after hang")
             mttr = time.monotonic() - t0
-            assert mttr <= 2.0 + 2.0 + 1.5, f"hang recovery took {mttr:.1f} s"  # +1.5 s: busy CI machine
+            # hang timeout (a clock) + the restart's work, which a slow machine honestly takes longer to do
+            assert mttr <= 2.0 + scaled(2.0 + 1.5), f"hang recovery took {mttr:.1f} s"  # +1.5 s: busy CI
             assert rec.wait_for(
                 lambda m: any(
                     h["supervisor"]["last_reason"].startswith("hang: no liveness")
@@ -63,7 +65,7 @@ def test_hang_and_stall_are_restarted_within_timeout(tmp_path: Path) -> None:
                 lambda m: any(h["supervisor"]["mttr_s"] is not None for h in _heartbeats(rec)), 10
             )
             hb = [h for h in _heartbeats(rec) if h["supervisor"]["mttr_s"] is not None][-1]
-            assert hb["supervisor"]["restarts"] == 1 and hb["supervisor"]["mttr_s"] <= 5.5
+            assert hb["supervisor"]["restarts"] == 1 and hb["supervisor"]["mttr_s"] <= 2.0 + scaled(3.5)
             assert hb["supervisor"]["mtbf_s"] is not None
             # A stalled inference (wedged accelerator call): the worker reports it, the supervisor restarts
             # it.
