@@ -7,7 +7,6 @@ Evidence names paths, modes, owners and token *names*, never a secret.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
 import pwd
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edgeguard._net import is_loopback
 from edgeguard._safeio import read_checked
 
 from ._findings import Finding
@@ -31,14 +31,7 @@ TOKEN_MAX_AGE_DAYS = 365
 
 
 def _loopback(host: str | None) -> bool:
-    if host is None:
-        return True  # no TCP listener at all
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return host is None or is_loopback(host)  # None: no TCP listener at all
 
 
 # --- broker -----------------------------------------------------------------------------------------------

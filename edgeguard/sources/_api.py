@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import ipaddress
 import json
 import logging
 import math
@@ -48,6 +47,7 @@ from typing import Any
 from aiohttp import web
 
 from edgeguard._echo import cut, echo
+from edgeguard._net import is_loopback
 from edgeguard.bundle.manifest import TensorSpec
 from edgeguard.errors import BackendError, ConfigError, InputRejected, ServiceUnavailable
 
@@ -94,7 +94,7 @@ class ApiConfig:
             raise ValueError("parse_threads must be 1..64")
         if not self.limits.max_body_bytes <= self.max_bytes_in_flight <= 1 << 32:
             raise ValueError("max_bytes_in_flight must be max_body_bytes .. 4 GiB")
-        if self.host is not None and not self.allow_non_loopback and not _is_loopback(self.host):
+        if self.host is not None and not self.allow_non_loopback and not is_loopback(self.host):
             raise ValueError(
                 f"host {self.host!r} is not a loopback address (set allow_non_loopback to expose it)"
             )
@@ -147,15 +147,6 @@ def _unlink_if_ours(path: Path, inode: tuple[int, int] | None) -> None:
         return
     if inode is not None and (st.st_dev, st.st_ino) == inode:
         path.unlink(missing_ok=True)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _error(status: int, reason: str, **headers: str) -> web.Response:
@@ -310,7 +301,7 @@ class ApiSource:
             # Every local process shares the loopback address: a hard lockout there would let any local user
             # lock every local application out, so by default a locked-out loopback client only has its
             # failures answered with Retry-After (and reported) while its valid tokens are still served.
-            hard = not _is_loopback(client) or self.config.abuse.lockout_loopback
+            hard = not is_loopback(client) or self.config.abuse.lockout_loopback
             if wait > 0 and hard:
                 # Before the token is looked at: a locked-out client learns nothing more, at no cost.
                 retry = str(math.ceil(wait))
