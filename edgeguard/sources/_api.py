@@ -49,7 +49,7 @@ from aiohttp import web
 from edgeguard._echo import cut, echo
 from edgeguard._net import is_loopback
 from edgeguard.bundle.manifest import TensorSpec
-from edgeguard.errors import BackendError, ConfigError, InputRejected, ServiceUnavailable
+from edgeguard.errors import BackendError, ConfigError, InputRejected, OutboxError, ServiceUnavailable
 
 from ._abuse import AbuseConfig, LockoutTable, RateWatch
 from ._openapi import OPENAPI
@@ -407,6 +407,8 @@ class ApiSource:
                 return self._count(_error(503, str(exc)))
             except BackendError as exc:
                 return self._count(_error(500, str(exc)))
+            except OutboxError as exc:  # a result larger than outbox.max_payload_bytes: never acknowledged
+                return self._count(_error(500, f"result not kept: {exc}"))
             except MemoryError:
                 return self._count(_error(503, "not enough memory for this inference now"))
             except Exception:

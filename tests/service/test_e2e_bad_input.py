@@ -505,3 +505,26 @@ def test_full_disk_under_the_outbox_keeps_answering_and_delivers_later(tmp_path:
         assert hb["outbox"]["dropped_total"] == 0
         h.good()
         h.all_delivered()
+
+
+def test_a_result_too_large_for_the_outbox_is_a_clear_error_and_the_service_keeps_serving(
+    tmp_path: Path,
+) -> None:
+    """A result the outbox cannot keep (larger than outbox.max_payload_bytes) is answered with a one-line
+    reason naming that key, not a bare "internal error"; it is not acknowledged, and the service serves on."""
+    dev, broker = start_service(tmp_path, extra="\n[outbox]\nmax_payload_bytes = 64\n")
+    try:
+        dev.start()
+        dev.wait_ready()
+        for _ in range(2):
+            code, doc = dev.request("POST", "/v1/infer", GOOD, token=INFER)
+            assert code == 500, doc
+            assert doc["error"].startswith("result not kept: "), doc
+            assert "max_payload_bytes=64" in doc["error"], doc
+            assert "id" not in doc and "\n" not in doc["error"]
+        code, health = dev.request("GET", "/v1/health", token=STATUS)
+        assert code == 200 and health["state"] == "serving", health
+        assert health["outbox"]["depth"] == 0, health["outbox"]
+    finally:
+        dev.stop()
+        broker.kill()
