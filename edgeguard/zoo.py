@@ -36,7 +36,7 @@ class ZooItem:
     licence: str
     description: str
     size: int = 0  # bytes of the extracted file (the wheel downloaded is larger)
-    kind: Literal["model", "image"] = "model"
+    kind: Literal["model", "image", "data"] = "model"
     does: str = ""  # what it is for, in words a newcomer understands
     meta: Mapping[str, Any] = field(default_factory=dict)  # `pack --meta` content (examples/<key>-meta.json)
 
@@ -186,6 +186,17 @@ ITEMS: dict[str, ZooItem] = {
             "Silero VAD 16 kHz, ONNX opset 15: conv + LSTM in If branches, input [b,n], state, int64 sr",
             size=1289603,
             does="voice activity in 16 kHz audio: recurrent, stateful, an int64 input (quantizer suite)",
+        ),
+        ZooItem(
+            "digits",
+            "scikit-learn==1.7.2",
+            "sklearn/datasets/data/digits.csv.gz",
+            "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22",
+            "BSD-3-Clause (UCI optical recognition of handwritten digits)",
+            "1,797 handwritten digits, 8x8 grey levels 0..16, one CSV row each (64 values + label)",
+            size=57523,
+            kind="data",
+            does="a real labelled data set: `edgeguard robustness` trains its digit classifier on it",
         ),
         ZooItem(
             "astronaut.png",
