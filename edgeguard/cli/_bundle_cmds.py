@@ -162,6 +162,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
                    help="bit-depth squeezer, bits; 0 = off (default: 4)")
     p.add_argument("--adversarial-median", type=int, default=2, metavar="K",
                    help="median squeezer window over the image axes; 0 = off (default: 2)")
+    p.add_argument("--adversarial-joint", action="store_true",
+                   help="one squeezed version (bits, then median) instead of one per squeezer: one extra "
+                   "model run instead of two, for models whose run dominates the cost (default: separate)")
     p.add_argument(
         "-o", "--output", required=True, type=Path, metavar="OUT.egm", help="the sealed bundle to write"
     )
@@ -325,7 +328,7 @@ def _with_adversarial(args: argparse.Namespace, model: bytes, model_format: Mode
         samples = [dict(s["in"]) for s in golden]
     defence = adversarial_defence(model, model_format, meta=meta, samples=samples, mode=args.adversarial,
                                   fpr=args.adversarial_fpr, bits=args.adversarial_bits,
-                                  median=args.adversarial_median)
+                                  median=args.adversarial_median, joint=args.adversarial_joint)
     return {**meta, "defence": defence}
 
 

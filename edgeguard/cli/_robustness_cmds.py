@@ -46,6 +46,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--bits", type=int, default=3, help="bit-depth squeezer, bits; 0 = off (default: 3)")
     p.add_argument("--median", type=int, default=0,
                    help="median squeezer window; 0 = off (default: 0, right for 8x8 digits; 2 for photos)")
+    p.add_argument("--joint", action="store_true",
+                   help="one squeezed version (bits, then median) instead of one per squeezer (default: off)")
     p.add_argument("--softmax", action="store_true", help="the model outputs logits (default: probabilities)")
     p.add_argument("--spsa-samples", type=int, default=32, help="SPSA directions per gradient (default: 32)")
     p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps (default: 10)")
@@ -134,7 +136,8 @@ def _robustness(args: argparse.Namespace) -> int:
     report = evaluate(
         run, manifest=probe_manifest(inputs, outputs, post), calibration=cal_xy,
         test=(test_xy[0][:n], test_xy[1][:n]), eps=eps, attacks=attacks,
-        fpr=args.fpr, bits=args.bits, median=args.median, softmax=True if args.softmax else None,
+        fpr=args.fpr, bits=args.bits, median=args.median, joint=args.joint,
+        softmax=True if args.softmax else None,
         spsa=SpsaConfig(samples=args.spsa_samples), pgd_steps=args.pgd_steps, seed=rng_seed, name=name,
         progress=_progress if sys.stderr.isatty() else (lambda _: None),
     )

@@ -52,6 +52,7 @@ def adversarial_defence(
     fpr: float,
     bits: int = 4,
     median: int = 2,
+    joint: bool = False,
 ) -> dict[str, Any]:
     """``meta["defence"]`` for ``model``: the detector calibrated on ``samples`` for ``fpr``."""
     if "inputs" in meta and "outputs" in meta:
@@ -73,4 +74,4 @@ def adversarial_defence(
         def run(feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             return run_reference(model, model_format, feed)
     return calibrate_adversarial(run, samples, manifest=manifest, mode=mode, fpr=fpr, bits=bits,
-                                 median=median)
+                                 median=median, joint=joint)

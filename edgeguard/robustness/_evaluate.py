@@ -85,6 +85,7 @@ def evaluate(
     fpr: float = 0.05,
     bits: int = 4,
     median: int = 2,
+    joint: bool = False,
     softmax: bool | None = None,
     spsa: SpsaConfig | None = None,
     pgd_steps: int = 10,
@@ -96,7 +97,8 @@ def evaluate(
     cal_x, _ = calibration
     x, y = test
     decl = calibrate_adversarial(run, [{manifest.inputs[0].name: cal_x[i:i + 1]} for i in range(len(cal_x))],
-                                 manifest=manifest, fpr=fpr, bits=bits, median=median, softmax=softmax)
+                                 manifest=manifest, fpr=fpr, bits=bits, median=median, softmax=softmax,
+                                 joint=joint)
     spec = parse_defence(_with_defence(manifest, decl))
     assert spec is not None
     lo, hi = spec.value_range
@@ -122,8 +124,8 @@ def evaluate(
         model=name, test_samples=len(y), calibration_samples=len(cal_x),
         clean_accuracy=float(correct.mean()), target_fpr=fpr, threshold=spec.threshold,
         clean_fpr=float((clean_scores > spec.threshold).mean()),
-        squeezers={"bits": spec.bits, "median": spec.median, "range": list(spec.value_range),
-                   "batched": spec.batched},
+        squeezers={"bits": spec.bits, "median": spec.median, "joint": spec.joint,
+                   "range": list(spec.value_range), "batched": spec.batched},
         spsa={"samples": cfg.samples, "delta": cfg.delta, "pgd_steps": pgd_steps},
     )
     rng = np.random.default_rng(seed)

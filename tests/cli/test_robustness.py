@@ -70,7 +70,7 @@ def test_pack_adversarial_calibrates_and_signs_the_declaration(tmp_path: Path) -
     decl = json.loads(shown.out)["manifest"]["defence"]["adversarial"]
     assert decl["mode"] == "reject" and decl["fpr"] == 0.05
     assert decl["calibrated_on"] == len(case.calibration.y)
-    assert 0 < decl["threshold"] < 2 and decl["batched"] is True and decl["bits"] == 3
+    assert 0 < decl["threshold"] < 2 and decl["bits"] == 3 and decl["median"] == 0
     # Too few clean samples for the rate (one golden input): refused before anything is sealed.
     r = eg(*common, "--adversarial", "flag", "-o", "e.egm", cwd=tmp_path)
     one_line_error(r, 2, "clean samples")

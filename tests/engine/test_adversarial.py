@@ -67,7 +67,7 @@ def test_median_matches_a_brute_force_filter(window: int, axes: tuple[int, int])
 def test_calibration_hits_its_false_positive_rate_on_held_out_clean_data(fpr: float) -> None:
     case = digits_case()
     decl = case.defence("flag", fpr)["adversarial"]
-    assert decl["calibrated_on"] == len(case.calibration.y) and decl["batched"] is True
+    assert decl["calibrated_on"] == len(case.calibration.y)
     with _engine(case, {"adversarial": decl}) as engine:
         flagged = [engine.infer({"x": case.test.x[i:i + 1]}).adversarial for i in range(len(case.test.y))]
     rate = sum(bool(f) for f in flagged) / len(flagged)
