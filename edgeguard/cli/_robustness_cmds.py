@@ -22,23 +22,27 @@ inputs for --fpr exactly as `pack --adversarial` does, then the detection rate i
 successful attacks and the false-positive rate over clean test inputs.
 
 MODEL is `digits` (a small MLP this command trains, seeded, on scikit-learn's real digits data set, taken
-from the scikit-learn wheel by the zoo) or an .onnx classifier with a dynamic batch axis whose first output
-holds class probabilities (--softmax for logits). --data is `digits` or an .npz with `x` (inputs, batch
-first, in the model's input layout) and `y` (integer labels); half calibrates, half is attacked.
+from the scikit-learn wheel by the zoo), `ppocr-cls` (PP-OCR's text-line orientation classifier from the
+zoo), or an .onnx classifier with a dynamic batch axis whose first output holds class probabilities
+(--softmax for logits). --data is `digits`, `text-lines` (crops of the printed lines of skimage's page.png,
+upright and upside down: the data for ppocr-cls) or an .npz with `x` (inputs, batch first, in the model's
+input layout) and `y` (integer labels); for all but digits, half calibrates and half is attacked.
 
 example:
   edgeguard robustness digits --plot robustness.png
+  edgeguard robustness ppocr-cls --data text-lines --eps 0.05,0.1,0.2 --median 2 --pgd-steps 5
   edgeguard robustness classifier.onnx --data held_out.npz --eps 0.01,0.02,0.05 --json"""
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser("robustness", help="black-box attacks and the adversarial-input detector, measured",
                        description=_HELP, formatter_class=_RAW)
-    p.add_argument("model", metavar="MODEL", help="`digits` (built-in) or a classifier .onnx")
+    p.add_argument("model", metavar="MODEL",
+                   help="`digits` (built-in), `ppocr-cls` (zoo) or a classifier .onnx")
     p.add_argument("--data", metavar="DATA", default="digits",
-                   help="`digits` or an .npz with x and y (default: digits)")
-    p.add_argument("--eps", default="0.05,0.1,0.15,0.2,0.3",
-                   help="comma-separated L-inf radii, in input units (default: 0.05,0.1,0.15,0.2,0.3)")
+                   help="`digits`, `text-lines` or an .npz with x and y (default: digits)")
+    p.add_argument("--eps", default="0.05,0.1,0.12,0.15,0.2,0.3",
+                   help="comma-separated L-inf radii, in input units (default: 0.05,0.1,0.12,0.15,0.2,0.3)")
     p.add_argument("--attacks", default="fgsm,pgd", help="fgsm, pgd or both (default: fgsm,pgd)")
     p.add_argument("--samples", type=int, default=300, help="test inputs attacked (default: 300)")
     p.add_argument("--fpr", type=float, default=0.05,
@@ -107,7 +111,12 @@ def _robustness(args: argparse.Namespace) -> int:
         train, cal, test = digits.split(0.6, 0.2, 0.2, seed=rng_seed)
         cal_xy, test_xy = (cal.x, cal.y), (test.x, test.y)
     else:
-        x, y = _load_npz(Path(args.data))
+        if args.data == "text-lines":
+            from edgeguard.robustness._textlines import text_lines  # noqa: PLC0415
+
+            x, y = text_lines(seed=rng_seed)
+        else:
+            x, y = _load_npz(Path(args.data))
         order = np.random.default_rng(rng_seed).permutation(len(y))
         half = len(y) // 2
         cal_xy, test_xy = (x[order[:half]], y[order[:half]]), (x[order[half:]], y[order[half:]])
@@ -122,7 +131,12 @@ def _robustness(args: argparse.Namespace) -> int:
         post = meta["postprocess"]
         name = "digits-mlp"
     else:
-        path = Path(args.model)
+        if args.model == "ppocr-cls":
+            from edgeguard import zoo  # noqa: PLC0415
+
+            path = zoo.fetch("ppocr-cls")
+        else:
+            path = Path(args.model)
         model = path.read_bytes()
         inputs, outputs = introspect(model, "onnx")
         post, name = None, path.name
