@@ -270,10 +270,9 @@ def calibrate_adversarial(
     the ``ceil((n + 1) * (1 - fpr))``-th smallest clean score (the conformal quantile: on fresh clean inputs
     from the same distribution the expected false-positive rate is at most ``fpr``), so at least
     ``1 / fpr - 1`` samples are needed. ``batched`` is set when one batched call gives the same outputs as
-    separate calls and is not slower than them on this machine's CPU (a conv net in onnxruntime can be
-    slower on a batch of 3 than on three single calls). ``softmax`` defaults to the top-k post-processing's
-    flag; ``value_range`` to the declared
-    input range, else the samples' own.
+    separate calls and is not clearly slower than them (by 25 %) on this machine's CPU. ``softmax``
+    defaults to the top-k post-processing's flag; ``value_range`` to the declared input range, else the
+    samples' own.
     """
     if not 0.0 < fpr <= 0.5:
         raise ConfigError(f"fpr must be in (0, 0.5], got {fpr}")
@@ -331,9 +330,11 @@ def _with_batching(run: RunFn, sample: Mapping[str, np.ndarray], spec: Adversari
         np.allclose(together[1], separate[1], rtol=1e-3, atol=1e-5)
     if not same:
         return _replace(spec, batched=False)
-    faster = _median_s(lambda: squeeze_scores(run, sample, _replace(spec, batched=True))) <= \
-        _median_s(lambda: squeeze_scores(run, sample, _replace(spec, batched=False)))
-    return _replace(spec, batched=faster)
+    # Batched unless separate calls are clearly faster: the two are close for a conv net, and a timing on a
+    # busy machine must not flip the choice on noise.
+    slower = _median_s(lambda: squeeze_scores(run, sample, _replace(spec, batched=True))) > \
+        1.25 * _median_s(lambda: squeeze_scores(run, sample, _replace(spec, batched=False)))
+    return _replace(spec, batched=not slower)
 
 
 def _median_s(fn: Callable[[], object], runs: int = 7) -> float:
