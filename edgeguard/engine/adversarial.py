@@ -199,7 +199,8 @@ def squeeze_scores(run: RunFn, inputs: Mapping[str, np.ndarray], spec: Adversari
                         else np.concatenate([value] * k, axis=0))
                  for name, value in inputs.items()}
         raw = run(batch)
-        outputs = {name: value[:n] for name, value in raw.items()}
+        # Copies: a result must not keep the whole batch (1 + squeezers times its size) alive.
+        outputs = {name: np.array(value[:n]) for name, value in raw.items()}
         probs = _probabilities(raw[spec.output], k * n, spec.softmax).reshape(k, n, -1)
         base, others = probs[0], probs[1:]
     else:

@@ -75,3 +75,24 @@ def test_pack_adversarial_calibrates_and_signs_the_declaration(tmp_path: Path) -
     r = eg(*common, "--adversarial", "flag", "-o", "e.egm", cwd=tmp_path)
     one_line_error(r, 2, "clean samples")
     assert not (tmp_path / "e.egm").exists()
+
+
+def test_infer_reports_the_score_and_a_bad_declaration_is_a_malformed_bundle(tmp_path: Path) -> None:
+    from tests.service._env import seal
+
+    case = digits_case()
+    np.save(tmp_path / "digit.npy", case.test.x[:1])
+    trust = ["--trust", "keys/publisher.pub", "--device-key", "keys/device.key"]
+    good = seal(tmp_path, case.model, name="digits", version=1, meta=case.meta("flag"),
+                golden_in={"x": case.test.x[:1]})
+    (tmp_path / "good.egm").write_bytes(good)
+    r = eg("infer", "--bundle", "good.egm", *trust, "digit.npy", "--json", cwd=tmp_path)
+    assert r.code == 0, r.err
+    doc = json.loads(r.out)
+    assert isinstance(doc["adversarial_score"], float) and doc["adversarial"] in (True, False)
+    meta = case.meta("flag")
+    meta["defence"]["adversarial"]["mode"] = "block"
+    bad = seal(tmp_path, case.model, name="digits", version=2, meta=meta, golden_in={"x": case.test.x[:1]})
+    (tmp_path / "bad.egm").write_bytes(bad)
+    one_line_error(eg("infer", "--bundle", "bad.egm", *trust, "digit.npy", cwd=tmp_path), 3,
+                   "malformed", "defence.adversarial.mode")
