@@ -29,7 +29,7 @@ from typing import Any, Final, Literal
 import numpy as np
 
 from edgeguard.bundle.manifest import Manifest, TensorSpec
-from edgeguard.errors import AdversarialInput, ConfigError
+from edgeguard.errors import AdversarialInput, ConfigError, InputRejected
 
 from ._declarations import DeclReader
 from .squeeze import median_smooth, reduce_bit_depth
@@ -119,6 +119,9 @@ def _parse_adversarial(r: DeclReader, manifest: Manifest) -> AdversarialSpec:
     out = r.string("output", next(iter(outputs)) if len(outputs) == 1 else None)
     if out not in outputs:
         raise r.fail("output", f"{out!r} is not a declared output ({', '.join(outputs) or 'none declared'})")
+    out_shape = outputs[out].shape
+    if not out_shape or out_shape[0] not in (None, 1):
+        raise r.fail("output", f"{out!r} {list(out_shape)} is not batch-first class scores ([1 or ?, ...])")
     rank = len(spec.shape)
     spatial: tuple[int, int] | None = _default_spatial(spec)
     if r.has("spatial"):
@@ -229,7 +232,11 @@ class SqueezeDetector:
     def run(self, run: RunFn, inputs: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray],
                                                                          AdversarialVerdict]:
         """Outputs on ``inputs`` and the verdict; raises ``AdversarialInput`` in ``reject`` mode."""
-        outputs, scores = squeeze_scores(run, inputs, self.spec)
+        try:
+            outputs, scores = squeeze_scores(run, inputs, self.spec)
+        except ValueError as exc:  # an output whose size does not follow the batch: refuse this one request
+            raise InputRejected(f"cannot score output {self.spec.output!r} for adversarial inputs: "
+                                f"{str(exc)[:200]}") from None
         score = float(scores.max()) if scores.size else 0.0
         if not math.isfinite(score):
             score = 2.0  # a NaN probability is no sign of a clean input

@@ -207,6 +207,16 @@ def test_bad_declarations_make_the_bundle_malformed(defence: dict[str, Any], say
     assert info.value.check == "malformed" and "defence" in str(info.value) and says in str(info.value)
 
 
+def test_an_output_that_is_not_batch_first_is_refused() -> None:
+    from edgeguard.bundle.manifest import TensorSpec
+    from edgeguard.errors import ConfigError
+
+    m = manifest_for("onnx", "odd", [TensorSpec("x", "float32", (1, 1, 8, 8), (0.0, 1.0))],
+                     [TensorSpec("p", "float32", (10, 2))], defence={"adversarial": _GOOD})
+    with pytest.raises(ConfigError, match="batch-first"):
+        parse_defence(m)
+
+
 def test_integer_inputs_cannot_be_squeezed() -> None:
     from edgeguard.bundle.manifest import TensorSpec
     from edgeguard.errors import ConfigError
