@@ -25,8 +25,10 @@ MODEL is `digits` (a small MLP this command trains, seeded, on scikit-learn's re
 from the scikit-learn wheel by the zoo), `ppocr-cls` (PP-OCR's text-line orientation classifier from the
 zoo), or an .onnx classifier with a dynamic batch axis whose first output holds class probabilities
 (--softmax for logits). --data is `digits`, `text-lines` (crops of the printed lines of skimage's page.png,
-upright and upside down: the data for ppocr-cls) or an .npz with `x` (inputs, batch first, in the model's
-input layout) and `y` (integer labels); for all but digits, half calibrates and half is attacked.
+upright and upside down: the data for ppocr-cls), an .npz with `x` (inputs, batch first, in the model's
+input layout) and `y` (integer labels), or a directory of images in one sub-directory per class index
+(DIR/0/*.png, DIR/1/*.jpg, ...) turned into tensors by the `preprocess` of --meta (the device's own
+preprocessing); for all but digits, half calibrates and half is attacked.
 
 example:
   edgeguard robustness digits --plot robustness.png
@@ -40,7 +42,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="`digits` (built-in), `ppocr-cls` (zoo) or a classifier .onnx")
     p.add_argument("--data", metavar="DATA", default="digits",
-                   help="`digits`, `text-lines` or an .npz with x and y (default: digits)")
+                   help="`digits`, `text-lines`, an .npz with x and y, or DIR/<class>/<image> "
+                   "(default: digits)")
+    p.add_argument("--meta", type=Path, metavar="FILE.json",
+                   help="the model's pack --meta: inputs, outputs, and preprocess for an image DIR (default: "
+                   "read from the model)")
     p.add_argument("--eps", default="0.05,0.1,0.12,0.15,0.2,0.3",
                    help="comma-separated L-inf radii, in input units (default: 0.05,0.1,0.12,0.15,0.2,0.3)")
     p.add_argument("--attacks", default="fgsm,pgd", help="fgsm, pgd or both (default: fgsm,pgd)")
@@ -83,6 +89,43 @@ def _load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+_MAX_IMAGES = 10_000
+
+
+def _load_image_dir(root: Path, meta_path: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """DIR/<class index>/<image>: each image through the --meta preprocess, labelled by its directory."""
+    from edgeguard._safeio import read_checked  # noqa: PLC0415
+    from edgeguard.bundle._pack import _tensor_from_meta, load_meta  # noqa: PLC0415
+    from edgeguard.engine.preprocess import Preprocessor  # noqa: PLC0415
+    from edgeguard.robustness import probe_manifest  # noqa: PLC0415
+
+    if meta_path is None:
+        raise ConfigError(f"--data {root} is a directory of images: --meta must declare its preprocess")
+    meta = load_meta(meta_path)
+    if "preprocess" not in meta or "inputs" not in meta:
+        raise ConfigError(f"--meta {meta_path}: an image directory needs inputs and preprocess")
+    manifest = probe_manifest([_tensor_from_meta(t, "inputs") for t in meta["inputs"]], [])
+    manifest = type(manifest)(**{**{f: getattr(manifest, f) for f in manifest.__dataclass_fields__},
+                                 "preprocess": meta["preprocess"]})
+    pre = Preprocessor.from_manifest(manifest)
+    assert pre is not None
+    xs: list[np.ndarray] = []
+    ys: list[int] = []
+    classes = sorted((d for d in root.iterdir() if d.is_dir() and not d.is_symlink() and d.name.isdigit()),
+                     key=lambda d: int(d.name))
+    for folder in classes:
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() not in (".png", ".jpg", ".jpeg") or len(xs) >= _MAX_IMAGES:
+                continue
+            raw = read_checked(path, what="image", limit=20 * 1024 * 1024, error=ConfigError).data
+            tensors = pre(raw).tensors
+            xs.append(next(iter(tensors.values()))[0])
+            ys.append(int(folder.name))
+    if len(set(ys)) < 2 or len(ys) < 4:
+        raise ConfigError(f"--data {root}: at least 4 images in at least 2 class directories (0/, 1/, ...)")
+    return np.stack(xs).astype(np.float32), np.asarray(ys, np.int64)
+
+
 def _robustness(args: argparse.Namespace) -> int:
     import onnxruntime as ort  # noqa: PLC0415 - heavy
 
@@ -115,6 +158,8 @@ def _robustness(args: argparse.Namespace) -> int:
             from edgeguard.robustness._textlines import text_lines  # noqa: PLC0415
 
             x, y = text_lines(seed=rng_seed)
+        elif Path(args.data).is_dir():
+            x, y = _load_image_dir(Path(args.data), args.meta)
         else:
             x, y = _load_npz(Path(args.data))
         order = np.random.default_rng(rng_seed).permutation(len(y))
@@ -140,6 +185,15 @@ def _robustness(args: argparse.Namespace) -> int:
         model = path.read_bytes()
         inputs, outputs = introspect(model, "onnx")
         post, name = None, path.name
+        if args.meta is not None:
+            from edgeguard.bundle._pack import load_meta  # noqa: PLC0415
+
+            meta = load_meta(args.meta)
+            if "inputs" in meta:
+                inputs = tuple(_tensor_from_meta(t, "inputs") for t in meta["inputs"])
+            if "outputs" in meta:
+                outputs = tuple(_tensor_from_meta(t, "outputs") for t in meta["outputs"])
+            post = meta.get("postprocess")
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     out_names = [o.name for o in session.get_outputs()]
 

@@ -96,3 +96,31 @@ def test_infer_reports_the_score_and_a_bad_declaration_is_a_malformed_bundle(tmp
     (tmp_path / "bad.egm").write_bytes(bad)
     one_line_error(eg("infer", "--bundle", "bad.egm", *trust, "digit.npy", cwd=tmp_path), 3,
                    "malformed", "defence.adversarial.mode")
+
+
+def test_robustness_on_an_image_directory_uses_the_meta_preprocess(tmp_path: Path, page_png: Path) -> None:
+    """DIR/<class>/<image>: real text-line crops of page.png, upright (0/) and turned (1/), through the
+    device's own preprocessing as --meta declares it, attacked on the real PP-OCR orientation classifier."""
+    from PIL import Image
+
+    page = Image.open(page_png).convert("RGB")
+    for label in ("0", "1"):
+        (tmp_path / "lines" / label).mkdir(parents=True)
+    for i, (top, bottom) in enumerate([(51, 63), (69, 81), (86, 99), (103, 118), (120, 135)] * 3):
+        crop = page.crop((20 + 60 * (i // 5), top - 2, 84 + 60 * (i // 5), bottom + 2))  # ~4:1, as PP-OCR
+
+        crop.save(tmp_path / "lines" / "0" / f"{i}.png")
+        crop.rotate(180).save(tmp_path / "lines" / "1" / f"{i}.png")
+    (tmp_path / "lines" / "notes.txt").write_text("not a class")
+    meta = {"inputs": [{"name": "x", "dtype": "float32", "shape": [1, 3, 48, 192], "range": [-1.0, 1.0]}],
+            "preprocess": {"size": [48, 192], "anchor": "top_left", "pad_value": 127,
+                           "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    r = eg("robustness", "ppocr-cls", "--data", tmp_path / "lines", "--meta", "meta.json", "--samples", "6",
+           "--eps", "0.3", "--attacks", "fgsm", "--spsa-samples", "4", "--fpr", "0.1", "--median", "2",
+           "--json", cwd=tmp_path, timeout=300)
+    assert r.code == 0, r.err
+    report = json.loads(r.out)
+    assert report["calibration_samples"] == 15 and report["test_samples"] == 6
+    assert report["clean_accuracy"] >= 0.5 and report["squeezers"]["median"] == 2
+    one_line_error(eg("robustness", "ppocr-cls", "--data", tmp_path / "lines", cwd=tmp_path), 2, "--meta")
