@@ -20,6 +20,7 @@ __all__ = [
     "ConfigError",
     "BackendError",
     "InputRejected",
+    "AdversarialInput",
     "OutboxError",
     "LinkError",
     "WatchdogError",
@@ -80,6 +81,16 @@ class BackendError(EdgeGuardError):
 
 class InputRejected(EdgeGuardError):
     """An inference input did not match the model's declared inputs; the message says exactly what."""
+
+
+class AdversarialInput(InputRejected):
+    """An input the model's feature-squeezing detector scores over its calibrated threshold, refused because
+    the manifest says ``defence.adversarial.mode = "reject"`` (local API: 422)."""
+
+    def __init__(self, message: str, *, score: float, threshold: float) -> None:
+        super().__init__(message)
+        self.score = score
+        self.threshold = threshold
 
 
 class OutboxError(EdgeGuardError):

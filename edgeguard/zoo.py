@@ -36,7 +36,7 @@ class ZooItem:
     licence: str
     description: str
     size: int = 0  # bytes of the extracted file (the wheel downloaded is larger)
-    kind: Literal["model", "image"] = "model"
+    kind: Literal["model", "image", "data"] = "model"
     does: str = ""  # what it is for, in words a newcomer understands
     meta: Mapping[str, Any] = field(default_factory=dict)  # `pack --meta` content (examples/<key>-meta.json)
 
@@ -188,6 +188,17 @@ ITEMS: dict[str, ZooItem] = {
             does="voice activity in 16 kHz audio: recurrent, stateful, an int64 input (quantizer suite)",
         ),
         ZooItem(
+            "digits",
+            "scikit-learn==1.7.2",
+            "sklearn/datasets/data/digits.csv.gz",
+            "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22",
+            "BSD-3-Clause",
+            "1,797 handwritten digits, 8x8 grey levels 0..16, one CSV row each (64 values + label)",
+            size=57523,
+            kind="data",
+            does="handwritten digits, labelled (`edgeguard robustness` trains on them)",
+        ),
+        ZooItem(
             "astronaut.png",
             "scikit-image==0.26.0",
             "skimage/data/astronaut.png",
@@ -219,6 +230,17 @@ ITEMS: dict[str, ZooItem] = {
             size=240512,
             kind="image",
             does="sample photo: a cat",
+        ),
+        ZooItem(
+            "page.png",
+            "scikit-image==0.26.0",
+            "skimage/data/page.png",
+            "341a6f0a61557662b02734a9b6e56ec33a915b2c41886b97509dedf2a43b47a3",
+            "public domain",
+            "191x384 greyscale photograph of a printed page (unevenly lit)",
+            size=47679,
+            kind="image",
+            does="sample image: a printed page (text lines for `edgeguard robustness`)",
         ),
         ZooItem(
             "text.png",

@@ -56,6 +56,11 @@ def coffee_png() -> Path:
 
 
 @pytest.fixture(scope="session")
+def page_png() -> Path:
+    return _zoo("page.png")
+
+
+@pytest.fixture(scope="session")
 def text_png() -> Path:
     return _zoo("text.png")
 

@@ -27,6 +27,8 @@ AUDITED_KINDS: frozenset[str] = frozenset(
         "token-refused",
         "api-lockout",
         "api-rate-anomaly",
+        # inputs the model's adversarial-input detector refused (defence.adversarial.mode = reject)
+        "adversarial-input",
         # integrity of the device's files
         "integrity-alert",
         "integrity-baseline",

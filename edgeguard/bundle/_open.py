@@ -282,6 +282,7 @@ _MANIFEST_KEYS = frozenset(
         "postprocess",
         "input_stats",
         "quantization",
+        "defence",
         "suite",
     }
 )
@@ -327,7 +328,7 @@ def _parse_unverified_manifest(raw: bytes, limits: fmt.BundleLimits) -> Manifest
             "unsupported", f"cipher suite {suite[:64]!r} (this runtime reads {', '.join(fmt.SUITES)})"
         )
     extras: dict[str, Mapping[str, Any] | None] = {}
-    for key in ("preprocess", "postprocess", "input_stats", "quantization"):
+    for key in ("preprocess", "postprocess", "input_stats", "quantization", "defence"):
         v = d.get(key)
         if v is not None and not isinstance(v, dict):
             _bad(f"{key} must be an object")

@@ -40,6 +40,7 @@ _META_KEYS = frozenset(
         "postprocess",
         "input_stats",
         "quantization",
+        "defence",
         "tolerance",
         "description",
         "min_runtime",
@@ -216,6 +217,7 @@ def pack_bundle(
         ("postprocess", dict),
         ("input_stats", dict),
         ("quantization", dict),
+        ("defence", dict),
         ("description", str),
         ("min_runtime", str),
     ):
@@ -277,6 +279,7 @@ def pack_bundle(
         postprocess=meta.get("postprocess"),
         input_stats=meta.get("input_stats"),
         quantization=meta.get("quantization"),
+        defence=meta.get("defence"),
         description=str(meta.get("description", "")),
         bundle_id=os.urandom(16).hex(),
         key_commitment=fmt.key_commitment(content_key),

@@ -87,6 +87,7 @@ class Manifest:
     postprocess: Mapping[str, Any] | None = None  # top-k, YOLO box decoding + NMS...
     input_stats: Mapping[str, Any] | None = None  # per-channel statistics for out-of-distribution flags
     quantization: Mapping[str, Any] | None = None  # how the model was quantized, for reporting
+    defence: Mapping[str, Any] | None = None  # model defences: adversarial-input detection (docs/security.md)
     description: str = ""
     golden_size: int = 0  # bytes of the golden-vector .npz carried encrypted after the wrapped keys
     # hex SHA-256 of a label and the content key: every recipient checks it unwrapped this same key
@@ -128,7 +129,7 @@ class Manifest:
         if self.suite != "aes256gcm-sha256":
             # The default is left out: such a bundle is byte for byte what runtimes before suites read.
             out["suite"] = self.suite
-        for key in ("preprocess", "postprocess", "input_stats", "quantization"):
+        for key in ("preprocess", "postprocess", "input_stats", "quantization", "defence"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = dict(value)

@@ -52,7 +52,7 @@ Start with `edgeguard demo`, then `edgeguard init DIR` (README: "Your first devi
 _MODULES = (
     "_bundle_cmds", "_engine_cmds", "_quantize_cmds", "_service_cmds", "_demo",
     "_zoo_cmds", "_init_cmd", "_token_cmds", "_status_cmd", "_scan_cmds", "_provision_cmds",
-    "_audit_cmds", "_fleet_cmds",
+    "_audit_cmds", "_robustness_cmds", "_fleet_cmds",
 )
 
 # Every top-level command: the module that registers it and its one-line help, so that `edgeguard --help`
@@ -81,6 +81,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "enroll": ("_provision_cmds", "make this device's keys and a CSR (private keys stay here)"),
     "provision": ("_provision_cmds", "install a fleet provisioning archive on this device"),
     "audit": ("_audit_cmds", "verify or read the tamper-evident audit log"),
+    "robustness": ("_robustness_cmds", "black-box attacks and the adversarial-input detector, measured"),
     "fleet": (
         "_fleet_cmds",
         "operate a fleet: CA, devices, broker config, sealing, commands, status, ingest (docs/fleet.md)",

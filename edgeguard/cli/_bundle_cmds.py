@@ -24,6 +24,7 @@ from edgeguard.bundle import (
     read_model,
     verify_bundle,
 )
+from edgeguard.bundle.manifest import ModelFormat
 from edgeguard.errors import ConfigError
 from edgeguard.keys import generate_keypair, load_device_key, load_publisher_key, load_recipient_key
 
@@ -146,6 +147,24 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="NAME",
         help="a recipient's device profile (repeatable), read by --suite auto",
     )
+    p.add_argument(
+        "--adversarial",
+        choices=("flag", "reject"),
+        help="declare the feature-squeezing adversarial-input detector (docs/security.md): flag results or "
+        "reject inputs; its threshold is calibrated on --adversarial-data (default: off)",
+    )
+    p.add_argument("--adversarial-fpr", type=float, default=0.05, metavar="RATE",
+                   help="false-positive rate on clean inputs the threshold is calibrated for (default: 0.05)")
+    p.add_argument("--adversarial-data", type=Path, metavar="NPZ",
+                   help="clean calibration inputs: one array per model input, samples along the first axis "
+                   "(at least 1/RATE of them; default: the golden inputs)")
+    p.add_argument("--adversarial-bits", type=int, default=4, metavar="N",
+                   help="bit-depth squeezer, bits; 0 = off (default: 4)")
+    p.add_argument("--adversarial-median", type=int, default=2, metavar="K",
+                   help="median squeezer window over the image axes; 0 = off (default: 2)")
+    p.add_argument("--adversarial-joint", action="store_true",
+                   help="one squeezed version (bits, then median) instead of one per squeezer: one extra "
+                   "model run instead of two, for models whose run dominates the cost (default: separate)")
     p.add_argument(
         "-o", "--output", required=True, type=Path, metavar="OUT.egm", help="the sealed bundle to write"
     )
@@ -271,6 +290,8 @@ def _pack(args: argparse.Namespace) -> int:
         from ._golden import golden_from_images  # noqa: PLC0415 - loads the image preprocessing only here
 
         golden = golden_from_images(args.golden_from, model=model, model_format=model_format, meta=meta or {})
+    if args.adversarial:
+        meta = _with_adversarial(args, model, model_format, meta or {}, golden)
     data = pack_bundle(
         model,
         name=args.name,
@@ -291,6 +312,24 @@ def _pack(args: argparse.Namespace) -> int:
         f"{len(args.recipient)} recipient(s) -> {args.output} ({len(data)} bytes)"
     )
     return 0
+
+
+def _with_adversarial(args: argparse.Namespace, model: bytes, model_format: ModelFormat,
+                      meta: dict[str, Any], golden: Any) -> dict[str, Any]:
+    """``meta`` with ``defence`` calibrated on --adversarial-data (else the golden inputs)."""
+    from edgeguard.bundle._reference import introspect  # noqa: PLC0415
+    from edgeguard.robustness._calibrate import adversarial_defence, load_clean_samples  # noqa: PLC0415
+
+    if args.adversarial_data is not None:
+        names = ([t["name"] for t in meta["inputs"]] if "inputs" in meta
+                 else [t.name for t in introspect(model, model_format)[0]])
+        samples = load_clean_samples(args.adversarial_data, names)
+    else:
+        samples = [dict(s["in"]) for s in golden]
+    defence = adversarial_defence(model, model_format, meta=meta, samples=samples, mode=args.adversarial,
+                                  fpr=args.adversarial_fpr, bits=args.adversarial_bits,
+                                  median=args.adversarial_median, joint=args.adversarial_joint)
+    return {**meta, "defence": defence}
 
 
 def _verify(args: argparse.Namespace) -> int:

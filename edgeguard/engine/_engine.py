@@ -11,13 +11,15 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgeguard.bundle.manifest import GoldenSample, Manifest
-from edgeguard.errors import BackendError, InputRejected
+from edgeguard.errors import AdversarialInput, BackendError, InputRejected
 from edgeguard.profiles import EngineTuning, Profile, detect_profile
 
+from ._backend import Backend
 from ._fastpath import CandidateReport, FastPath
 from ._open import BackendOpener, open_backend
 from ._selftest import samples_from_golden
 from ._stats import LatencyWindow
+from .adversarial import SqueezeDetector
 from .guard import GuardLimits, InputGuard, validate_declarations
 from .ood import OodMonitor
 from .postprocess import Postprocessor
@@ -65,6 +67,9 @@ class InferenceResult:
     backend: str
     accelerator: str
     ood: str | None = None  # why the input looked out of distribution, when it did
+    # The feature-squeezing score and verdict, when the manifest declares defence.adversarial:
+    adversarial_score: float | None = None
+    adversarial: bool | None = None
 
     def to_json(self, *, include_outputs: bool | None = None) -> dict[str, Any]:
         """JSON-able form; raw outputs are included when there is no post-processed result (or when asked)."""
@@ -75,6 +80,9 @@ class InferenceResult:
         }
         if self.ood is not None:
             out["ood"] = self.ood
+        if self.adversarial_score is not None:
+            out["adversarial_score"] = self.adversarial_score
+            out["adversarial"] = self.adversarial
         if self.post is not None:
             out["post"] = self.post
         if include_outputs or (include_outputs is None and self.post is None):
@@ -93,6 +101,7 @@ class Engine:
         self._fast = fastpath
         self._guard = InputGuard(manifest, limits=guard_limits)
         self._ood = OodMonitor.from_manifest(manifest)
+        self._adversarial = SqueezeDetector.from_manifest(manifest)
         self._pre = Preprocessor.from_manifest(manifest)
         self._post = Postprocessor.from_manifest(manifest)
         self._latency = LatencyWindow()
@@ -172,8 +181,13 @@ class Engine:
         if self._ood is not None:
             verdict = self._ood.check(checked)
             ood_reason = verdict.reason if verdict.flagged else None
+        score: float | None = None
+        flagged: bool | None = None
         try:
-            outputs, backend = self._fast.run(checked)
+            if self._adversarial is None:
+                outputs, backend = self._fast.run(checked)
+            else:
+                outputs, backend, score, flagged = self._run_detected(checked)
         except BackendError:
             with self._lock:
                 self._failures += 1
@@ -184,7 +198,27 @@ class Engine:
         with self._lock:
             self._count += 1
         return InferenceResult(outputs=outputs, post=post, latency_ms=latency, backend=backend.runtime,
-                               accelerator=backend.label, ood=ood_reason)
+                               accelerator=backend.label, ood=ood_reason, adversarial_score=score,
+                               adversarial=flagged)
+
+    def _run_detected(self, checked: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Backend,
+                                                                        float, bool]:
+        """Run with the feature-squeezing detector: the input and its squeezed versions (one batch when the
+        declaration allows), the verdict counted, a ``reject`` refusal counted as a guard rejection."""
+        assert self._adversarial is not None
+        used: list[Backend] = []
+
+        def run(inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            outputs, backend = self._fast.run(inputs)
+            used.append(backend)
+            return outputs
+
+        try:
+            outputs, verdict = self._adversarial.run(run, checked)
+        except AdversarialInput:
+            self._guard.note_rejected("adversarial")
+            raise
+        return outputs, used[0], verdict.score, verdict.adversarial
 
     # --- health ---------------------------------------------------------------------------------------------
 
@@ -224,6 +258,8 @@ class Engine:
             "rejected": self._guard.rejected + self._fast.request_failures,
             "rejections": {**self._guard.rejections(), "model": self._fast.request_failures},
             "ood": self._ood.counts() if self._ood is not None else {"checked": 0, "flagged": 0},
+            "adversarial": (self._adversarial.counts() if self._adversarial is not None
+                            else {"mode": "off", "checked": 0, "flagged": 0, "rejected": 0}),
             "load_ms": round(self._fast.load_ms, 3),
             "selftest_ms": round(self._fast.ready_selftest_ms, 3),  # the self-test inside load_ms
             # One run here, as the self-tests measured it: the service bounds a stuck inference by it.

@@ -22,6 +22,7 @@ import numpy as np
 from edgeguard.bundle.manifest import Manifest, TensorSpec
 from edgeguard.errors import BundleRejected, ConfigError, InputRejected
 
+from .adversarial import parse_defence
 from .ood import parse_input_stats
 from .postprocess import parse_postprocess
 from .preprocess import parse_preprocess
@@ -31,7 +32,7 @@ __all__ = ["GuardLimits", "InputGuard", "REJECTION_CHECKS", "format_shape", "val
 # The names under which rejections are counted (stable: they appear in the heartbeat).
 # "image" counts requests refused before the guard, while decoding or preprocessing an image.
 REJECTION_CHECKS: Final[tuple[str, ...]] = (
-    "name", "type", "dtype", "shape", "size", "finite", "range", "image", "ood",
+    "name", "type", "dtype", "shape", "size", "finite", "range", "image", "ood", "adversarial",
 )
 
 _MAX_RANK: Final = 8
@@ -214,7 +215,8 @@ class InputGuard:
 
 
 def validate_declarations(manifest: Manifest) -> None:
-    """Check ``preprocess``, ``postprocess`` and ``input_stats`` of a manifest; the engine calls it at load.
+    """Check ``preprocess``, ``postprocess``, ``input_stats`` and ``defence`` of a manifest; the engine calls
+    it at load.
 
     A declaration the engine cannot apply makes the bundle unusable, so it is refused as
     ``BundleRejected("malformed", ...)`` naming the key, instead of failing on the first request.
@@ -223,5 +225,6 @@ def validate_declarations(manifest: Manifest) -> None:
         parse_preprocess(manifest)
         parse_postprocess(manifest)
         parse_input_stats(manifest)
+        parse_defence(manifest)
     except ConfigError as exc:
         raise BundleRejected("malformed", f"manifest {exc}") from None

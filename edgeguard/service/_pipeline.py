@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgeguard.bundle.manifest import Manifest
-from edgeguard.errors import ServiceUnavailable
+from edgeguard.errors import AdversarialInput, ServiceUnavailable
 from edgeguard.sources import InferenceRequest
 
 __all__ = ["Pipeline", "EngineLike", "ResultLike", "ResultStore"]
@@ -67,6 +67,8 @@ class Pipeline:
         self.unavailable_reason = "no model loaded" if engine is None else ""
         self.completed = 0
         self.failed = 0
+        # Where refusals by the model's adversarial-input detector go (the worker: link events, audited).
+        self.on_event: Callable[[str, dict[str, Any]], None] | None = None
 
     @property
     def engine(self) -> EngineLike | None:
@@ -104,6 +106,15 @@ class Pipeline:
             with self._lock:
                 self.completed += 1
             return doc
+        except AdversarialInput as exc:
+            with self._lock:
+                self.failed += 1
+            if self.on_event is not None:
+                self.on_event("adversarial-input", {
+                    "source": request.source, "correlation_id": request.correlation_id,
+                    "model": {"name": engine.manifest.name, "version": engine.manifest.version},
+                    "score": round(exc.score, 6), "threshold": exc.threshold})
+            raise
         except Exception:
             with self._lock:
                 self.failed += 1

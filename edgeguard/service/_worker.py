@@ -126,6 +126,7 @@ class Worker:
             health=self.health,
             on_event=self.audit.event if self.audit is not None else None,  # every event passes the audit
         )
+        self.pipeline.on_event = self.link.publish_event  # adversarial-input refusals: events, audited
         self.posture = PostureMonitor(
             config=lambda: self.cfg, clock=self.clock, publish=self.link.publish_event
         )

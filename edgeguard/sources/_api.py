@@ -49,7 +49,14 @@ from aiohttp import web
 from edgeguard._echo import cut, echo
 from edgeguard._net import is_loopback
 from edgeguard.bundle.manifest import TensorSpec
-from edgeguard.errors import BackendError, ConfigError, InputRejected, OutboxError, ServiceUnavailable
+from edgeguard.errors import (
+    AdversarialInput,
+    BackendError,
+    ConfigError,
+    InputRejected,
+    OutboxError,
+    ServiceUnavailable,
+)
 
 from ._abuse import AbuseConfig, LockoutTable, RateWatch
 from ._openapi import OPENAPI
@@ -401,6 +408,8 @@ class ApiSource:
                 return self._count(_error(503, "not enough memory to parse this body now"))
             try:
                 result = await loop.run_in_executor(self._executor, self._sink, parsed)
+            except AdversarialInput as exc:  # well-formed, but refused by the model's own defence
+                return self._count(_error(422, str(exc)))
             except InputRejected as exc:
                 return self._count(_error(400, str(exc)))
             except ServiceUnavailable as exc:

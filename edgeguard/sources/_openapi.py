@@ -128,6 +128,8 @@ OPENAPI: Final[dict[str, Any]] = {
                     **_AUTH_ERRORS,
                     "413": _err("body larger than the configured limit"),
                     "415": _err("unsupported content type"),
+                    "422": _err("the model's adversarial-input detector refused the input "
+                                "(manifest defence.adversarial.mode = reject)"),
                     "500": _err("the inference backend failed"),
                     "503": _err("busy, stopping, reloading, or in the safe state"),
                 },
