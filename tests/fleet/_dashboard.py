@@ -42,8 +42,9 @@ def token_file(directory: Path) -> tuple[Path, str]:
 class DashboardProc:
     def __init__(self, broker: MosquittoBroker, fleet: str, token: Path, *extra: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeguard", "fleet", "dashboard", "--broker", f"{broker.host}:{broker.port}",
-             "--fleet", fleet, "--token-file", str(token), "--listen", "127.0.0.1:0", *extra],
+            [sys.executable, "-m", "edgeguard", "fleet", "dashboard",
+             "--broker", f"{broker.host}:{broker.port}", "--fleet", fleet, "--token-file", str(token),
+             "--listen", "127.0.0.1:0", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
         )
         self.lines: queue.Queue[str] = queue.Queue()
@@ -77,7 +78,8 @@ class DashboardProc:
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 body = r.read()
-                return r.status, json.loads(body) if r.headers.get_content_type() == "application/json" else body
+                is_json = r.headers.get_content_type() == "application/json"
+                return r.status, json.loads(body) if is_json else body
         except urllib.error.HTTPError as e:
             return e.code, e.read()
 
@@ -102,7 +104,7 @@ def chromium() -> Iterator[Any]:
     """A headless Debian chromium driven by Playwright (never `playwright install`'s own browsers)."""
     from playwright.sync_api import sync_playwright
 
-    assert CHROMIUM.exists(), "tests need Debian's chromium: apt-get install chromium (tools/bootstrap.sh test)"
+    assert CHROMIUM.exists(), "these tests need Debian's chromium (tools/bootstrap.sh test installs it)"
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True)
         try:

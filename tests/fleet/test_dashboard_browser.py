@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.publish as publish
+from paho.mqtt import publish
 
 from tests.commands._support import FLEET, commands_device
 from tests.fleet._dashboard import DashboardProc, artifacts, chromium, login, token_file
@@ -26,7 +26,8 @@ def _rollout(now: float) -> dict[str, Any]:
     """Rollout progress as the rollout tool publishes it (the deploy contract): wave 2 failed probation on
     sim-0012 and sim-0013, which rolled back; the rollout halted."""
     return {
-        "v": 1, "id": "detector-v4", "model": "detector", "version": 4, "sha256": "ab" * 32, "group": "line-1",
+        "v": 1, "id": "detector-v4", "model": "detector", "version": 4, "sha256": "ab" * 32,
+        "group": "line-1",
         "state": "halted", "max_failures": 1, "failures": 2, "started": now - 300, "updated": now,
         "reason": "probation failed on 2 devices (max 1): rolled back",
         "waves": [
@@ -103,8 +104,9 @@ def _run(tmp_path: Path, broker: MosquittoBroker, shots: Path) -> None:
                 assert colour == "rgb(248, 81, 73)"  # the one red: offline
 
                 # A rollout that rolled devices back.
-                publish.single(f"edgeguard/v1/{FLEET}/rollouts/detector-v4", json.dumps(_rollout(time.time())),
-                               qos=1, retain=True, hostname=broker.host, port=broker.port)
+                publish.single(f"edgeguard/v1/{FLEET}/rollouts/detector-v4",
+                               json.dumps(_rollout(time.time())), qos=1, retain=True,
+                               hostname=broker.host, port=broker.port)
                 box = page.wait_for_selector(".rollout[data-rollout='detector-v4']", timeout=WAIT_MS)
                 text = box.inner_text()
                 assert "halted" in text and "rolled back: sim-0012, sim-0013" in text
@@ -129,6 +131,9 @@ def _run(tmp_path: Path, broker: MosquittoBroker, shots: Path) -> None:
                 page.wait_for_selector("#d-results li code:has-text('outputs')", timeout=WAIT_MS)
                 assert "degraded: <img src=x" in page.inner_text("#d-problems")
                 page.screenshot(path=str(shots / "04-device-detail-results.png"))
+            # Results and rollout progress ride the view's session without counting as refused messages.
+            status, state = dash.get("/api/state", token=token)
+            assert status == 200 and state["dropped"] == 0 and state["rollouts_rejected"] == 0
         assert list(shots.glob("*.png")) and all(p.stat().st_size > 10_000 for p in shots.glob("*.png"))
 
 

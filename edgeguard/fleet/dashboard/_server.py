@@ -45,6 +45,7 @@ _HEADERS = {
     "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"
 }
 _SESSION_S = 12 * 3600
+_PUMP = web.AppKey("pump", asyncio.Task[None])
 _MAX_SESSIONS = 256
 _MAX_LOGIN_BYTES = 4096
 
@@ -145,13 +146,13 @@ class DashboardServer:
         while len(self._sessions) >= _MAX_SESSIONS:
             self._sessions.popitem(last=False)  # the oldest login goes first
         self._sessions[session] = now + _SESSION_S
-        response = web.HTTPSeeOther("/", headers=_HEADERS)
+        response = web.Response(status=303, headers={**_HEADERS, "Location": "/"})
         response.set_cookie(COOKIE, session, httponly=True, samesite="Strict", path="/", max_age=_SESSION_S)
         return response
 
     async def _logout(self, request: web.Request) -> web.StreamResponse:
         self._sessions.pop(request.cookies.get(COOKIE, ""), None)
-        response = web.HTTPSeeOther("/", headers=_HEADERS)
+        response = web.Response(status=303, headers={**_HEADERS, "Location": "/"})
         response.del_cookie(COOKIE, path="/")
         return response
 
@@ -270,10 +271,10 @@ class DashboardServer:
 
     async def _start_pump(self, app: web.Application) -> None:
         task = asyncio.get_running_loop().create_task(self._pump())
-        app["pump"] = task
+        app[_PUMP] = task
 
     async def _stop_clients(self, app: web.Application) -> None:
-        app["pump"].cancel()
+        app[_PUMP].cancel()
         for client in list(self._clients):
             if client.task is not None:
                 client.task.cancel()
