@@ -290,3 +290,25 @@ def test_a_slow_reader_over_a_real_socket_is_disconnected() -> None:
             await runner.cleanup()
 
     asyncio.run(go())
+
+
+def test_the_command_refuses_bad_options_in_one_line_before_serving(tmp_path: Path, capsys: Any) -> None:
+    from edgeguard.cli import main
+
+    open_token = tmp_path / "open.token"
+    open_token.write_text(TOKEN)
+    open_token.chmod(0o644)
+    good = tmp_path / "good.token"
+    good.write_text(TOKEN)
+    good.chmod(0o600)
+    cases = [
+        (["--token-file", str(open_token)], "too open"),
+        (["--token-file", str(tmp_path / "missing")], "token file"),
+        (["--token-file", str(good), "--listen", "nowhere"], "--listen"),
+        (["--token-file", str(good), "--history", "0"], "--history"),
+        (["--token-file", str(good), "--broker", "127.0.0.1:1"], "cannot connect"),
+    ]
+    for extra, why in cases:
+        code = main(["fleet", "dashboard", "--fleet", "f1", *extra])
+        err = capsys.readouterr().err.strip()
+        assert code != 0 and why in err and len(err.splitlines()) == 1, (extra, err)
