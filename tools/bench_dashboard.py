@@ -47,6 +47,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _wait_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"mosquitto did not listen on {port} within {timeout} s") from None
+            time.sleep(0.05)
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -115,12 +127,13 @@ def main() -> int:
     (work / "token").chmod(0o600)
     procs: list[subprocess.Popen[str]] = []
     try:
-        broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)], text=True)
-        procs.append(broker)
-        time.sleep(0.5)
+        mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        procs.append(subprocess.Popen([mosquitto, "-c", str(conf)], text=True))
+        _wait_port(port, 30)
         sim = subprocess.Popen(
-            [sys.executable, str(ROOT / "tools/fleet_sim.py"), str(args.devices), "--broker", f"127.0.0.1:{port}",
-             "--fleet", FLEET, "--heartbeat", str(args.heartbeat), "--keepalive", "60", "--groups", "line-1"],
+            [sys.executable, str(ROOT / "tools/fleet_sim.py"), str(args.devices),
+             "--broker", f"127.0.0.1:{port}", "--fleet", FLEET, "--heartbeat", str(args.heartbeat),
+             "--keepalive", "60", "--groups", "line-1"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         procs.append(sim)
         _wait_line(sim, "ready", 300)
