@@ -5,6 +5,7 @@ Screenshots are kept as artefacts ($EDGEGUARD_ARTIFACTS, else the test's tmp dir
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,16 @@ def _run(tmp_path: Path, broker: MosquittoBroker, shots: Path) -> None:
                 text = box.inner_text()
                 assert "halted" in text and "rolled back: sim-0012, sim-0013" in text
                 assert "2 rolled back" in text and "2/4 ok" in text
+                # A running rollout: its wave's probation timer counts down.
+                running = _rollout(time.time()) | {"id": "sensor-v2", "model": "sensor", "version": 2,
+                                                   "state": "running", "failures": 0, "reason": None}
+                running["waves"] = [running["waves"][0] | {"state": "probation",
+                                                           "probation_until": time.time() + 600}]
+                publish.single(f"edgeguard/v1/{FLEET}/rollouts/sensor-v2", json.dumps(running), qos=1,
+                               retain=True, hostname=broker.host, port=broker.port)
+                note = ".rollout[data-rollout='sensor-v2'] .wave-note"
+                page.wait_for_selector(f"{note}:has-text('min left')", timeout=WAIT_MS)
+                assert re.search(r"probation (9|10) min left", page.inner_text(note))  # 600 s ahead, just now
                 page.screenshot(path=str(shots / "02-offline-and-rollback.png"))
 
                 # A signed ping to the real device; its answer verified with the pinned key.

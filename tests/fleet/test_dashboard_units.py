@@ -5,9 +5,11 @@ loopback socket; FleetState fed the payloads the devices publish."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -312,3 +314,55 @@ def test_the_command_refuses_bad_options_in_one_line_before_serving(tmp_path: Pa
         code = main(["fleet", "dashboard", "--fleet", "f1", *extra])
         err = capsys.readouterr().err.strip()
         assert code != 0 and why in err and len(err.splitlines()) == 1, (extra, err)
+
+
+def _answering(broker: Any, device: str, key: Any, *, claim: str | None = None) -> Any:
+    """An MQTT client on ``device``'s cmd topic answering every command with an envelope signed by ``key``
+    (the device's own key: a genuine answer; any other: a forgery)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edgeguard.commands import ANSWER_LABEL, envelope
+
+    base = f"edgeguard/v1/f1/{device}/"
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+
+    def on_message(c: Any, _u: Any, msg: Any) -> None:
+        cmd = json.loads(base64.b64decode(json.loads(msg.payload)["payload"]))
+        doc = {"v": 1, "device": claim or device, "fleet": "f1", "time": int(cmd["issued_at"]),
+               "nonce": cmd["nonce"], "name": cmd["name"], "ok": True, "result": {"pong": True}}
+        c.publish(base + "cmd/resp", envelope(doc, key, ANSWER_LABEL), qos=1)
+
+    subscribed = threading.Event()
+    client.on_message = on_message
+    client.on_subscribe = lambda *_a: subscribed.set()
+    client.connect(broker.host, broker.port)
+    client.subscribe(base + "cmd", 1)
+    client.loop_start()
+    assert subscribed.wait(20)
+    return client
+
+
+def test_actions_show_verified_and_forged_answers(mosquitto: Any) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edgeguard.fleet.dashboard import Actions
+    from edgeguard.link import LinkConfig
+
+    operator, genuine, impostor = (Ed25519PrivateKey.generate() for _ in range(3))
+    actions = Actions(key=operator, broker=LinkConfig(host=mosquitto.host, port=mosquitto.port),
+                      pinned={"d1": genuine.public_key(), "d2": genuine.public_key()}, timeout_s=3.0)
+    clients = [_answering(mosquitto, "d1", genuine), _answering(mosquitto, "d2", impostor)]
+    try:
+        good = actions.run("f1", "d1", "ping")
+        assert good["verdict"] == "verified" and good["ok"] and good["result"] == {"pong": True}
+        forged = actions.run("f1", "d2", "ping")
+        assert forged["verdict"] == "forged" and not forged["ok"] and "forged" in forged["why"]
+        assert any("not d2's" in why for why in forged["forged"])
+        with pytest.raises(ValueError, match="unknown action"):
+            actions.run("f1", "d1", "restart")
+    finally:
+        actions.close()
+        for c in clients:
+            c.loop_stop()
+            c.disconnect()
