@@ -114,6 +114,7 @@ def main() -> int:
     p.add_argument("--heartbeat", type=float, default=30.0, metavar="S", help="simulated heartbeat period")
     p.add_argument("--probes", type=int, default=30, help="update latency samples")
     p.add_argument("--loads", type=int, default=5, help="page load samples")
+    p.add_argument("--screenshot", type=Path, metavar="PNG", help="save the loaded page at N devices here")
     args = p.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -153,8 +154,18 @@ def main() -> int:
         pub.publish(f"edgeguard/v1/{FLEET}/{PROBE}/heartbeat", _heartbeat(0), qos=0).wait_for_publish()
         total = args.devices + 1
         req = urllib.request.Request(url + "api/state", headers={"Authorization": f"Bearer {token}"})
-        with urllib.request.urlopen(req, timeout=60) as r:
-            snapshot_bytes = len(r.read())
+        # Heartbeats are not retained: wait until every device has sent one the dashboard saw (a page of
+        # devices with figures and sparklines is the page to measure, not one of bare statuses).
+        deadline = time.monotonic() + 2 * args.heartbeat + 60
+        while True:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                body = r.read()
+            beating = sum(1 for d in json.loads(body)["devices"] if d["last_heartbeat"] is not None)
+            if beating >= total or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        snapshot_bytes = len(body)
+        print(f"heartbeats seen from {beating} of {total} devices")
         results: dict[str, Any] = {"devices": args.devices, "heartbeat_s": args.heartbeat,
                                    "snapshot_kb": round(snapshot_bytes / 1024, 1)}
         print(f"snapshot  {snapshot_bytes / 1024:.0f} kB of JSON for {total} devices")
@@ -173,6 +184,8 @@ def main() -> int:
                     "n => document.getElementById('count-all').textContent === String(n) && "
                     "document.querySelectorAll('#rows tr.dev').length > 0", arg=total, timeout=120_000)
                 loads.append(time.monotonic() - t0)
+            if args.screenshot is not None:
+                page.screenshot(path=str(args.screenshot))
             results["load_s"] = {"median": round(statistics.median(loads), 3), "max": round(max(loads), 3)}
             print(f"load      median {statistics.median(loads):.2f} s, max {max(loads):.2f} s "
                   f"({args.loads} loads, {total} devices)")

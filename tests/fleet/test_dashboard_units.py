@@ -9,6 +9,7 @@ import base64
 import copy
 import json
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -366,3 +367,23 @@ def test_actions_show_verified_and_forged_answers(mosquitto: Any) -> None:
         for c in clients:
             c.loop_stop()
             c.disconnect()
+
+
+def test_the_page_ships_as_package_data_and_every_shipped_file_is_served() -> None:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+    from edgeguard.fleet.dashboard import _server
+
+    root = Path(__file__).resolve().parents[2]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert "fleet/dashboard/static/*" in data["edgeguard"]
+    static = root / "edgeguard/fleet/dashboard/static"
+    served = {*_server._STATIC, "index.html", "login.html"}
+    assert {p.name for p in static.iterdir()} == served
+    page = (static / "index.html").read_text()
+    # no CDN, no inline script: every script and style the page loads is one of its own files
+    assert "http" not in page.replace("http-equiv", "") and "<script>" not in page
+    for ref in ("/static/dashboard.js", "/static/detail.js", "/static/dashboard.css"):
+        assert ref in page

@@ -35,7 +35,10 @@ __all__ = ["DashboardServer", "COOKIE"]
 
 COOKIE = "edgeguard_dashboard"
 _SEGMENT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_STATIC = {"dashboard.css": "text/css", "dashboard.js": "text/javascript", "favicon.svg": "image/svg+xml"}
+_STATIC = {
+    "dashboard.css": "text/css", "dashboard.js": "text/javascript", "detail.js": "text/javascript",
+    "favicon.svg": "image/svg+xml",
+}
 _CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
     "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
