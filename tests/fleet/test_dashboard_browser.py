@@ -99,17 +99,20 @@ def _run(tmp_path: Path, broker: MosquittoBroker, shots: Path) -> None:
                 page.wait_for_function("() => document.getElementById('count-offline').textContent === '1'",
                                        timeout=WAIT_MS)
                 assert _counts(page) == {"online": total - 2, "degraded": 1, "offline": 1}
-                first = page.locator("#rows tr.dev").first
-                assert first.get_attribute("data-device") == "sim-0003"  # worst first
-                colour = first.locator(".status-text").evaluate("e => getComputedStyle(e).color")
+                # Read in one go: the table is redrawn every second, an element found earlier may be gone.
+                device, colour = page.evaluate("""() => {
+                    const row = document.querySelector('#rows tr.dev');
+                    const text = row.querySelector('.status-text');
+                    return [row.dataset.device, getComputedStyle(text).color]; }""")
+                assert device == "sim-0003"  # worst first
                 assert colour == "rgb(248, 81, 73)"  # the one red: offline
 
                 # A rollout that rolled devices back.
                 publish.single(f"edgeguard/v1/{FLEET}/rollouts/detector-v4",
                                json.dumps(_rollout(time.time())), qos=1, retain=True,
                                hostname=broker.host, port=broker.port)
-                box = page.wait_for_selector(".rollout[data-rollout='detector-v4']", timeout=WAIT_MS)
-                text = box.inner_text()
+                page.wait_for_selector(".rollout[data-rollout='detector-v4']", timeout=WAIT_MS)
+                text = page.inner_text(".rollout[data-rollout='detector-v4']")  # redrawn each second
                 assert "halted" in text and "rolled back: sim-0012, sim-0013" in text
                 assert "2 rolled back" in text and "2/4 ok" in text
                 # A running rollout: its wave's probation timer counts down.
