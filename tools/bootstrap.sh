@@ -5,7 +5,8 @@
 #   bash tools/bootstrap.sh test [ARGS]   install the test needs (mosquitto too) and run ruff, mypy, pytest,
 #                                         then the compatibility legs (tools/legs.py, venvs in .venv-legs/)
 #
-# It installs Debian packages only when something is missing (python3-venv, mosquitto), with sudo when not root.
+# It installs Debian packages only when something is missing (python3-venv, mosquitto, chromium), with sudo when
+# not root.
 set -euo pipefail
 
 mode="${1:-}"
@@ -42,6 +43,11 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
 if [ "$mode" = test ] && ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then
   # The tests start their own brokers on free ports; Debian also starts a system one, which they never use.
   apt_install mosquitto
+fi
+
+if [ "$mode" = test ] && [ ! -x /usr/bin/chromium ]; then
+  # The dashboard's browser tests drive Debian's chromium through Playwright (never `playwright install`).
+  apt_install chromium chromium-driver
 fi
 
 if [ ! -x "$venv/bin/python" ]; then

@@ -17,7 +17,7 @@ import contextlib
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeguard.errors import LinkError
-from edgeguard.fleet.view._state import FleetEvent, FleetState
+from edgeguard.fleet.view._state import RESERVED, FleetEvent, FleetState
 
 __all__ = ["BrokerOptions", "Follower", "fleet_filters"]
 
@@ -67,13 +67,20 @@ class Follower:
         state: FleetState,
         on_event: Callable[[FleetEvent], None] | None = None,
         wall: Callable[[], float] = time.time,
+        extra_filters: Sequence[str] = (),
+        on_message: Callable[[str, bytes, float, bool], None] | None = None,
     ) -> None:
+        """``extra_filters``: more topics to follow on the same session (the dashboard adds results and
+        rollouts); ``on_message(topic, payload, now, retained)`` sees every message after the state took it
+        (paho's thread: it must not block, and it must not raise)."""
         if fleet != "+" and ("/" in fleet or "#" in fleet or "+" in fleet or not fleet):
             raise ValueError(f"fleet {fleet!r}: a fleet name, or + for every fleet")
         self.broker = broker
         self.fleet = fleet
         self.state = state
         self._on_event = on_event
+        self._on_message_hook = on_message
+        self._extra_filters = tuple(extra_filters)
         self._wall = wall
         self._snapshot = threading.Event()
         self._connected = threading.Event()
@@ -105,7 +112,7 @@ class Follower:
             self._connected.set()
             return
         self._refused = None
-        client.subscribe([(f, 0) for f in fleet_filters(self.fleet)])
+        client.subscribe([(f, 0) for f in (*fleet_filters(self.fleet), *self._extra_filters)])
         _rc, self._barrier_mid = client.subscribe(_BARRIER, qos=0)
         self._connected.set()
 
@@ -118,9 +125,17 @@ class Follower:
             topic = msg.topic
         except UnicodeDecodeError:
             topic = ""  # matches nothing: counted as dropped
-        event = self.state.ingest(topic, bytes(msg.payload), self._wall(), retained=bool(msg.retain))
+        payload, now = bytes(msg.payload), self._wall()
+        # A message on an extra filter (results, rollouts) is not the view's to judge: not counted dropped.
+        parts = topic.split("/")
+        extra = bool(self._extra_filters) and (
+            len(parts) != 5 or parts[4] not in ("status", "heartbeat", "events") or parts[3] in RESERVED
+        )
+        event = None if extra else self.state.ingest(topic, payload, now, retained=bool(msg.retain))
         if event is not None and self._on_event is not None:
             self._on_event(event)
+        if self._on_message_hook is not None:
+            self._on_message_hook(topic, payload, now, bool(msg.retain))
 
     # the caller's thread ------------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> None:

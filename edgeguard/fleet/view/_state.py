@@ -24,6 +24,8 @@ __all__ = ["DeviceView", "FleetEvent", "FleetState", "SECURITY_EVENTS", "parse_t
 # The link's TOPIC_SEGMENT (edgeguard/link/_config.py), repeated: operator code imports nothing device-side.
 _SEGMENT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _KINDS = ("status", "heartbeat", "events")
+# Fleet-wide topics beside the devices' own (docs/deploy contract): never a device id.
+RESERVED = frozenset({"rollouts", "bundles"})
 # Event kinds that concern security (the rest are reliability events: degraded, reloaded, outbox_dropped...).
 SECURITY_EVENTS = frozenset(
     {"bundle-rejected", "input-rejected", "command-rejected", "command-forged", "posture-finding"}
@@ -36,7 +38,7 @@ def parse_topic(topic: str) -> tuple[str, str, str] | None:
     parts = topic.split("/")
     if len(parts) != 5 or parts[0] != "edgeguard" or parts[1] != "v1" or parts[4] not in _KINDS:
         return None
-    if not (_SEGMENT.fullmatch(parts[2]) and _SEGMENT.fullmatch(parts[3])):
+    if not (_SEGMENT.fullmatch(parts[2]) and _SEGMENT.fullmatch(parts[3])) or parts[3] in RESERVED:
         return None
     return parts[2], parts[3], parts[4]
 
@@ -303,6 +305,12 @@ class FleetState:
         """Copies of every device, taken under the lock: one consistent picture (one scrape, one table)."""
         with self._lock:
             return [_copy(v) for v in self._devices.values()]
+
+    def device(self, fleet: str, device: str) -> DeviceView | None:
+        """A copy of one device's view, or None when the view does not know it."""
+        with self._lock:
+            view = self._devices.get((fleet, device))
+            return _copy(view) if view is not None else None
 
     def events(self) -> list[FleetEvent]:
         with self._lock:
