@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -149,7 +150,7 @@ def _load_private(path: Path, kind: KeyKind) -> Ed25519PrivateKey | X25519Privat
     data = _read_key_file(path, private=True, kind=kind)
     try:
         key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise KeyFileError(f"{path}: not an unencrypted PEM private key ({exc})") from None
     if not isinstance(key, (Ed25519PrivateKey, X25519PrivateKey)):
         raise KeyFileError(f"{path}: unsupported key type {type(key).__name__}")
@@ -160,7 +161,7 @@ def _load_public(path: Path, kind: KeyKind) -> Ed25519PublicKey | X25519PublicKe
     data = _read_key_file(path, private=False, kind=kind)
     try:
         key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise KeyFileError(f"{path}: not a PEM public key ({exc})") from None
     if not isinstance(key, (Ed25519PublicKey, X25519PublicKey)):
         raise KeyFileError(f"{path}: unsupported key type {type(key).__name__}")

@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hpke, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
@@ -188,7 +188,7 @@ def _parse_unverified_envelope(data: bytes) -> tuple[Ed25519PublicKey, bytes, by
         _reject("malformed", "signer is not a PEM public key")
     try:
         signer = serialization.load_pem_public_key(doc["signer"].encode())
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         _reject("malformed", "signer is not a PEM public key")
     if not isinstance(signer, Ed25519PublicKey):
         _reject("malformed", "signer is not an Ed25519 key")
