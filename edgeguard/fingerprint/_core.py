@@ -96,10 +96,8 @@ def _candidate(rng: np.random.Generator, spec: InputSpec, lo: float, hi: float) 
 def _to_dtype(values: np.ndarray, spec: InputSpec) -> np.ndarray:
     if spec.dtype.kind == "f":
         return values.astype(spec.dtype)
-    if spec.dtype.kind == "b":
-        flags: np.ndarray = values >= 0.5
-        return flags
-    return np.rint(values).astype(spec.dtype)
+    out: np.ndarray = values >= 0.5 if spec.dtype.kind == "b" else np.rint(values).astype(spec.dtype)
+    return out
 
 
 def _perturbed(rng: np.random.Generator, x: np.ndarray, spec: InputSpec, lo: float, hi: float) -> np.ndarray:
