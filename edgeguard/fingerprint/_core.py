@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeguard.errors import BackendError
+
 from ._model import InputSpec, LoadedModel
 from ._trigger import TriggerSet
 
@@ -211,7 +213,10 @@ def compare(model: LoadedModel, trigger: TriggerSet, *, threshold: float | None 
     for i in range(n):
         feed = {specs[name].name: values[i].astype(specs[name].dtype)
                 for name, values in zip(trigger.names, trigger.inputs, strict=True)}
-        vector = outputs_vector(model.run(feed), order)
+        try:
+            vector = outputs_vector(model.run(feed), order)
+        except BackendError as exc:  # a model that cannot even run the triggers is not the owner's
+            return Match(0.0, 0, n, 0.0, limit, 1.0, reason=f"the model cannot run the triggers ({exc})")
         if vector.size != trigger.output_size:
             return Match(0.0, 0, n, 0.0, limit, 1.0,
                          reason=f"outputs differ ({vector.size} values; the owner's model gives "
