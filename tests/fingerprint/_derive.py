@@ -15,7 +15,8 @@ def derived_copy(src: Path, dst: Path, *, noise: float = 0.0, permute: bool = Fa
     rng = np.random.default_rng(seed)
     # Weights live in initializers (most exporters) or Constant nodes (paddle2onnx).
     tensors = list(model.graph.initializer) + [
-        a.t for node in model.graph.node if node.op_type == "Constant" for a in node.attribute if a.name == "value"
+        a.t for node in model.graph.node if node.op_type == "Constant"
+        for a in node.attribute if a.name == "value"
     ]
     for tensor in tensors:
         weights = numpy_helper.to_array(tensor)

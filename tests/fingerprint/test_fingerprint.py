@@ -49,8 +49,8 @@ def test_owner_and_derived_copies_match(yolov8n_path: Path, yolo_trigger: Path, 
 
 
 def test_int8_copy_from_the_quantizer_matches(yolov8n_path: Path, yolo_trigger: Path, tmp_path: Path) -> None:
-    from edgeguard import zoo  # noqa: PLC0415
-    from edgeguard.quantize import QuantizeOptions, quantize_onnx  # noqa: PLC0415
+    from edgeguard import zoo
+    from edgeguard.quantize import QuantizeOptions, quantize_onnx
 
     photos = tmp_path / "photos"
     photos.mkdir()
@@ -63,8 +63,8 @@ def test_int8_copy_from_the_quantizer_matches(yolov8n_path: Path, yolo_trigger: 
     assert _verify(int8, yolo_trigger) == 0
 
 
-def test_unrelated_models_do_not_match(yolov8n_path: Path, ppocr_det_path: Path, blazeface_path: Path,
-                                       yolo_trigger: Path, tmp_path: Path,
+def test_unrelated_models_do_not_match(  # noqa: PLR0917 - one fixture per model
+    yolov8n_path: Path, ppocr_det_path: Path, blazeface_path: Path, yolo_trigger: Path, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     trigger = load_trigger(yolo_trigger)
     for seed in (1, 2):  # same architecture and weight statistics, none of the learned function
@@ -97,7 +97,7 @@ def test_threshold_option_decides(yolov8n_path: Path, yolo_trigger: Path, tmp_pa
     assert _verify(yolov8n_path, yolo_trigger, "--threshold", "1.0") == 0
 
 
-# --- bad inputs: one line, exit 2 ------------------------------------------------------------------------------
+# --- bad inputs: one line, exit 2 --------------------------------------------------------------------------
 
 
 def _write_private(path: Path, data: bytes) -> Path:
@@ -134,8 +134,8 @@ def _small_trigger(**change: object) -> TriggerSet:
          "4 numeric values expected"),
     ],
 )
-def test_bad_trigger_files_are_refused_in_one_line(yolov8n_path: Path, tmp_path: Path, name: str,
-                                                   make: object, message: str,
+def test_bad_trigger_files_are_refused_in_one_line(  # noqa: PLR0917 - fixtures and table columns
+    yolov8n_path: Path, tmp_path: Path, name: str, make: object, message: str,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / f"{name}.npz"
     make(path)  # type: ignore[operator]
@@ -191,7 +191,8 @@ def test_make_refuses_bad_arguments(yolov8n_path: Path, tmp_path: Path,
         ([str(yolov8n_path), "--out", out], "dynamic axes"),
         ([str(yolov8n_path), "--out", out, "--input-shape", "images=1,3,x"], "--input-shape"),
         ([str(yolov8n_path), "--out", out, "--input-shape", "images=1,3,320,320", "--count", "1"], "--count"),
-        ([str(yolov8n_path), "--out", out, "--input-shape", "images=1,3,320,320", "--range", "1,0"], "--range"),
+        ([str(yolov8n_path), "--out", out, "--input-shape", "images=1,3,320,320", "--range", "1,0"],
+         "--range"),
         ([str(yolov8n_path), "--out", str(tmp_path / "no" / "t.npz"), "--input-shape", "images=1,3,320,320"],
          "does not exist"),
         ([str(tmp_path / "missing.onnx"), "--out", out], "missing.onnx"),
