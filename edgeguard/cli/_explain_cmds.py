@@ -79,7 +79,10 @@ def _read_image(path: Path) -> Any:
 
     limits = ImageLimits()
     data = read_checked(path, what="image", limit=limits.max_encoded_bytes, error=InputRejected).data
-    return decode_image(data, limits=limits, max_decoded_bytes=limits.min_decoded_bytes * 4)
+    try:
+        return decode_image(data, limits=limits, max_decoded_bytes=limits.min_decoded_bytes * 4)
+    except InputRejected as exc:
+        raise InputRejected(f"{path}: {exc}") from None
 
 
 def _check(args: argparse.Namespace) -> None:
