@@ -8,6 +8,7 @@ from ._explain import DEFAULT_MAX_PASSES, Explanation, Prepare, RunBatch, explai
 from ._occlusion import Heatmap, occlusion, plan_grid
 from ._overlay import overlay_png
 from ._runners import Runner, backend_runner, draft_manifest, engine_runner
+from ._service import explain_image_bytes
 from ._target import Target, choose_target
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "Target",
     "choose_target",
     "explain",
+    "explain_image_bytes",
     "occlusion",
     "overlay_png",
     "plan_grid",

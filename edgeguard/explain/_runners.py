@@ -5,19 +5,27 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from edgeguard.bundle.manifest import Manifest, TensorSpec
-from edgeguard.engine import Backend, Engine
+from edgeguard.engine import Backend
 from edgeguard.engine.postprocess import Postprocessor
 from edgeguard.engine.preprocess import LetterboxTransform, Preprocessor
 from edgeguard.errors import ConfigError, InputRejected
 
-__all__ = ["Runner", "engine_runner", "backend_runner", "draft_manifest"]
+__all__ = ["Runner", "ServingEngine", "engine_runner", "backend_runner", "draft_manifest"]
 
 Tensors = dict[str, np.ndarray]
+
+
+class ServingEngine(Protocol):
+    """What an explanation needs from :class:`edgeguard.engine.Engine` (the service's ``EngineLike`` fits)."""
+
+    manifest: Manifest
+
+    def infer(self, inputs: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -28,7 +36,7 @@ class Runner:
     post: Postprocessor | None
     order: list[str]
     backend: Backend | None = None
-    engine: Engine | None = None
+    engine: ServingEngine | None = None
     stack: bool = False  # the model takes a batch axis: one run per batch
 
     def prepare(self, image: np.ndarray) -> tuple[Tensors, LetterboxTransform | None]:
@@ -46,7 +54,7 @@ class Runner:
         return [self.backend.run(t) for t in batch]
 
 
-def engine_runner(engine: Engine) -> Runner:
+def engine_runner(engine: ServingEngine) -> Runner:
     """Through the engine: the input guard and the fast path the device serves with, one pass at a time."""
     pre = Preprocessor.from_manifest(engine.manifest)
     if pre is None:
