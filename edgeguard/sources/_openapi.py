@@ -135,8 +135,9 @@ OPENAPI: Final[dict[str, Any]] = {
         },
         "/v1/explain": {
             "post": {
-                "summary": "Which regions of a photo decide the model's top box or class (scope: explain): an "
-                "occlusion heatmap, at most sources.api.explain_max_passes forward passes; not queued for MQTT",
+                "summary": "Which regions of a photo decide the model's top box or class (scope: "
+                "explain): an occlusion heatmap, at most sources.api.explain_max_passes forward passes; "
+                "not queued for MQTT",
                 "requestBody": {
                     "required": True,
                     "content": {
@@ -146,8 +147,8 @@ OPENAPI: Final[dict[str, Any]] = {
                 },
                 "responses": {
                     "200": {
-                        "description": "the target (kind, class index, label, box in the photo's pixels) and a "
-                        "16x16 grid of heat scaled to [0, 1]; no scores or raw outputs",
+                        "description": "the target (kind, class index, label, box in the photo's "
+                        "pixels) and a 16x16 grid of heat scaled to [0, 1]; no scores or raw outputs",
                         "content": {"application/json": {}},
                     },
                     "400": _err("not a PNG/JPEG photo the model's preprocessing accepts"),
