@@ -43,7 +43,7 @@ OPENAPI: Final[dict[str, Any]] = {
             "bearer": {
                 "type": "http",
                 "scheme": "bearer",
-                "description": "scopes: infer, status, admin (see docs/sources.md)",
+                "description": "scopes: infer, status, admin, explain (see docs/sources.md)",
             }
         },
         "schemas": {

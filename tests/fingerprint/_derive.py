@@ -1,5 +1,6 @@
-"""Copies of a real ONNX model for the fingerprint tests: weights noised (a "fine-tuned" or tampered copy) or
-permuted within each tensor (same architecture and weight statistics, none of the learned function)."""
+"""Copies of a real ONNX model for the fingerprint tests: weights scaled by random factors near 1 (a
+"fine-tuned" or tampered copy) or permuted within each tensor (same architecture and weight statistics,
+none of the learned function)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ def derived_copy(src: Path, dst: Path, *, noise: float = 0.0, permute: bool = Fa
         if permute:
             changed = rng.permutation(weights.ravel()).reshape(weights.shape)
         else:
-            changed = weights + rng.normal(0.0, noise * float(weights.std() or 1.0), weights.shape)
+            # Multiplicative: every weight moves by about ``noise`` of itself and keeps its sign (additive
+            # noise turns batch-norm variances stored as weights negative, and the model into NaNs).
+            changed = weights * (1.0 + rng.normal(0.0, noise, weights.shape))
         tensor.CopyFrom(numpy_helper.from_array(changed.astype(weights.dtype), tensor.name))
     onnx.save(model, str(dst))
     return dst

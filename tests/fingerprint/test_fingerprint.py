@@ -90,6 +90,14 @@ def test_tflite_model_is_fingerprinted_through_its_backend(blazeface_path: Path,
     assert '"match": true' in capsys.readouterr().out
 
 
+def test_each_trigger_set_is_drawn_afresh(blazeface_path: Path) -> None:
+    pytest.importorskip("ai_edge_litert")
+    with load_model(blazeface_path) as model:  # no seed: from the OS, so a trigger set cannot be predicted
+        first, second = (make_trigger(model, count=4, ranges={"input": (-1.0, 1.0)}) for _ in range(2))
+    assert not np.array_equal(first.inputs[0], second.inputs[0])
+    assert not np.array_equal(first.index, second.index) or first.index.size == first.output_size
+
+
 def test_threshold_option_decides(yolov8n_path: Path, yolo_trigger: Path, tmp_path: Path) -> None:
     # 20 % weight noise ruins the detector: it answers at most a few triggers like the owner's model.
     wrecked = derived_copy(yolov8n_path, tmp_path / "wrecked.onnx", noise=0.2)
