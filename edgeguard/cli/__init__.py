@@ -2,7 +2,7 @@
 
 Each concern registers its own subcommands (``_bundle_cmds``, ``_engine_cmds``, ``_service_cmds``, ``_demo``,
 ``_zoo_cmds``, ``_init_cmd``, ``_token_cmds``, ``_status_cmd``, ``_provision_cmds``, ``_fleet_cmds``,
-``_audit_cmds``);
+``_audit_cmds``, ``_fingerprint_cmds``, ``_explain_cmds``);
 this module only builds the parser and maps error families to the exit-code contract:
 
     0 ok · 1 runtime error · 2 usage/config error · 3 bundle (or provisioning archive) rejected
@@ -52,7 +52,7 @@ Start with `edgeguard demo`, then `edgeguard init DIR` (README: "Your first devi
 _MODULES = (
     "_bundle_cmds", "_engine_cmds", "_quantize_cmds", "_service_cmds", "_demo",
     "_zoo_cmds", "_init_cmd", "_token_cmds", "_status_cmd", "_scan_cmds", "_provision_cmds",
-    "_audit_cmds", "_robustness_cmds", "_fleet_cmds",
+    "_audit_cmds", "_robustness_cmds", "_fingerprint_cmds", "_explain_cmds", "_fleet_cmds",
 )
 
 # Every top-level command: the module that registers it and its one-line help, so that `edgeguard --help`
@@ -82,6 +82,11 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "provision": ("_provision_cmds", "install a fleet provisioning archive on this device"),
     "audit": ("_audit_cmds", "verify or read the tamper-evident audit log"),
     "robustness": ("_robustness_cmds", "black-box attacks and the adversarial-input detector, measured"),
+    "fingerprint": (
+        "_fingerprint_cmds",
+        "publisher side: make a secret trigger set for a model, or check a suspect model against it",
+    ),
+    "explain": ("_explain_cmds", "heatmap of the image regions that decide a model's top class or box"),
     "fleet": (
         "_fleet_cmds",
         "operate a fleet: CA, devices, broker config, sealing, commands, status, ingest (docs/fleet.md)",

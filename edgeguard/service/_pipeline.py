@@ -7,12 +7,13 @@ Every request in flight is timed, so the liveness report can say "inference stal
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -122,6 +123,23 @@ class Pipeline:
         finally:
             with self._lock:
                 del self._in_flight[rid]
+                self._users[id(engine)] -= 1
+                self._close_idle_retired()
+
+    @contextlib.contextmanager
+    def using(self) -> Iterator[EngineLike]:
+        """The current engine, kept open until the block ends, like a request's (a reload closes it only
+        afterwards): for work made of many passes, an explanation. Not counted in flight: the hang check
+        bounds one inference, and an explanation is many."""
+        with self._lock:
+            engine = self._engine
+            if not self.accepting or engine is None:
+                raise ServiceUnavailable(self.unavailable_reason or "not accepting requests")
+            self._users[id(engine)] = self._users.get(id(engine), 0) + 1
+        try:
+            yield engine
+        finally:
+            with self._lock:
                 self._users[id(engine)] -= 1
                 self._close_idle_retired()
 

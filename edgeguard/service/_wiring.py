@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -67,6 +68,7 @@ def build_sources(worker: WorkerView) -> tuple[ApiSource | None, list[Any]]:
             specs=specs,
             health=lambda: _api_health(worker),
             admin=admin,
+            explainer=functools.partial(_explain, pipeline),
             on_event=worker.link.publish_event,  # lockouts and refused tokens: events and audit records
         )
         sources.append(api)
@@ -92,6 +94,14 @@ def build_sources(worker: WorkerView) -> tuple[ApiSource | None, list[Any]]:
             DirectorySource(config=cfg.directory.to_directory_config(), sink=pipeline, specs=specs)
         )
     return api, sources
+
+
+def _explain(pipeline: Pipeline, body: bytes, max_passes: int) -> dict[str, Any]:
+    """``POST /v1/explain``: through the engine that serves now (503 while none does)."""
+    from edgeguard.explain import explain_image_bytes  # noqa: PLC0415 - only when an explanation is asked
+
+    with pipeline.using() as engine:  # a reload meanwhile closes this engine only once the answer is made
+        return explain_image_bytes(engine, body, max_passes=max_passes)
 
 
 def _api_health(worker: WorkerView) -> dict[str, Any]:

@@ -116,6 +116,7 @@ class ApiSection:
     rate_anomaly_window_s: float = 10.0
     rate_anomaly_min_requests: int = 50
     lockout_loopback: bool = False
+    explain_max_passes: int = 65  # forward passes one POST /v1/explain may cost; 0 = the route is off
 
     def __post_init__(self) -> None:
         if self.enabled:
@@ -140,6 +141,7 @@ class ApiSection:
             max_bytes_in_flight=self.max_bytes_in_flight,
             infer_threads=self.infer_threads,
             parse_threads=self.parse_threads,
+            explain_max_passes=self.explain_max_passes,
             abuse=AbuseConfig(
                 lockout_failures=self.lockout_failures,
                 lockout_window_s=self.lockout_window_s,

@@ -3,6 +3,8 @@
 Routes (``docs/openapi.json`` describes them; :data:`OPENAPI` is the same document):
   POST /v1/infer           scope infer   JSON / .npy / image body -> result (also queued for MQTT)
   GET  /v1/health          scope status  health of every stage
+  POST /v1/explain         scope explain PNG/JPEG body -> which regions decide the answer (occlusion heatmap;
+                                         forward passes capped by ``explain_max_passes``; not queued for MQTT)
   POST /v1/admin/{action}  scope admin   reload, and whatever else the service registers
   GET  /v1/openapi.json    no auth       this API's description
 
@@ -63,12 +65,15 @@ from ._openapi import OPENAPI
 from ._request import BodyLimits, InferenceSink, UnsupportedMediaType, parse_body
 from ._tokens import TokenStore
 
-__all__ = ["ApiConfig", "ApiSource", "AdminHandler"]
+__all__ = ["ApiConfig", "ApiSource", "AdminHandler", "Explainer"]
 
 _log = logging.getLogger("edgeguard.sources.api")
 _SUN_PATH_MAX = 108  # sizeof(sockaddr_un.sun_path) on Linux, with its terminating NUL
 
 AdminHandler = Callable[[str, dict[str, Any]], dict[str, Any]]
+# (PNG/JPEG body, forward passes at most) -> the explanation's JSON (edgeguard.explain.explain_image_bytes)
+Explainer = Callable[[bytes, int], dict[str, Any]]
+_IMAGE_TYPES = ("image/png", "image/jpeg")
 EventSink = Callable[[str, dict[str, Any]], None]
 
 
@@ -87,6 +92,8 @@ class ApiConfig:
     # becomes an array, so this bounds that working set.
     parse_threads: int = 1
     abuse: AbuseConfig = field(default_factory=AbuseConfig)
+    # Forward passes one POST /v1/explain may cost (the image + the occlusion grid); 0 turns the route off.
+    explain_max_passes: int = 65
 
     def __post_init__(self) -> None:
         if self.unix_socket is None and self.host is None:
@@ -99,6 +106,8 @@ class ApiConfig:
             raise ValueError("infer_threads must be 1..64")
         if not 1 <= self.parse_threads <= 64:
             raise ValueError("parse_threads must be 1..64")
+        if self.explain_max_passes != 0 and not 2 <= self.explain_max_passes <= 4097:
+            raise ValueError("explain_max_passes must be 0 (off) or 2..4097")
         if not self.limits.max_body_bytes <= self.max_bytes_in_flight <= 1 << 32:
             raise ValueError("max_bytes_in_flight must be max_body_bytes .. 4 GiB")
         if self.host is not None and not self.allow_non_loopback and not is_loopback(self.host):
@@ -175,6 +184,7 @@ class ApiSource:
         specs: Callable[[], Sequence[TensorSpec]],
         health: Callable[[], dict[str, Any]],
         admin: AdminHandler | None = None,
+        explainer: Explainer | None = None,
         on_event: EventSink | None = None,
         monotonic: Callable[[], float] | None = None,
     ) -> None:
@@ -188,6 +198,7 @@ class ApiSource:
         self._specs = specs
         self._health = health
         self._admin = admin
+        self._explainer = explainer
         self._executor = ThreadPoolExecutor(max_workers=config.infer_threads, thread_name_prefix="eg-api")
         self._parser = ThreadPoolExecutor(max_workers=config.parse_threads, thread_name_prefix="eg-api-parse")
         self._runner: web.AppRunner | None = None
@@ -215,6 +226,7 @@ class ApiSource:
             middlewares=[self._json_errors_middleware, self._auth_middleware],  # first is outermost
         )
         app.router.add_post("/v1/infer", self._infer)
+        app.router.add_post("/v1/explain", self._explain)
         app.router.add_get("/v1/health", self._get_health)
         app.router.add_post("/v1/admin/{action}", self._post_admin)
         app.router.add_get("/v1/openapi.json", self._openapi)
@@ -428,6 +440,49 @@ class ApiSource:
             self._in_flight -= 1
             self._bytes_in_flight -= reserve
 
+    async def _explain(self, request: web.Request) -> web.Response:
+        """Like ``_infer``'s admission (size, capacity, bytes in flight), then one explanation on the
+        inference threads; the body must be a PNG or JPEG photo."""
+        if self._explainer is None or self.config.explain_max_passes == 0:
+            return self._count(_error(404, "explanations are off here (sources.api.explain_max_passes = 0)"))
+        kind = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if kind not in _IMAGE_TYPES:
+            return self._count(_error(415, f"send a PNG or JPEG photo ({', '.join(_IMAGE_TYPES)})"))
+        limit = self.config.limits.max_body_bytes
+        reserve = request.content_length if request.content_length is not None else limit
+        if reserve > limit:
+            return self._count(_error(413, f"body of {reserve} bytes exceeds the limit of {limit}"))
+        if not self.accepting:
+            return self._count(_error(503, "stopping"))
+        if self._in_flight >= self.config.max_in_flight or \
+                self._bytes_in_flight + reserve > self.config.max_bytes_in_flight:
+            return self._count(_error(503, f"busy: {self._in_flight} requests in flight"))
+        self._in_flight += 1
+        self._bytes_in_flight += reserve
+        try:
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                return self._count(_error(413, f"body exceeds the limit of {limit} bytes"))
+            call = functools.partial(self._explainer, body, self.config.explain_max_passes)
+            try:
+                result = await asyncio.get_running_loop().run_in_executor(self._executor, call)
+            except InputRejected as exc:
+                return self._count(_error(400, str(exc)))
+            except ServiceUnavailable as exc:
+                return self._count(_error(503, str(exc)))
+            except BackendError as exc:
+                return self._count(_error(500, str(exc)))
+            except MemoryError:
+                return self._count(_error(503, "not enough memory for this explanation now"))
+            except Exception:
+                _log.exception("explanation failed")
+                return self._count(_error(500, "internal error (see the device log)"))
+            return self._count(web.json_response(result))
+        finally:
+            self._in_flight -= 1
+            self._bytes_in_flight -= reserve
+
     async def _get_health(self, request: web.Request) -> web.Response:
         del request
         health = self._health()
@@ -486,6 +541,8 @@ def _required_scope(request: web.Request) -> str | None:
         return "infer"
     if path == "/v1/health":
         return "status"
+    if path == "/v1/explain":
+        return "explain"
     if path.startswith("/v1/admin/"):
         return "admin"
     return None  # the OpenAPI document and unknown routes (404) need no token

@@ -43,7 +43,7 @@ OPENAPI: Final[dict[str, Any]] = {
             "bearer": {
                 "type": "http",
                 "scheme": "bearer",
-                "description": "scopes: infer, status, admin (see docs/sources.md)",
+                "description": "scopes: infer, status, admin, explain (see docs/sources.md)",
             }
         },
         "schemas": {
@@ -132,6 +132,34 @@ OPENAPI: Final[dict[str, Any]] = {
                                 "(manifest defence.adversarial.mode = reject)"),
                     "500": _err("the inference backend failed"),
                     "503": _err("busy, stopping, reloading, or in the safe state"),
+                },
+            }
+        },
+        "/v1/explain": {
+            "post": {
+                "summary": "Which regions of a photo decide the model's top box or class (scope: "
+                "explain): an occlusion heatmap, at most sources.api.explain_max_passes forward passes; "
+                "not queued for MQTT",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "image/png": {"schema": {"type": "string", "format": "binary"}},
+                        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "the target (kind, class index, label, box in the photo's "
+                        "pixels) and a 16x16 grid of heat scaled to [0, 1]; no scores or raw outputs",
+                        "content": {"application/json": {}},
+                    },
+                    "400": _err("not a PNG/JPEG photo the model's preprocessing accepts"),
+                    **_AUTH_ERRORS,
+                    "404": _err("explanations are off (explain_max_passes = 0)"),
+                    "413": _err("body larger than the configured limit"),
+                    "415": _err("not image/png or image/jpeg"),
+                    "500": _err("the inference backend failed"),
+                    "503": _err("busy, stopping, reloading, or no model serving"),
                 },
             }
         },

@@ -5,9 +5,10 @@ part of the token)::
 
     <name> <scope>[,<scope>...] <token>
 
-Scopes are ``infer``, ``status`` and ``admin``. Tokens are 16..1024 characters. The file must not be
-accessible by group or others (like key files), must be a regular file (a symbolic link is not followed) and
-at most 256 KiB. Under systemd, ``LoadCredential=api-tokens:/etc/edgeguard/...``
+Scopes are ``infer``, ``status``, ``admin`` and ``explain`` (``POST /v1/explain``: each request costs up to
+``sources.api.explain_max_passes`` inferences, so it is its own scope). Tokens are 16..1024 characters. The
+file must not be accessible by group or others (like key files), must be a regular file (a symbolic link is
+not followed) and at most 256 KiB. Under systemd, ``LoadCredential=api-tokens:/etc/edgeguard/...``
 puts it in ``$CREDENTIALS_DIRECTORY/api-tokens``; ``tokens_credential = "api-tokens"`` reads it from there.
 """
 
@@ -27,8 +28,8 @@ from edgeguard.errors import ConfigError
 
 __all__ = ["Scope", "SCOPES", "Token", "TokenStore", "credential_path"]
 
-Scope = Literal["infer", "status", "admin"]
-SCOPES: tuple[Scope, ...] = ("infer", "status", "admin")
+Scope = Literal["infer", "status", "admin", "explain"]
+SCOPES: tuple[Scope, ...] = ("infer", "status", "admin", "explain")
 MIN_TOKEN_CHARS = 16
 MAX_TOKENS = 256
 MAX_TOKEN_CHARS = 1024
