@@ -27,6 +27,7 @@ AUDITED_KINDS: frozenset[str] = frozenset(
         "token-refused",
         "api-lockout",
         "api-rate-anomaly",
+        "query-budget-exhausted",
         # integrity of the device's files
         "integrity-alert",
         "integrity-baseline",

@@ -6,10 +6,12 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from edgeguard.bundle.manifest import TensorSpec
+from edgeguard.clock import TrustedClock
 from edgeguard.errors import ServiceUnavailable
 from edgeguard.link import MqttLink
 from edgeguard.outbox import Outbox
-from edgeguard.sources import ApiSource, DirectorySource, MqttInputSource, SerialSource
+from edgeguard.sources import ApiSource, DirectorySource, MqttInputSource, QueryBudgets, SerialSource
+from edgeguard.sources._budget import STATE_FILE as BUDGET_STATE_FILE
 
 from ._faults import FaultInjector
 from ._loader import load_tokens
@@ -28,6 +30,7 @@ class WorkerView(Protocol):
     link: MqttLink
     outbox: Outbox
     faults: FaultInjector
+    clock: TrustedClock
 
     def request_reload(self) -> bool: ...
 
@@ -68,6 +71,10 @@ def build_sources(worker: WorkerView) -> tuple[ApiSource | None, list[Any]]:
             health=lambda: _api_health(worker),
             admin=admin,
             on_event=worker.link.publish_event,  # lockouts and refused tokens: events and audit records
+            # Windows and bucket refills follow the clock that cannot be wound back below its floor.
+            budgets=QueryBudgets(cfg.api.budget.to_budget_config(),
+                                 state_path=cfg.device.state_dir / BUDGET_STATE_FILE,
+                                 now=lambda: worker.clock.now().timestamp()),
         )
         sources.append(api)
     if cfg.mqtt_input.enabled:
