@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgeguard.bundle.manifest import Manifest
+from edgeguard.engine.harden import result_json
 from edgeguard.errors import ServiceUnavailable
 from edgeguard.sources import InferenceRequest
 
@@ -90,7 +91,10 @@ class Pipeline:
             else:
                 assert request.tensors is not None
                 result = engine.infer(request.tensors)
-            doc: dict[str, Any] = result.to_json()
+            # Output hardening declared in the signed manifest: every path a result leaves by (API answer,
+            # outbox -> MQTT results, directory and serial sources) sees only this document.
+            policy = engine.manifest.output
+            doc: dict[str, Any] = result.to_json() if policy is None else result_json(result, policy)
             doc.update(
                 {
                     "source": request.source,
