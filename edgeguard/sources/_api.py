@@ -7,7 +7,8 @@ Routes (``docs/openapi.json`` describes them; :data:`OPENAPI` is the same docume
   GET  /v1/openapi.json    no auth       this API's description
 
 Order of checks: route -> client locked out (429 with Retry-After) -> token (401) -> scope (403) -> the
-token's query budget and rate limit for /v1/infer (429 with Retry-After, ``_budget``) -> declared size (413) -> capacity (503: requests and body bytes in flight) -> body read with the same limit (413) ->
+token's query budget and rate limit for /v1/infer (429 with Retry-After, ``_budget``) -> declared size
+(413) -> capacity (503: requests and body bytes in flight) -> body read with the same limit (413) ->
 parse (400/415) -> engine (400 for a rejected input, 500 for a backend error).
 
 The event loop only moves bytes: parsing (JSON -> numpy, .npy, base64) runs on ``parse_threads`` threads and

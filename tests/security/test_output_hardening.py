@@ -184,6 +184,11 @@ def test_derived_top_k_without_postprocess_and_raw_outputs_only_when_allowed() -
     assert "outputs" not in doc
     allowed = result_json(_result(None), OutputPolicy(round_decimals=2, raw_logits=True))
     assert allowed["outputs"]["y"]["data"] == [[0.12, 0.77, 0.11]]
+    big = np.linspace(0, 1, 5000, dtype=np.float32).reshape(1, 5000)
+    noised = result_json(_result(None, {"y": big}),
+                         OutputPolicy(raw_logits=True, noise=NoiseSpec(kind="gaussian", scale=0.01)))
+    delta = np.array(noised["outputs"]["y"]["data"]) - big
+    assert noised["outputs"]["y"]["shape"] == [1, 5000] and 0.009 < float(np.std(delta)) < 0.011
 
 
 @pytest.mark.parametrize("kind", ["laplace", "gaussian"])
