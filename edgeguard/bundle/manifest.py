@@ -66,8 +66,8 @@ class GoldenSample:
 @dataclass(frozen=True)
 class NoiseSpec:
     """Calibrated noise added to every reported score: Laplace with scale ``b`` (``kind = "laplace"``) or
-    Gaussian with standard deviation ``scale`` (``"gaussian"``), drawn from a generator seeded per request
-    from ``os.urandom``."""
+    Gaussian with standard deviation ``scale`` (``"gaussian"``), drawn for each request straight
+    from ``os.urandom`` (no generator state to predict or replay)."""
 
     kind: Literal["laplace", "gaussian"]
     scale: float

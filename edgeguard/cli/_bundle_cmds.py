@@ -167,7 +167,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
                      "declared)")
     harden.add_argument("--noise", metavar="KIND:SCALE",
                         help="calibrated noise on every score: laplace:0.01 (scale b) or gaussian:0.01 "
-                        "(standard deviation), seeded per request from os.urandom (default: none)")
+                        "(standard deviation), drawn per request from os.urandom (default: none)")
     p.add_argument(
         "-o", "--output", required=True, type=Path, metavar="OUT.egm", help="the sealed bundle to write"
     )
