@@ -93,7 +93,7 @@ class Pipeline:
                 result = engine.infer(request.tensors)
             # Output hardening declared in the signed manifest: every path a result leaves by (API answer,
             # outbox -> MQTT results, directory and serial sources) sees only this document.
-            policy = engine.manifest.output
+            policy = getattr(engine.manifest, "output", None)  # None also for fakes without the field
             doc: dict[str, Any] = result.to_json() if policy is None else result_json(result, policy)
             doc.update(
                 {

@@ -17,7 +17,10 @@ queries more, on its bucket and its window, the first time it is seen. Bucket le
 time they were taken; the time away refills them (never past ``burst``), and a clock set back refills
 nothing.
 
-Not thread-safe: the API's event loop owns one :class:`QueryBudgets`.
+The API's event loop owns one :class:`QueryBudgets` and is the only caller of :meth:`QueryBudgets.take` and
+:meth:`QueryBudgets.persist`; :meth:`QueryBudgets.snapshot` may be called from another thread (the heartbeat).
+The write on the N-th query runs on the event loop (one fsync every ``persist_every_queries`` queries): that
+keeps the bound above exact; raise ``persist_every_queries`` where queries are many and storage is slow.
 """
 
 from __future__ import annotations
@@ -220,7 +223,9 @@ class QueryBudgets:
         window = self._window(now)
         rows: list[tuple[int, str, int, float | None]] = []  # used, name, window budget, bucket level
         exhausted = 0
-        for name, s in self._states.items():
+        # The heartbeat asks from the link's thread while the event loop takes queries: copy first (one
+        # C-level pass under the GIL), never iterate the live table.
+        for name, s in list(self._states.items()):
             limits = self.config.limits(name)
             used = s.used if s.window == window else 0
             exhausted += bool(limits.window_queries and used >= limits.window_queries)
