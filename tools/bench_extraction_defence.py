@@ -111,8 +111,8 @@ def in_process(root: Path, reps: int, rounds: int) -> None:
          lambda e: e.infer_image(photo)),
     ]
     print("1. in process, per request (median of rounds of medians)")
-    print(f"   {'model':28} {'plain':>10} {'defended':>10} {'ratio':>7}   take() median/mean   result_json"
-          "  to_json")
+    print(f"   {'model':28} {'plain':>10} {'defended':>10} {'ratio':>7} {'A/A':>7}   take() median/mean"
+          "   result_json  to_json")
     for label, engine, run in cases:
         _measure(root, label, engine, run, reps=reps, rounds=rounds)
         engine.close()
@@ -130,16 +130,20 @@ def _measure(root: Path, label: str, engine: Engine, run: Callable[[Engine], Any
         budgets.take("app")
         return result_json(run(engine), POLICY)
 
-    plain_r, defended_r = [], []
+    # Three variants interleaved call by call in a rotating order; the second plain one is the A/A control:
+    # how far two identical variants differ here is the noise floor of the ratio.
+    variants = (plain, defended, plain)
+    rounds_r: tuple[list[float], list[float], list[float]] = ([], [], [])
     for _ in range(rounds):
-        times: tuple[list[float], list[float]] = ([], [])
-        for i in range(reps):  # alternating call by call: both see the same load
-            for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+        times: tuple[list[float], list[float], list[float]] = ([], [], [])
+        for i in range(reps):
+            for which in (i % 3, (i + 1) % 3, (i + 2) % 3):
                 t0 = time.perf_counter()
-                (plain if which == 0 else defended)()
+                variants[which]()
                 times[which].append(time.perf_counter() - t0)
-        plain_r.append(statistics.median(times[0]) * 1e6)
-        defended_r.append(statistics.median(times[1]) * 1e6)
+        for which in range(3):
+            rounds_r[which].append(statistics.median(times[which]) * 1e6)
+    plain_r, defended_r, control_r = rounds_r
     take = _median_us(lambda: budgets.take("app"), reps * 20)
     t0 = time.perf_counter()
     for _ in range(reps * 20):  # the mean includes the state write (fsync) every 100 queries
@@ -148,7 +152,8 @@ def _measure(root: Path, label: str, engine: Engine, run: Callable[[Engine], Any
     hard = _median_us(lambda: result_json(result, POLICY), reps * 20)
     plain_json = _median_us(result.to_json, reps * 20)
     p, d = statistics.median(plain_r), statistics.median(defended_r)
-    print(f"   {label:28} {p:8.0f}us {d:8.0f}us {d / p:7.3f}   {take:5.1f}us/{take_mean:6.1f}us"
+    aa = statistics.median(control_r) / p
+    print(f"   {label:28} {p:8.0f}us {d:8.0f}us {d / p:7.3f} {aa:7.3f}   {take:5.1f}us/{take_mean:6.1f}us"
           f"   {hard:8.1f}us  {plain_json:6.1f}us")
 
 
