@@ -29,6 +29,7 @@ AUDITED_KINDS: frozenset[str] = frozenset(
         "api-rate-anomaly",
         # inputs the model's adversarial-input detector refused (defence.adversarial.mode = reject)
         "adversarial-input",
+        "query-budget-exhausted",
         # integrity of the device's files
         "integrity-alert",
         "integrity-baseline",

@@ -50,6 +50,7 @@ from edgeguard._safeio import open_checked
 from edgeguard.bundle import _format as fmt
 from edgeguard.bundle._golden import decode_golden
 from edgeguard.bundle._opened import OpenedBundle, VerifiedBundle
+from edgeguard.bundle._output import parse_unverified_output
 from edgeguard.bundle._rollback import MODEL_NAME_RE, RollbackFloor, check_model_name
 from edgeguard.bundle.manifest import TENSOR_DTYPES, Manifest, TensorSpec, Tolerance
 from edgeguard.clock import parse_time
@@ -284,6 +285,7 @@ _MANIFEST_KEYS = frozenset(
         "quantization",
         "defence",
         "suite",
+        "output",
     }
 )
 _HEX16, _HEX32, _HEX64 = r"[0-9a-f]{16}", r"[0-9a-f]{32}", r"[0-9a-f]{64}"
@@ -354,6 +356,8 @@ def _parse_unverified_manifest(raw: bytes, limits: fmt.BundleLimits) -> Manifest
         description=_str(d, "description", 4096) if "description" in d else "",
         bundle_id=_str(d, "bundle_id", 32, _HEX32),
         key_commitment=_str(d, "key_commitment", 64, _HEX64),
+        output=parse_unverified_output(d.get("output"), has_postprocess=extras["postprocess"] is not None,
+                                       outputs=len(d.get("outputs") or ())),
         **extras,
     )
 
@@ -699,6 +703,11 @@ def inspect_bundle(source: Path | bytes, *, limits: fmt.BundleLimits | None = No
             "signer_key_id": header.signer_key_id,
             "bundle_bytes": src.size,
             "manifest": manifest.to_json(),
+            # What of a result may leave a device (docs/security.md, "Output hardening").
+            "output_hardening": (
+                manifest.output.to_json() if manifest.output is not None
+                else "not declared: results carry the raw output tensors when there is no postprocess"
+            ),
         }
     finally:
         src.close()

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from edgeguard.bundle import _format as fmt
 from edgeguard.bundle._golden import decode_golden, encode_golden, split_golden_keys
 from edgeguard.bundle._open import _parse_unverified_manifest
+from edgeguard.bundle._output import parse_unverified_output
 from edgeguard.bundle._reference import introspect, run_reference
 from edgeguard.bundle.manifest import GoldenSample, Manifest, ModelFormat, TensorSpec, Tolerance
 from edgeguard.errors import BundleRejected, ConfigError
@@ -44,6 +45,7 @@ _META_KEYS = frozenset(
         "tolerance",
         "description",
         "min_runtime",
+        "output",
     }
 )
 
@@ -218,6 +220,7 @@ def pack_bundle(
         ("input_stats", dict),
         ("quantization", dict),
         ("defence", dict),
+        ("output", dict),
         ("description", str),
         ("min_runtime", str),
     ):
@@ -257,6 +260,12 @@ def pack_bundle(
             )
     golden_bytes = encode_golden(samples) if samples else b""
     tol = meta.get("tolerance", {})
+    try:  # output hardening: the device's own reader judges the declaration
+        output = parse_unverified_output(
+            meta.get("output"), has_postprocess=meta.get("postprocess") is not None, outputs=len(outputs)
+        )
+    except BundleRejected as exc:
+        raise ConfigError(f"cannot pack: {exc.detail}") from None
     content_key = AESGCM.generate_key(bit_length=256)  # fresh per bundle (os.urandom inside)
     manifest = Manifest(
         format=model_format,
@@ -284,6 +293,7 @@ def pack_bundle(
         bundle_id=os.urandom(16).hex(),
         key_commitment=fmt.key_commitment(content_key),
         suite=suite,
+        output=output,
     )
     manifest_bytes = json.dumps(manifest.to_json(), separators=(",", ":"), sort_keys=True).encode("utf-8")
     try:  # the device's parser is the judge of what a valid manifest is

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["ModelFormat", "TensorSpec", "Tolerance", "GoldenSample", "Manifest"]
+__all__ = ["ModelFormat", "TensorSpec", "Tolerance", "GoldenSample", "Manifest", "OutputPolicy", "NoiseSpec"]
 
 ModelFormat = Literal["onnx", "tflite"]
 
@@ -64,6 +64,40 @@ class GoldenSample:
 
 
 @dataclass(frozen=True)
+class NoiseSpec:
+    """Calibrated noise added to every reported score: Laplace with scale ``b`` (``kind = "laplace"``) or
+    Gaussian with standard deviation ``scale`` (``"gaussian"``), drawn for each request straight
+    from ``os.urandom`` (no generator state to predict or replay)."""
+
+    kind: Literal["laplace", "gaussian"]
+    scale: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "scale": self.scale}
+
+
+@dataclass(frozen=True)
+class OutputPolicy:
+    """What of a result may leave the device (the manifest's ``output``; docs/security.md, "Output
+    hardening"). Signed with the bundle, so the device cannot be told to loosen it."""
+
+    top_k: int | None = None  # at most this many classes / detections per result
+    round_decimals: int | None = None  # scores (and raw outputs, where allowed) rounded to this many decimals
+    raw_logits: bool = False  # raw output tensors may leave (only where no postprocess result replaces them)
+    noise: NoiseSpec | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"raw_logits": self.raw_logits}
+        if self.top_k is not None:
+            out["top_k"] = self.top_k
+        if self.round_decimals is not None:
+            out["round_decimals"] = self.round_decimals
+        if self.noise is not None:
+            out["noise"] = self.noise.to_json()
+        return out
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything the publisher signed about a model, except the model itself."""
 
@@ -95,6 +129,9 @@ class Manifest:
     bundle_id: str = ""  # 32 random hex digits: makes every manifest (hashed into HPKE info and AAD) unique
     # Cipher suite of the chunks and index digests (edgeguard.bundle._format.SUITES); signed with the rest.
     suite: str = "aes256gcm-sha256"
+    # Output hardening (None: not declared; results leave as before hardening existed: raw output tensors
+    # when there is no postprocess result). Left out of the JSON when None, so older bundles stay byte-equal.
+    output: OutputPolicy | None = None
 
     def expires_at(self) -> datetime | None:
         """``not_after`` as an aware datetime (None: never expires). ``_open`` checked its format already."""
@@ -133,4 +170,6 @@ class Manifest:
             value = getattr(self, key)
             if value is not None:
                 out[key] = dict(value)
+        if self.output is not None:
+            out["output"] = self.output.to_json()
         return out

@@ -49,7 +49,11 @@ inputs ("<i>/in/<name>") get their outputs ("<i>/out/<name>") from a CPU referen
 example:
   edgeguard pack yolov8n.onnx --name yolo --version 3 --sign-key keys/publisher.key \\
       --recipient dev1/device.pub --recipient dev2/device.pub --golden golden.npz \\
-      --expires 2027-06-30T00:00:00Z -o yolo-v3.egm"""
+      --expires 2027-06-30T00:00:00Z -o yolo-v3.egm
+  # output hardening, signed with the bundle: at most 3 classes, scores to 2 decimals, no raw tensors,
+  # Laplace noise of scale 0.01 on every score
+  edgeguard pack cls.onnx --name cls --version 1 --sign-key keys/publisher.key --recipient dev1/device.pub \
+      --meta cls.json --top-k 3 --round-decimals 2 --no-raw-logits --noise laplace:0.01 -o cls-v1.egm"""
 
 _VERIFY_HELP = """\
 Check a bundle as a device would: signer trusted and not revoked, signature, expiry, rollback floor
@@ -147,6 +151,24 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         metavar="NAME",
         help="a recipient's device profile (repeatable), read by --suite auto",
     )
+    harden = p.add_argument_group(
+        "output hardening (docs/security.md): any of these declares the manifest's output block, which "
+        "every path a result leaves the device honours; none (and no 'output' in --meta): undeclared, raw "
+        "output tensors leave when there is no postprocess")
+    harden.add_argument("--top-k", type=int, metavar="N",
+                        help="at most N classes / detections per result, e.g. --top-k 1 (default: all)")
+    harden.add_argument("--round-decimals", type=int, metavar="N",
+                        help="scores rounded to N (0..6) decimals, e.g. --round-decimals 2 "
+                        "(default: as computed)")
+    raw = harden.add_mutually_exclusive_group()
+    raw.add_argument("--no-raw-logits", dest="raw_logits", action="store_false", default=None,
+                     help="raw output tensors never leave (the default once any hardening flag is given)")
+    raw.add_argument("--raw-logits", dest="raw_logits", action="store_true",
+                     help="raw output tensors may leave when there is no postprocess (rounded/noised as "
+                     "declared)")
+    harden.add_argument("--noise", metavar="KIND:SCALE",
+                        help="calibrated noise on every score: laplace:0.01 (scale b) or gaussian:0.01 "
+                        "(standard deviation), drawn per request from os.urandom (default: none)")
     p.add_argument(
         "--adversarial",
         choices=("flag", "reject"),
@@ -285,6 +307,10 @@ def _pack(args: argparse.Namespace) -> int:
         raise ConfigError(f"-o {args.output}: directory {args.output.parent} does not exist")
     model, model_format = read_model(args.model)
     meta = load_meta(args.meta) if args.meta else None
+    hardening = _output_flags(args)
+    if hardening:
+        meta = dict(meta or {})
+        meta["output"] = {**(meta.get("output") or {}), **hardening}
     golden: Any = load_golden_npz(args.golden) if args.golden else ()
     if args.golden_from:
         from ._golden import golden_from_images  # noqa: PLC0415 - loads the image preprocessing only here
@@ -330,6 +356,22 @@ def _with_adversarial(args: argparse.Namespace, model: bytes, model_format: Mode
                                   fpr=args.adversarial_fpr, bits=args.adversarial_bits,
                                   median=args.adversarial_median, joint=args.adversarial_joint)
     return {**meta, "defence": defence}
+def _output_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The manifest's ``output`` keys given on the command line (checked by the device's own reader)."""
+    out: dict[str, Any] = {}
+    if args.top_k is not None:
+        out["top_k"] = args.top_k
+    if args.round_decimals is not None:
+        out["round_decimals"] = args.round_decimals
+    if args.raw_logits is not None:
+        out["raw_logits"] = args.raw_logits
+    if args.noise is not None:
+        kind, _, scale = args.noise.partition(":")
+        try:
+            out["noise"] = {"kind": kind, "scale": float(scale)}
+        except ValueError:
+            raise ConfigError(f"--noise {args.noise!r}: expected KIND:SCALE, e.g. laplace:0.01") from None
+    return out
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from edgeguard.engine import Engine, profile_cache_dirs, unavailable_reason
 from edgeguard.engine._bench import run_benchmarks
 from edgeguard.engine._litert import DEFAULT_DELEGATE_LIBRARIES, litert_library
 from edgeguard.engine._onnx import onnxruntime_library
+from edgeguard.engine.harden import result_json
 from edgeguard.errors import BackendError, ConfigError, InputRejected
 from edgeguard.keys import load_device_key
 from edgeguard.posture._host import read_swaps
@@ -155,16 +156,21 @@ def _infer(args: argparse.Namespace) -> int:
                                         f"({', '.join(names)}); use a .npz keyed by input name")
                 payload = {names[0]: payload[""]}
             result = engine.infer(payload)
+    policy = engine.manifest.output  # output hardening: what the bundle lets leave, here too
     if args.json:
-        print(json.dumps(result.to_json()))
+        print(json.dumps(result_json(result, policy)))
         return 0
     console = Console()
     console.print(f"[bold]{engine.manifest.name}[/] v{engine.manifest.version} on {result.backend}/"
                   f"{result.accelerator} in {result.latency_ms:.1f} ms ({profile.name})")
     if result.ood:
         console.print(f"[yellow]out of distribution:[/] {result.ood}")
-    if result.post is not None:
-        console.print_json(json.dumps(result.post))
+    shown = result_json(result, policy)
+    if "post" in shown:
+        console.print_json(json.dumps(shown["post"]))
+    if "outputs" not in shown and policy is not None:
+        console.print("raw outputs: not shown (the bundle declares output hardening)")
+        return 0
     table = Table("output", "shape", "dtype", "min", "max", "mean")
     for name, value in result.outputs.items():
         v = np.asarray(value, dtype=np.float64)

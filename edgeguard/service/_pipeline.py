@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgeguard.bundle.manifest import Manifest
+from edgeguard.engine.harden import result_json
 from edgeguard.errors import AdversarialInput, ServiceUnavailable
 from edgeguard.sources import InferenceRequest
 
@@ -93,7 +94,10 @@ class Pipeline:
             else:
                 assert request.tensors is not None
                 result = engine.infer(request.tensors)
-            doc: dict[str, Any] = result.to_json()
+            # Output hardening declared in the signed manifest: every path a result leaves by (API answer,
+            # outbox -> MQTT results, directory and serial sources) sees only this document.
+            policy = getattr(engine.manifest, "output", None)  # None also for fakes without the field
+            doc: dict[str, Any] = result.to_json() if policy is None else result_json(result, policy)
             doc.update(
                 {
                     "source": request.source,

@@ -7,10 +7,12 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from edgeguard.bundle.manifest import TensorSpec
+from edgeguard.clock import TrustedClock
 from edgeguard.errors import ServiceUnavailable
 from edgeguard.link import MqttLink
 from edgeguard.outbox import Outbox
-from edgeguard.sources import ApiSource, DirectorySource, MqttInputSource, SerialSource
+from edgeguard.sources import ApiSource, DirectorySource, MqttInputSource, QueryBudgets, SerialSource
+from edgeguard.sources._budget import STATE_FILE as BUDGET_STATE_FILE
 
 from ._faults import FaultInjector
 from ._loader import load_tokens
@@ -29,6 +31,7 @@ class WorkerView(Protocol):
     link: MqttLink
     outbox: Outbox
     faults: FaultInjector
+    clock: TrustedClock
 
     def request_reload(self) -> bool: ...
 
@@ -70,6 +73,10 @@ def build_sources(worker: WorkerView) -> tuple[ApiSource | None, list[Any]]:
             admin=admin,
             explainer=functools.partial(_explain, pipeline),
             on_event=worker.link.publish_event,  # lockouts and refused tokens: events and audit records
+            # Windows and bucket refills follow the clock that cannot be wound back below its floor.
+            budgets=QueryBudgets(cfg.api.budget.to_budget_config(),
+                                 state_path=cfg.device.state_dir / BUDGET_STATE_FILE,
+                                 now=lambda: worker.clock.now().timestamp()),
         )
         sources.append(api)
     if cfg.mqtt_input.enabled:

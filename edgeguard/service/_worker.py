@@ -205,6 +205,7 @@ class Worker:
             "locked_clients": api.get("locked_clients", 0),
             "auth_failures": api.get("auth_failures", 0),
             "rate_anomalies": api.get("rate_anomalies", 0),
+            "budgets": api.get("budgets", {"enabled": False}),  # per-token query budgets (docs/security.md)
             "integrity": integrity,
             "audit": self.audit.health() if self.audit is not None else None,
             "last_alert": alerts[0] if alerts else None,

@@ -13,12 +13,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeguard._echo import cut
 from edgeguard.audit import AuditConfig, IntegrityConfig
 from edgeguard.bundle import MODEL_NAME_RE
 from edgeguard.errors import ConfigError
 from edgeguard.link._config import LinkConfig
 from edgeguard.outbox import OutboxConfig
-from edgeguard.sources import AbuseConfig, ApiConfig, BodyLimits, DirectoryConfig, SerialConfig
+from edgeguard.sources import (
+    AbuseConfig,
+    ApiConfig,
+    BodyLimits,
+    BudgetConfig,
+    BudgetLimits,
+    DirectoryConfig,
+    SerialConfig,
+)
 
 # The supervisor's and the watchdogs' sections live in a module of their own, free of the worker's stack: the
 # supervisor process imports them without this module (see _supervisor_main).
@@ -32,6 +41,7 @@ __all__ = [
     "SupervisorSection",
     "WatchdogSection",
     "ApiSection",
+    "BudgetSection",
     "MqttInputSection",
     "SerialSection",
     "DirectorySection",
@@ -92,6 +102,40 @@ class ModelSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class BudgetSection:
+    """``[sources.api.budget]``: per-token query budgets and rate limits (docs/security.md). The defaults
+    limit nothing; ``[sources.api.budget.tokens.<name>]`` gives one token limits of its own."""
+
+    rate_per_s: float = 0.0
+    burst: int = 0
+    window_queries: int = 0
+    window_s: float = 86400.0
+    persist_interval_s: float = 10.0
+    persist_every_queries: int = 100
+    tokens: Any = None  # {token name: {rate_per_s, burst, window_queries}}
+
+    def __post_init__(self) -> None:
+        self.to_budget_config()
+
+    def to_budget_config(self) -> BudgetConfig:
+        where = "sources.api.budget"
+        tokens: dict[str, BudgetLimits] = {}
+        if self.tokens is not None:
+            if not isinstance(self.tokens, dict):
+                raise ConfigError(f"{where}.tokens: must be a table of token names")
+            for name, table in self.tokens.items():
+                tokens[name] = build(BudgetLimits, table, f"{where}.tokens.{cut(name, 64)}")
+        try:
+            default = BudgetLimits(rate_per_s=self.rate_per_s, burst=self.burst,
+                                   window_queries=self.window_queries)
+            return BudgetConfig(default=default, tokens=tokens, window_s=self.window_s,
+                                persist_interval_s=self.persist_interval_s,
+                                persist_every_queries=self.persist_every_queries)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+
+@dataclass(frozen=True, kw_only=True)
 class ApiSection:
     enabled: bool = True
     unix_socket: Path | None = None
@@ -117,6 +161,8 @@ class ApiSection:
     rate_anomaly_min_requests: int = 50
     lockout_loopback: bool = False
     explain_max_passes: int = 65  # forward passes one POST /v1/explain may cost; 0 = the route is off
+    # Per-token query budgets: the [sources.api.budget] table (BudgetSection).
+    budget: BudgetSection = field(default_factory=BudgetSection)
 
     def __post_init__(self) -> None:
         if self.enabled:
@@ -300,11 +346,7 @@ def parse_config(doc: dict[str, Any], *, path: Path) -> ServiceConfig:
         model=model,
         service=build(SupervisorSection, _paths(doc.get("service", {}), ("hooks_dir",), base), "service"),
         watchdog=build(WatchdogSection, doc.get("watchdog", {}), "watchdog"),
-        api=build(
-            ApiSection,
-            _paths(sources.get("api", {"enabled": False}), ("unix_socket", "tokens_file"), base),
-            "sources.api",
-        ),
+        api=_api_section(sources.get("api", {"enabled": False}), base),
         mqtt_input=build(MqttInputSection, sources.get("mqtt", {}), "sources.mqtt"),
         serial=build(SerialSection, sources.get("serial", {}), "sources.serial"),
         directory=build(
@@ -333,6 +375,15 @@ def parse_config(doc: dict[str, Any], *, path: Path) -> ServiceConfig:
             f"link.inbound_max_bytes ({cfg.link.inbound_max_bytes}); raise that too"
         )
     return cfg
+
+
+def _api_section(table: Any, base: Path) -> ApiSection:
+    if not isinstance(table, dict):
+        raise ConfigError("sources.api: must be a table")
+    table = dict(table)
+    budget = build(BudgetSection, table.pop("budget", {}), "sources.api.budget")
+    paths = _paths(table, ("unix_socket", "tokens_file"), base)
+    return build(ApiSection, paths, "sources.api", budget=budget)
 
 
 def _paths(table: Any, keys: tuple[str, ...], base: Path) -> Any:

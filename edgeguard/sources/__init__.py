@@ -13,6 +13,7 @@ from edgeguard._lazy import lazy_exports
 if TYPE_CHECKING:
     from ._abuse import AbuseConfig
     from ._api import AdminHandler, ApiConfig, ApiSource
+    from ._budget import BudgetConfig, BudgetLimits, QueryBudgets
     from ._directory import DirectoryConfig, DirectorySource
     from ._mqtt import MqttInputSource
     from ._openapi import OPENAPI
@@ -33,12 +34,15 @@ __all__ = [
     "ApiConfig",
     "ApiSource",
     "BodyLimits",
+    "BudgetConfig",
+    "BudgetLimits",
     "DirectoryConfig",
     "DirectorySource",
     "InferenceRequest",
     "InferenceSink",
     "MqttInputSource",
     "OPENAPI",
+    "QueryBudgets",
     "SCOPES",
     "Scope",
     "SerialConfig",
@@ -59,6 +63,9 @@ _HOME = {
     "AdminHandler": "._api",
     "ApiConfig": "._api",
     "ApiSource": "._api",
+    "BudgetConfig": "._budget",
+    "BudgetLimits": "._budget",
+    "QueryBudgets": "._budget",
     "DirectoryConfig": "._directory",
     "DirectorySource": "._directory",
     "MqttInputSource": "._mqtt",

@@ -8,8 +8,9 @@ Routes (``docs/openapi.json`` describes them; :data:`OPENAPI` is the same docume
   POST /v1/admin/{action}  scope admin   reload, and whatever else the service registers
   GET  /v1/openapi.json    no auth       this API's description
 
-Order of checks: route -> client locked out (429 with Retry-After) -> token (401) -> scope (403) -> declared
-size (413) -> capacity (503: requests and body bytes in flight) -> body read with the same limit (413) ->
+Order of checks: route -> client locked out (429 with Retry-After) -> token (401) -> scope (403) -> the
+token's query budget and rate limit for /v1/infer (429 with Retry-After, ``_budget``) -> declared size
+(413) -> capacity (503: requests and body bytes in flight) -> body read with the same limit (413) ->
 parse (400/415) -> engine (400 for a rejected input, 500 for a backend error).
 
 The event loop only moves bytes: parsing (JSON -> numpy, .npy, base64) runs on ``parse_threads`` threads and
@@ -61,6 +62,7 @@ from edgeguard.errors import (
 )
 
 from ._abuse import AbuseConfig, LockoutTable, RateWatch
+from ._budget import QueryBudgets
 from ._openapi import OPENAPI
 from ._request import BodyLimits, InferenceSink, UnsupportedMediaType, parse_body
 from ._tokens import TokenStore
@@ -187,9 +189,13 @@ class ApiSource:
         explainer: Explainer | None = None,
         on_event: EventSink | None = None,
         monotonic: Callable[[], float] | None = None,
+        budgets: QueryBudgets | None = None,
     ) -> None:
         self.config = config
         self._on_event = on_event
+        # Per-token query budgets (docs/security.md, "Query budgets and rate limits"); None: no limits.
+        self._budgets = budgets if budgets is not None and budgets.config.enabled else None
+        self._persister: asyncio.Task[None] | None = None
         clock = monotonic or time.monotonic
         self._lockouts = LockoutTable(config.abuse, now=clock)
         self._rates = RateWatch(config.abuse, now=clock)
@@ -245,6 +251,8 @@ class ApiSource:
             server = getattr(site, "_server", None)
             port = server.sockets[0].getsockname()[1] if server is not None and server.sockets else 0
             self.bound.append(f"http://{self.config.host}:{port}")
+        if self._budgets is not None:
+            self._persister = asyncio.get_running_loop().create_task(self._persist_budgets())
         self.accepting = True
 
     @property
@@ -260,10 +268,23 @@ class ApiSource:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._persister is not None:
+            self._persister.cancel()
+            self._persister = None
+        if self._budgets is not None:
+            self._budgets.persist(clean=True)  # no worst case to assume at the next start
         self._executor.shutdown(wait=True)
         self._parser.shutdown(wait=True)
         if self.config.unix_socket is not None:
             _unlink_if_ours(self.config.unix_socket, self._socket_inode)
+
+    async def _persist_budgets(self) -> None:
+        budgets = self._budgets
+        assert budgets is not None
+        while True:
+            await asyncio.sleep(budgets.config.persist_interval_s)
+            if budgets.dirty:
+                budgets.persist()
 
     def replace_tokens(self, tokens: TokenStore) -> None:
         """Token rotation on reload: requests from now on are checked against ``tokens``."""
@@ -285,6 +306,7 @@ class ApiSource:
             "locked_clients": self._lockouts.locked_clients(),
             "last_lockout": self._lockouts.last,
             "rate_anomalies": self._rates.anomalies,
+            "budgets": self._budgets.snapshot() if self._budgets is not None else {"enabled": False},
         }
 
     def _event(self, kind: str, data: dict[str, Any]) -> None:
@@ -341,6 +363,15 @@ class ApiSource:
             if anomaly is not None:
                 _log.warning("request rate anomaly for token %r: %s", token.name, anomaly)
                 self._event("api-rate-anomaly", {**anomaly, "client": client})
+            if scope == "infer" and self._budgets is not None:
+                # After authentication (an unknown token costs no one's budget), before the body is read.
+                decision = self._budgets.take(token.name)
+                if not decision.ok:
+                    return self._count(_error(429, decision.reason,
+                                              **{"Retry-After": str(decision.retry_after)}))
+                if decision.exhausted_now:
+                    _log.warning("token %r used up its query budget", token.name)
+                    self._event("query-budget-exhausted", {**decision.detail, "client": client})
         response: web.StreamResponse = await handler(request)
         return response
 

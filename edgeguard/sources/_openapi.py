@@ -26,7 +26,8 @@ def _err(text: str) -> dict[str, Any]:
 _AUTH_ERRORS: Final[dict[str, Any]] = {
     "401": _err("no bearer token, or an unknown one"),
     "403": _err("the token lacks the scope this route needs"),
-    "429": _err("this client failed authentication too often: locked out for Retry-After seconds"),
+    "429": _err("this client failed authentication too often (locked out), or the token's query budget or "
+                "rate limit is used up: retry after Retry-After seconds"),
 }
 
 OPENAPI: Final[dict[str, Any]] = {

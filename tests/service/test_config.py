@@ -23,6 +23,7 @@ SECTIONS = {
     "service": c.SupervisorSection,
     "watchdog": c.WatchdogSection,
     "sources.api": c.ApiSection,
+    "sources.api.budget": c.BudgetSection,
     "sources.mqtt": c.MqttInputSection,
     "sources.serial": c.SerialSection,
     "sources.directory": c.DirectorySection,
@@ -69,6 +70,15 @@ BAD = [
     (BASE + "[outbox]\nbogus = 1\n", "outbox.bogus: unknown key"),
     (BASE + "[link]\nport = 0\n", "link.port: must be 1..65535"),
     (BASE + '[link]\nprotocol = "4"\n', "link.protocol: must be one of"),
+    (BASE + "[sources.api.budget]\nrate_per_s = -1\n", "sources.api.budget: rate_per_s must be 0 (off)"),
+    (BASE + '[sources.api.budget]\nwindow_queries = "many"\n',
+     "sources.api.budget.window_queries: must be an integer"),
+    (BASE + "[sources.api.budget]\nburst = 5\n", "sources.api.budget: burst needs a rate_per_s"),
+    (BASE + "[sources.api.budget]\nspeed = 5\n", "sources.api.budget.speed: unknown key"),
+    (BASE + "[sources.api.budget.tokens.app]\nburst = 5.5\n",
+     "sources.api.budget.tokens.app.burst: must be an integer"),
+    (BASE + "[sources.api.budget]\ntokens = 3\n", "sources.api.budget.tokens: must be a table"),
+    (BASE + "[sources.api]\nbudget = 3\n", "sources.api.budget: must be a table"),
 ]
 
 
