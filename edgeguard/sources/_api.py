@@ -9,9 +9,9 @@ Routes (``docs/openapi.json`` describes them; :data:`OPENAPI` is the same docume
   GET  /v1/openapi.json    no auth       this API's description
 
 Order of checks: route -> client locked out (429 with Retry-After) -> token (401) -> scope (403) -> the
-token's query budget and rate limit for /v1/infer (429 with Retry-After, ``_budget``) -> declared size
-(413) -> capacity (503: requests and body bytes in flight) -> body read with the same limit (413) ->
-parse (400/415) -> engine (400 for a rejected input, 500 for a backend error).
+token's query budget and rate limit for /v1/infer and /v1/explain (429 with Retry-After, ``_budget``) ->
+declared size (413) -> capacity (503: requests and body bytes in flight) -> body read with the same limit
+(413) -> parse (400/415) -> engine (400 for a rejected input, 500 for a backend error).
 
 The event loop only moves bytes: parsing (JSON -> numpy, .npy, base64) runs on ``parse_threads`` threads and
 inference on ``infer_threads``. The worker's liveness reports are written from this loop, so a body parsed on
@@ -363,8 +363,9 @@ class ApiSource:
             if anomaly is not None:
                 _log.warning("request rate anomaly for token %r: %s", token.name, anomaly)
                 self._event("api-rate-anomaly", {**anomaly, "client": client})
-            if scope == "infer" and self._budgets is not None:
+            if scope in ("infer", "explain") and self._budgets is not None:
                 # After authentication (an unknown token costs no one's budget), before the body is read.
+                # An explanation names the top class or box, so it is a query too.
                 decision = self._budgets.take(token.name)
                 if not decision.ok:
                     return self._count(_error(429, decision.reason,

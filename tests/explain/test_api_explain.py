@@ -72,7 +72,9 @@ def test_explain_route_off_when_passes_are_zero(tmp_path: Path, yolov8n_path: Pa
                                                 astronaut_png: Path) -> None:
     with MosquittoBroker(tmp_path) as broker:
         dev = Device(root=tmp_path, broker=broker)
-        dev.provision(b"", api_extra="explain_max_passes = 0\n")
+        # An explanation names the top box or class, so it is a query like /v1/infer: it counts against the
+        # token's query budget (here one per window), even when the route is off.
+        dev.provision(b"", api_extra="explain_max_passes = 0\nbudget = {window_queries = 1}\n")
         tokens = tmp_path / "tokens"
         tokens.write_text(tokens.read_text() + f"why explain {EXPLAIN}\n")
         (tmp_path / "model.egm").write_bytes(yolo_bundle(tmp_path, yolov8n_path))
@@ -82,5 +84,9 @@ def test_explain_route_off_when_passes_are_zero(tmp_path: Path, yolov8n_path: Pa
             code, err = dev.request("POST", "/v1/explain", astronaut_png.read_bytes(), token=EXPLAIN,
                                     ctype="image/png")
             assert code == 404 and "explain_max_passes" in err["error"], err
+            code, err = dev.request("POST", "/v1/explain", astronaut_png.read_bytes(), token=EXPLAIN,
+                                    ctype="image/png")
+            assert code == 429 and "query budget" in err["error"], err
+            assert dev.request("GET", "/v1/health", None, token=STATUS)[0] == 200  # still serving
         finally:
             dev.stop()
