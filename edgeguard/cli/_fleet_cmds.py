@@ -17,7 +17,7 @@ from typing import Any
 
 from edgeguard.errors import ConfigError
 
-from . import _fleet_command_cmds, _fleet_provision_cmds, _fleet_view_cmds
+from . import _fleet_command_cmds, _fleet_provision_cmds, _fleet_rollout_cmds, _fleet_view_cmds
 
 _STATUS_MAX_BYTES = 64 * 1024
 
@@ -38,6 +38,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     _fleet_provision_cmds.register_fleet(fsub)
     _fleet_command_cmds.register_fleet(fsub)
     _fleet_view_cmds.register_fleet(fsub)
+    _fleet_rollout_cmds.register_fleet(fsub)
     p = fsub.add_parser(
         "ingest",
         help="store the fleet's results, heartbeats, status and events in PostgreSQL, exactly once",
