@@ -116,7 +116,7 @@ class RolloutEngine:
         return r
 
     def _follow(self, wave: Wave) -> bool:
-        """Until every device of ``wave`` has an outcome (False), or the rollout halts or is aborted (True)."""
+        """Until every device of ``wave`` has an outcome (False), or the rollout halts or aborts (True)."""
         r = self.r
         while wave.open_devices():
             changed = False
