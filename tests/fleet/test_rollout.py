@@ -14,7 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.fleet._rollout import DEVICES, Fleet20, deploys, make_fleet20, operator, run, sim, state, wait_state
+from tests.fleet._rollout import (
+    DEVICES,
+    Fleet20,
+    deploys,
+    make_fleet20,
+    operator,
+    run,
+    sim,
+    state,
+    wait_state,
+)
 from tests.fleet._sim import ROOT
 from tests.support.broker import MosquittoBroker, Recorder
 
@@ -44,7 +54,8 @@ def test_three_waves_over_20_devices_all_pass(fleet20: Fleet20, mosquitto: Mosqu
     assert [len(w["devices"]) for w in doc["waves"]] == [1, 4, 15]
     assert [w["devices"] for w in doc["waves"]] == [DEVICES[:1], DEVICES[1:5], DEVICES[5:]]  # id order
     assert all(w["state"] == "passed" and sorted(w["ok"]) == w["devices"] for w in doc["waves"])
-    assert out.stdout.strip().splitlines()[-1].startswith("rollout r1: done; waves passed 3/3; devices ok 20/20")
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("rollout r1: done; waves passed 3/3; devices ok 20/20")
     # progress on the contract topic: waves passed one after another, never two deploying at once
     for p in published:
         assert set(p) >= {"v", "id", "model", "version", "sha256", "group", "state", "waves", "failures"}
@@ -101,7 +112,8 @@ def test_resume_after_the_operator_is_killed_mid_wave(fleet20: Fleet20, mosquitt
     assert doc["state"] == "done"
     assert sorted(d for w in doc["waves"] for d in w["ok"]) == DEVICES
     again = run(operator(fleet20, mosquitto, "rollout", "--resume", "r2"))
-    assert again.returncode == 2 and again.stderr.strip() == "edgeguard: rollout r2 is done: nothing to resume"
+    assert again.returncode == 2
+    assert again.stderr == "edgeguard: rollout r2 is done: nothing to resume\n"
 
 
 def test_abort_stops_the_running_rollout_and_rolls_back_the_canary(
@@ -138,7 +150,8 @@ def test_deploy_one_shot_shows_verified_answers_and_refusals(
         bad = run(operator(fleet20, mosquitto, "deploy", str(fleet20.bundle), "--to", "dev-03"))
     assert good.returncode == 0, good.stdout + good.stderr
     assert good.stdout.startswith("✓ dev-02  probation  detector v4 slot b until ")
-    assert good.stdout.strip().endswith("1/1 devices took wake v4 (sha256 " + _sha(fleet20.bundle)[:16] + "…)")
+    sha = _sha(fleet20.bundle)
+    assert good.stdout.strip().endswith(f"1/1 devices took wake v4 (sha256 {sha[:16]}…)")
     assert bad.returncode == 1
     assert "✗ dev-03  refused: self-test: simulated refusal" in bad.stdout
 
@@ -152,8 +165,9 @@ def _sha(path: Path) -> str:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--to", "no-such-group"], "--to 'no-such-group': no device and no group of that name in the inventory"),
-        (["--to", "line-1", "--canary", "25%", "--then", "10%,100%"], "wave percentages must increase: 25% then 10%"),
+        (["--to", "nope"], "--to 'nope': no device and no group of that name in the inventory"),
+        (["--to", "line-1", "--canary", "25%", "--then", "10%,100%"],
+         "wave percentages must increase: 25% then 10%"),
         (["--to", "line-1", "--canary", "0%"], "wave size '0%': a whole percentage 1..100 (e.g. 5%)"),
         (["--to", "line-1", "--max-failures", "-1"], "--max-failures: 0 or more"),
     ],
