@@ -3,7 +3,8 @@
 One TLS listener that requires a client certificate issued by the fleet CA and not on the CRL; the
 certificate's CN becomes the MQTT user name (``use_identity_as_username``) and the client id
 (``use_username_as_clientid``: a device cannot take over another's session by choosing its client id). The
-ACL gives each device its own topics only, and operators (CN ``op:<name>``) read everything and write ``cmd``.
+ACL gives each device its own topics only, and operators (CN ``op:<name>``) read everything and write ``cmd``,
+``bundles/#`` (deploy chunks) and ``rollouts/#`` (rollout progress).
 mosquitto (2.0.11, tested) re-reads ``acl_file`` and the CRL on SIGHUP and applies them to new connections;
 a revoked device that is connected at that moment keeps its session until it reconnects, so cutting it at
 once takes a restart (docs/fleet.md, tests/fleet/test_provision_broker.py).
@@ -52,13 +53,16 @@ def _acl(fd: FleetDir, inv: Inventory) -> str:
     active = sorted(n for n, o in inv.operators.items() if o.state == "active")
     lines += [
         "",
-        "# Operators (`edgeguard fleet add-operator NAME`): read everything of the fleet, write cmd.",
+        "# Operators (`edgeguard fleet add-operator NAME`): read everything of the fleet, write cmd, publish",
+        "# bundles for deploys (bundles/<sha256>/...) and rollout progress (rollouts/<id>).",
     ]
     for name in active:
         lines += [
             f"user {OPERATOR_CN_PREFIX}{name}",
             f"topic read {prefix}/#",
             f"topic write {prefix}/+/cmd",
+            f"topic write {prefix}/bundles/#",
+            f"topic readwrite {prefix}/rollouts/#",
             "",
         ]
     return "\n".join(lines) + "\n"
