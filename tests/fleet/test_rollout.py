@@ -54,8 +54,11 @@ def test_three_waves_over_20_devices_all_pass(fleet20: Fleet20, mosquitto: Mosqu
     assert [len(w["devices"]) for w in doc["waves"]] == [1, 4, 15]
     assert [w["devices"] for w in doc["waves"]] == [DEVICES[:1], DEVICES[1:5], DEVICES[5:]]  # id order
     assert all(w["state"] == "passed" and sorted(w["ok"]) == w["devices"] for w in doc["waves"])
-    last = out.stdout.strip().splitlines()[-1]
-    assert last.startswith("rollout r1: done; waves passed 3/3; devices ok 20/20")
+    # piped: the plan and the summary, no live table
+    assert out.stdout.splitlines() == [
+        "rollout r1: wake v4 to line-1, 3 waves of 1, 4, 15 devices",
+        "rollout r1: done; waves passed 3/3; devices ok 20/20; failures 0 (max 2)",
+    ]
     # progress on the contract topic: waves passed one after another, never two deploying at once
     for p in published:
         assert set(p) >= {"v", "id", "model", "version", "sha256", "group", "state", "waves", "failures"}
@@ -195,3 +198,44 @@ def test_missing_model_file_is_a_one_line_error(fleet20: Fleet20, tmp_path: Path
 def _local(fleet: Fleet20, sub: str, *args: str) -> list[str]:
     """An operator command that fails before it needs the broker."""
     return [sys.executable, "-m", "edgeguard", "fleet", sub, "-f", str(fleet.root), *args]
+
+
+def test_simulated_devices_answer_signed_and_refuse_commands_not_signed_by_the_operator(
+    fleet20: Fleet20, mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    rogue = tmp_path / "rogue.key"
+    rogue.write_bytes(Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    rogue.chmod(0o600)
+    broker = ["--fleet", "plant", "--broker", f"{mosquitto.host}:{mosquitto.port}", "--protocol", "3.1.1",
+              "--device-keys", str(fleet20.root / "devices")]
+    with sim(mosquitto, fleet20):
+        good = run([sys.executable, "-m", "edgeguard", "fleet", "send", "ping", "--to", "dev-07",
+                    "--sign-key", str(fleet20.root / "keys/operator.key"), *broker])
+        bad = run([sys.executable, "-m", "edgeguard", "fleet", "send", "ping", "--to", "dev-07",
+                   "--sign-key", str(rogue), *broker])
+    assert good.returncode == 0 and good.stdout.startswith('✓ dev-07  ok  {"pong": true}'), good.stdout
+    assert bad.returncode == 1
+    assert bad.stdout.startswith("✓ dev-07  refused: untrusted signer: operator key "), bad.stdout
+
+
+def test_the_live_table_shows_each_wave() -> None:
+    from rich.console import Console
+
+    from edgeguard.cli._fleet_rollout_cmds import _table
+    from edgeguard.fleet.rollout import Rollout, Settings, Wave
+
+    r = Rollout(id="r9", model="wake", version=4, sha256="0" * 64, size=1, bundle="/b", group="line-1",
+                max_failures=2, settings=Settings(), started=0.0,
+                waves=[Wave(0, 5, ["a"], "passed", ok=["a"]),
+                       Wave(1, 100, ["b", "c"], "probation", time.time() + 100,
+                            failed={"c": "refused: digest"})],
+                failures=1)
+    console = Console(record=True, width=140)
+    console.print(_table(r))
+    text = console.export_text()
+    assert "rollout r9  wake v4 → line-1  running  failures 1/2" in text
+    assert "passed" in text and "probation" in text and "c: refused: digest" in text
