@@ -281,3 +281,18 @@ def test_refusals_fail_and_a_busy_refusal_waits_for_the_devices_state(tmp_path: 
                       now=lambda: clock[0]).run()
     assert r.waves[0].failed == {"x": "refused: signature: not signed by the publisher"}
     assert r.waves[0].ok == ["y"]
+
+
+def test_resumed_after_dying_before_any_command_asks_each_device_once_heard_from(tmp_path: Path) -> None:
+    clock = [1000.0]
+    r = _rollout(["a", "b"], 1, [100])
+    r.waves[0].state = "deploying"  # saved, then the process died before sending anything
+
+    def react(device: str, name: str, nonce: str) -> list[Observation]:
+        return [_ok(device, nonce, clock[0] + 10), _state(device, "committed")]
+
+    t = FakeTransport(clock, react)
+    t.pending = [DeployStateSeen("a", "idle", None, 1, None, None, "heartbeat")]  # b is never heard from
+    out = RolloutEngine(r, root=tmp_path, transport=t, bundle=lambda: b"x", now=lambda: clock[0]).run()
+    assert t.sent == [("a", "deploy")]
+    assert out.waves[0].ok == ["a"] and out.waves[0].failed == {"b": "no answer within 30 s"}

@@ -93,9 +93,12 @@ class RolloutEngine:
         if r.final:
             return r
         self.t.publish_bundle(self._bundle())
+        now = self._now()
         for wave in r.waves:
-            if wave.state in ("deploying", "probation"):
+            if wave.state in ("deploying", "probation"):  # resumed mid-wave
                 self._unsure = {d for d in wave.open_devices() if d not in wave.probation}
+                for d in self._unsure:  # its deadline runs from now if we died before sending to it
+                    wave.sent.setdefault(d, now)
         self._save()
         while not r.final:
             current = r.current()
@@ -104,7 +107,10 @@ class RolloutEngine:
                 break
             wave = current
             if wave.state == "pending":
+                # Saved before the first command: a process that dies while sending is resumed into
+                # "deploying", where each device's heartbeat decides whether it is asked (again).
                 wave.state = "deploying"
+                self._save()
                 for device in wave.devices:
                     self._send_deploy(wave, device)
                 self._save()
