@@ -210,7 +210,11 @@ def _deploy(args: argparse.Namespace) -> int:
         for d in devices:
             if d not in answered:
                 print(f"? {d}  no answer within {args.timeout:g} s")
-        t.remove_bundle(sha, len(data))
+        if len(answered) == len(devices):
+            t.remove_bundle(sha, len(data))
+        else:  # a device may still be fetching it: removing the chunks now would fail that deploy
+            print(f"the bundle stays retained under edgeguard/v1/{fd.config.name}/bundles/{sha}/ "
+                  "for the devices that have not answered", file=sys.stderr)
     finally:
         t.close()
     print(f"{ok}/{len(devices)} devices took {model} v{version} (sha256 {sha[:16]}…)")
