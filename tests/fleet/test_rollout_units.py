@@ -82,17 +82,15 @@ def test_chunk_format_is_the_contracts() -> None:
     sha = hashlib.sha256(data).hexdigest()
     assert [len(c) for c in chunks] == [4096, 4096, 2304]
     assert b"".join(chunks) == data
-    assert meta.meta == (
-        b'{"chunk_size":4096,"chunks":3,"sha256":"' + sha.encode() + b'","size":10496,"v":1}'
-    )
+    assert meta.meta == b'{"v":1,"sha256":"' + sha.encode() + b'","size":10496,"chunk_size":4096,"chunks":3}'
     assert meta.topic("edgeguard/v1/plant", 2) == f"edgeguard/v1/plant/bundles/{sha}/2"
-    expected = [f"P/bundles/{sha}/{i}" for i in (0, 1, 2)] + [f"P/bundles/{sha}/meta"]
+    expected = [f"P/bundles/{sha}/meta"] + [f"P/bundles/{sha}/{i}" for i in (0, 1, 2)]
     assert bundle_topics("P", sha, 3) == expected
     default, _ = chunk_bundle(data)
     assert default.chunk_size == 256 * 1024 and default.chunks == 1
 
 
-@pytest.mark.parametrize(("data", "size"), [(b"", 1024), (b"x", 0), (b"x", 512 * 1024 + 1)])
+@pytest.mark.parametrize(("data", "size"), [(b"", 1024), (b"x", 0), (b"x", 1023), (b"x", 1024 * 1024 + 1)])
 def test_chunking_refuses_empty_bundles_and_bad_sizes(data: bytes, size: int) -> None:
     with pytest.raises(ValueError):
         chunk_bundle(data, chunk_size=size)

@@ -18,10 +18,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["CHUNK_SIZE", "MAX_CHUNK_SIZE", "ChunkedBundle", "chunk_bundle", "bundle_topics"]
+__all__ = ["CHUNK_SIZE", "MIN_CHUNK_SIZE", "MAX_CHUNK_SIZE", "ChunkedBundle", "chunk_bundle", "bundle_topics"]
 
 CHUNK_SIZE: Final = 256 * 1024  # fits the fleet broker's max_packet_size (1 MiB) with room to spare
-MAX_CHUNK_SIZE: Final = 512 * 1024
+MIN_CHUNK_SIZE: Final = 1024  # the device's reader accepts 1 KiB .. 1 MiB
+MAX_CHUNK_SIZE: Final = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -38,14 +39,15 @@ class ChunkedBundle:
 
 def chunk_bundle(data: bytes, *, chunk_size: int = CHUNK_SIZE) -> tuple[ChunkedBundle, Iterator[bytes]]:
     """The manifest of ``data`` and its chunks in index order (memoryview slices, no copies)."""
-    if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
-        raise ValueError(f"chunk size must be 1..{MAX_CHUNK_SIZE} bytes")
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes")
     if not data:
         raise ValueError("an empty bundle cannot be published")
     chunks = -(-len(data) // chunk_size)
     sha = hashlib.sha256(data).hexdigest()
+    # The contract's key order, compact: byte-identical to the device side's writer.
     meta = {"v": 1, "sha256": sha, "size": len(data), "chunk_size": chunk_size, "chunks": chunks}
-    body = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    body = json.dumps(meta, separators=(",", ":")).encode()
     view = memoryview(data)
 
     def parts() -> Iterator[bytes]:
@@ -56,5 +58,6 @@ def chunk_bundle(data: bytes, *, chunk_size: int = CHUNK_SIZE) -> tuple[ChunkedB
 
 
 def bundle_topics(prefix: str, sha256: str, chunks: int) -> list[str]:
-    """Every topic of one published bundle (to remove it: an empty retained payload on each)."""
-    return [f"{prefix}/bundles/{sha256}/{i}" for i in range(chunks)] + [f"{prefix}/bundles/{sha256}/meta"]
+    """Every topic of one published bundle, the manifest first (to remove it: an empty retained payload on
+    each, in this order, so that no device finds a manifest whose chunks are gone)."""
+    return [f"{prefix}/bundles/{sha256}/meta"] + [f"{prefix}/bundles/{sha256}/{i}" for i in range(chunks)]

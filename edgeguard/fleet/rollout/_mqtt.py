@@ -139,7 +139,7 @@ class MqttTransport:
 
     def remove_bundle(self, sha256: str, size: int) -> None:
         chunks = -(-size // self._chunk_size)
-        for topic in reversed(bundle_topics(self.prefix, sha256, chunks)):  # the manifest first
+        for topic in bundle_topics(self.prefix, sha256, chunks):  # the manifest first
             self._publish(topic, b"", retain=True)
 
     def send(self, device: str, name: str, args: Mapping[str, str]) -> str:
