@@ -45,6 +45,7 @@ import random
 import resource
 import selectors
 import socket
+import ssl
 import sys
 import tempfile
 import time
@@ -204,6 +205,11 @@ class Fleet:
                              protocol=mqtt.MQTTv311, clean_session=False)
         offline = json.dumps({"state": "offline", "device": name}).encode()
         client.will_set(prefix + "status", offline, qos=1, retain=True)
+        if a.tls:  # mutual TLS with the device's own fleet certificate, as a provisioned device connects
+            assert self.fleet_dir is not None
+            d = self.fleet_dir / "devices" / name
+            client.tls_set(ca_certs=str(self.fleet_dir / "ca/ca.pem"), certfile=str(d / "client.pem"),
+                           keyfile=str(d / "client.key"))
         dev = SimDevice(name=name, client=client, prefix=prefix, period=a.heartbeat,
                         groups=self.device_groups.get(name, []))
         if self.operators is not None:
@@ -358,6 +364,12 @@ class Fleet:
                 dev = key.data
                 if not dev.dead:
                     dev.client.loop_read()
+                    sock = dev.client.socket()
+                    # TLS: bytes already decrypted into the SSL object's buffer never wake the selector
+                    for _ in range(1000):
+                        if dev.dead or not isinstance(sock, ssl.SSLSocket) or not sock.pending():
+                            break
+                        dev.client.loop_read()
             self.tick()
             if not self.ready_said and all(d.connected for d in self.devices.values()):
                 self.ready_said = True
@@ -378,10 +390,14 @@ def main() -> int:
     p.add_argument("--fleet-dir", type=Path, metavar="DIR",
                    help="devices, fleet name, keys and operator key from a fleet directory")
     p.add_argument("--state-dir", type=Path, metavar="DIR", help="nonce stores (default: a temporary dir)")
+    p.add_argument("--tls", action="store_true",
+                   help="with --fleet-dir: mutual TLS with each device's client.pem/client.key and ca/ca.pem")
     p.add_argument("--model-version", type=int, default=3, metavar="N", help="version devices start at")
     args = p.parse_args()
     if args.count < 1 or args.heartbeat <= 0 or args.keepalive < 1:
         p.error("count, --heartbeat and --keepalive must be positive")
+    if args.tls and args.fleet_dir is None:
+        p.error("--tls needs --fleet-dir (the devices' certificates)")
     _raise_nofile()
     try:
         return Fleet(args).run()

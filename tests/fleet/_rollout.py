@@ -72,3 +72,30 @@ def deploys(s: SimFleet) -> dict[str, int]:
     s.send("deploys")
     line = s.expect("deploys")
     return {k: int(v) for k, _, v in (w.partition("=") for w in line.split()[1:])}
+
+
+class FleetBroker(MosquittoBroker):
+    """mosquitto running the configuration `fleet broker-config` generated (TLS, client certificates, ACL)."""
+
+    def __init__(self, directory: Path, conf: Path, port: int) -> None:
+        self.generated = conf
+        super().__init__(directory, port=port, start=False)
+
+    def _config(self, users: Any) -> str:
+        return self.generated.read_text()
+
+
+def make_tls_fleet20(tmp: Path, model: Path) -> tuple[Fleet20, FleetBroker]:
+    """The fleet of :func:`make_fleet20` with an operator ``ops`` behind its own generated mosquitto."""
+    from tests.support.broker import free_port
+
+    port = free_port()
+    root = tmp / "fleet"
+    make_fleet(root, broker_port=port, groups=("line-1",))
+    ok("fleet", "add-device", "-f", root, *DEVICES, "--group", "line-1")
+    ok("fleet", "add-operator", "-f", root, "ops")
+    ok("fleet", "seal", "-f", root, model, "--name", "wake", "--version", "4", "--to", "line-1")
+    ok("fleet", "broker-config", "-f", root, "-o", tmp / "broker", "--user", "root", "--bind", "127.0.0.1")
+    broker = FleetBroker(tmp, tmp / "broker/mosquitto.conf", port)
+    broker.start()
+    return Fleet20(root, root / "bundles" / "wake-v4.egm"), broker

@@ -19,13 +19,14 @@ from tests.fleet._rollout import (
     Fleet20,
     deploys,
     make_fleet20,
+    make_tls_fleet20,
     operator,
     run,
     sim,
     state,
     wait_state,
 )
-from tests.fleet._sim import ROOT
+from tests.fleet._sim import ROOT, SimFleet
 from tests.support.broker import MosquittoBroker, Recorder
 
 
@@ -239,3 +240,25 @@ def test_the_live_table_shows_each_wave() -> None:
     text = console.export_text()
     assert "rollout r9  wake v4 → line-1  running  failures 1/2" in text
     assert "passed" in text and "probation" in text and "c: refused: digest" in text
+
+
+def test_rollout_through_the_fleets_own_broker_with_mutual_tls_and_its_acl(
+    tmp_path: Path, okay_nabu_path: Path
+) -> None:
+    """The generated mosquitto configuration: the operator (`--operator ops`, its client certificate) may
+    publish the bundle and the progress, each device reads the bundle and only its own commands."""
+    fleet, broker = make_tls_fleet20(tmp_path, okay_nabu_path)
+    try:
+        s = SimFleet(broker, 20, "--fleet-dir", str(fleet.root), "--tls", "--heartbeat", "1",
+                     "--results-every", "0")
+        with s:
+            s.expect("ready 20", timeout=60)
+            out = run([sys.executable, "-m", "edgeguard", "fleet", "rollout", "-f", str(fleet.root),
+                       str(fleet.bundle), "--to", "line-1", "--id", "tls", "--probation", "2",
+                       "--operator", "ops"])
+            assert out.returncode == 0, out.stdout + out.stderr + broker.log_tail()
+            assert deploys(s) == {d: 1 for d in DEVICES}
+    finally:
+        broker.kill()
+    doc = state(fleet, "tls")
+    assert doc["state"] == "done" and sorted(d for w in doc["waves"] for d in w["ok"]) == DEVICES

@@ -50,6 +50,8 @@ def _acl(fd: FleetDir, inv: Inventory) -> str:
     ]
     lines += [f"pattern write {prefix}/%u/{t}" for t in DEVICE_WRITE]
     lines += [f"pattern read {prefix}/%u/{t}" for t in DEVICE_READ]
+    lines += ["# Every device reads the deploy bundles (sealed for their recipients: sharing them is safe).",
+              f"pattern read {prefix}/bundles/#"]
     active = sorted(n for n, o in inv.operators.items() if o.state == "active")
     lines += [
         "",
