@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from edgeguard.errors import ConfigError
 
+from ._fleet_rollout_show import live_table, summary
+
 if TYPE_CHECKING:
     from edgeguard.fleet.provision import FleetDir
     from edgeguard.fleet.rollout import MqttTransport, Rollout
@@ -327,61 +329,15 @@ def _run(args: argparse.Namespace, fd: FleetDir, r: Rollout) -> int:
               file=sys.stderr if args.json else sys.stdout, flush=True)
         t = _transport(args, fd)
         try:
-            with _live(r) as on_change:
+            with live_table(r) as on_change:
                 RolloutEngine(r, root=fd.root, transport=t, bundle=bundle, on_change=on_change).run()
         finally:
             t.close()
     if args.json:
         print(json.dumps(r.progress(), indent=1, sort_keys=True))
     else:
-        print(_summary(r))
+        print(summary(r))
     return 0 if r.state == "done" else 1
-
-
-@contextlib.contextmanager
-def _live(r: Rollout) -> Iterator[Any]:
-    """A live table on a terminal; nothing when stdout is piped (the summary line says how it ended)."""
-    if not sys.stdout.isatty():
-        yield None
-        return
-    from rich.live import Live  # noqa: PLC0415
-
-    with Live(_table(r), refresh_per_second=4, transient=False) as live:
-        yield lambda ro: live.update(_table(ro))
-
-
-def _table(r: Rollout) -> Any:
-    from rich.table import Table  # noqa: PLC0415
-
-    colour = {"done": "green", "running": "cyan", "halted": "red", "aborted": "yellow"}[r.state]
-    title = f"rollout {r.id}  {r.model} v{r.version} → {r.group}  [{colour}]{r.state}[/]  " \
-            f"failures {r.failures}/{r.max_failures}" + (f"  ({r.reason})" if r.reason else "")
-    t = Table(title=title, title_justify="left")
-    for col in ("wave", "share", "devices", "state", "ok", "failed", "rolled back", "probation left"):
-        t.add_column(col)
-    now = time.time()
-    for w in r.waves:
-        left = ""
-        if w.probation_until and w.state == "probation":
-            left = f"{max(0.0, w.probation_until - now):.0f} s"
-        failed = ", ".join(f"{d}: {why}" for d, why in list(w.failed.items())[:3])
-        t.add_row(str(w.index), f"{w.percent}%", str(len(w.devices)), w.state, str(len(w.ok)),
-                  f"{len(w.failed)} {failed}".strip(), str(len(w.rolled_back)), left)
-    return t
-
-
-def _summary(r: Rollout) -> str:
-    passed = sum(1 for w in r.waves if w.state == "passed")
-    ok = sum(len(w.ok) for w in r.waves)
-    total = sum(len(w.devices) for w in r.waves)
-    line = f"rollout {r.id}: {r.state}; waves passed {passed}/{len(r.waves)}; devices ok {ok}/{total}; " \
-           f"failures {r.failures} (max {r.max_failures})"
-    if r.reason:
-        line += f"; {r.reason}"
-    rolled = [d for w in r.waves for d in w.rolled_back]
-    if rolled:
-        line += f"; rolled back: {', '.join(rolled)}"
-    return line
 
 
 def _status(args: argparse.Namespace, words: list[str]) -> int:
@@ -395,7 +351,7 @@ def _status(args: argparse.Namespace, words: list[str]) -> int:
         if args.json:
             print(json.dumps(r.progress(), indent=1, sort_keys=True))
         else:
-            print(_summary(r))
+            print(summary(r))
             for w in r.waves:
                 failed = "; ".join(f"{d}: {why}" for d, why in w.failed.items())
                 print(f"  wave {w.index} ({w.percent}%, {len(w.devices)} devices) {w.state}: ok {len(w.ok)}"
@@ -408,7 +364,7 @@ def _status(args: argparse.Namespace, words: list[str]) -> int:
     elif not rollouts:
         print(f"no rollouts in {fd.root / 'rollouts'}")
     for x in [] if args.json else rollouts:
-        print(_summary(x))
+        print(summary(x))
     return 0
 
 
@@ -441,5 +397,5 @@ def _abort(args: argparse.Namespace, rollout_id: str) -> int:
                 return 1
             time.sleep(0.5)  # polling another process's state file: there is nothing to wait on
             r = Rollout.load(fd.root, rollout_id)
-    print(_summary(r))
+    print(summary(r))
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -226,7 +227,7 @@ def test_simulated_devices_answer_signed_and_refuse_commands_not_signed_by_the_o
 def test_the_live_table_shows_each_wave() -> None:
     from rich.console import Console
 
-    from edgeguard.cli._fleet_rollout_cmds import _table
+    from edgeguard.cli._fleet_rollout_show import table
     from edgeguard.fleet.rollout import Rollout, Settings, Wave
 
     r = Rollout(id="r9", model="wake", version=4, sha256="0" * 64, size=1, bundle="/b", group="line-1",
@@ -236,7 +237,7 @@ def test_the_live_table_shows_each_wave() -> None:
                             failed={"c": "refused: digest"})],
                 failures=1)
     console = Console(record=True, width=140)
-    console.print(_table(r))
+    console.print(table(r))
     text = console.export_text()
     assert "rollout r9  wake v4 → line-1  running  failures 1/2" in text
     assert "passed" in text and "probation" in text and "c: refused: digest" in text
@@ -262,3 +263,31 @@ def test_rollout_through_the_fleets_own_broker_with_mutual_tls_and_its_acl(
         broker.kill()
     doc = state(fleet, "tls")
     assert doc["state"] == "done" and sorted(d for w in doc["waves"] for d in w["ok"]) == DEVICES
+
+
+def test_on_a_terminal_the_rollout_is_shown_live(fleet20: Fleet20, mosquitto: MosquittoBroker) -> None:
+    import pty
+
+    with sim(mosquitto, fleet20, count=2):
+        primary, secondary = pty.openpty()
+        argv = _rollout(fleet20, mosquitto, "tty", "--probation", "2")
+        argv[argv.index("line-1")] = "dev-01"
+        proc = subprocess.Popen(argv, stdout=secondary, stderr=subprocess.PIPE, cwd=ROOT)
+        os.close(secondary)
+        chunks = []
+        while True:
+            try:
+                data = os.read(primary, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+        assert proc.wait(timeout=120) == 0
+        os.close(primary)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode(errors="replace"))  # no colours
+    # the table is redrawn as the rollout goes: frames while it runs, the last one done
+    assert text.count("rollout tty  wake v4 → dev-01") >= 2, text
+    assert "→ dev-01  running" in text
+    assert "→ dev-01  done" in text
+    assert "rollout tty: done; waves passed 1/1; devices ok 1/1" in text
