@@ -85,15 +85,20 @@ class FleetBroker(MosquittoBroker):
         return self.generated.read_text()
 
 
-def make_tls_fleet20(tmp: Path, model: Path) -> tuple[Fleet20, FleetBroker]:
-    """The fleet of :func:`make_fleet20` with an operator ``ops`` behind its own generated mosquitto."""
+def make_tls_fleet20(
+    tmp: Path, model: Path, operators: tuple[str, ...] = ("ops",)
+) -> tuple[Fleet20, FleetBroker]:
+    """The fleet of :func:`make_fleet20` with operators (``ops``) behind its own generated mosquitto. One
+    operator identity is one MQTT session (the broker takes the certificate's CN as the client id): a test
+    that watches while ``ops`` rolls out needs a second operator."""
     from tests.support.broker import free_port
 
     port = free_port()
     root = tmp / "fleet"
     make_fleet(root, broker_port=port, groups=("line-1",))
     ok("fleet", "add-device", "-f", root, *DEVICES, "--group", "line-1")
-    ok("fleet", "add-operator", "-f", root, "ops")
+    for name in operators:
+        ok("fleet", "add-operator", "-f", root, name)
     ok("fleet", "seal", "-f", root, model, "--name", "wake", "--version", "4", "--to", "line-1")
     ok("fleet", "broker-config", "-f", root, "-o", tmp / "broker", "--user", "root", "--bind", "127.0.0.1")
     broker = FleetBroker(tmp, tmp / "broker/mosquitto.conf", port)
