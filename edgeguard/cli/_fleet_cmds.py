@@ -21,6 +21,7 @@ from . import (
     _fleet_command_cmds,
     _fleet_dashboard_cmds,
     _fleet_provision_cmds,
+    _fleet_rollout_cmds,
     _fleet_view_cmds,
 )
 
@@ -44,6 +45,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     _fleet_command_cmds.register_fleet(fsub)
     _fleet_view_cmds.register_fleet(fsub)
     _fleet_dashboard_cmds.register_fleet(fsub)
+    _fleet_rollout_cmds.register_fleet(fsub)
     p = fsub.add_parser(
         "ingest",
         help="store the fleet's results, heartbeats, status and events in PostgreSQL, exactly once",

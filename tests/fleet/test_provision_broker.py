@@ -125,6 +125,34 @@ def test_devices_talk_only_on_their_own_topics_and_operators_write_cmd(
         rogue.close()
 
 
+def test_operators_publish_bundles_and_rollout_progress_devices_cannot(
+    fleet: tuple[Path, FleetBroker, str],
+) -> None:
+    root, broker, _ = fleet
+    ops, a = (_client(root, broker, w) for w in ("ops", "dev-a"))
+    sha = "ab" * 32
+    try:
+        assert ops.wait_connected() and a.wait_connected(), broker.log_tail()
+        ops.subscribe(f"{PREFIX}/#")
+        # A device forges a bundle manifest and a rollout's progress; then publishes its own status (the
+        # control: the broker handles one client's publishes in order, so the forgeries were refused).
+        a.publish(f"{PREFIX}/bundles/{sha}/meta", b"forged meta")
+        a.publish(f"{PREFIX}/rollouts/r1", b"forged progress")
+        a.publish(f"{PREFIX}/dev-a/status", b"control")
+        assert ops.wait_topic(f"{PREFIX}/dev-a/status")
+        assert ops.topics() == [f"{PREFIX}/dev-a/status"]
+        # The operator writes both (and reads them back through its own subscription).
+        ops.publish(f"{PREFIX}/bundles/{sha}/meta", b'{"v":1}')
+        ops.publish(f"{PREFIX}/rollouts/r1", b'{"v":1,"id":"r1"}')
+        assert ops.wait_message(f"{PREFIX}/rollouts/r1", b'{"v":1,"id":"r1"}')
+        assert ops.wait_message(f"{PREFIX}/bundles/{sha}/meta", b'{"v":1}')
+    finally:
+        for c in (ops, a):
+            c.close()
+    acl = (root.parent / "broker/acl").read_text()
+    assert f"topic write {PREFIX}/bundles/#" in acl and f"topic readwrite {PREFIX}/rollouts/#" in acl
+
+
 def _reload(broker: FleetBroker) -> None:
     """SIGHUP, then wait until mosquitto logged that it reloaded (it does so in its next loop pass, and
     handles new connections only after that pass)."""

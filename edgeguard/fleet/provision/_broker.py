@@ -3,7 +3,8 @@
 One TLS listener that requires a client certificate issued by the fleet CA and not on the CRL; the
 certificate's CN becomes the MQTT user name (``use_identity_as_username``) and the client id
 (``use_username_as_clientid``: a device cannot take over another's session by choosing its client id). The
-ACL gives each device its own topics only, and operators (CN ``op:<name>``) read everything and write ``cmd``.
+ACL gives each device its own topics only, and operators (CN ``op:<name>``) read everything and write ``cmd``,
+``bundles/#`` (deploy chunks) and ``rollouts/#`` (rollout progress).
 mosquitto (2.0.11, tested) re-reads ``acl_file`` and the CRL on SIGHUP and applies them to new connections;
 a revoked device that is connected at that moment keeps its session until it reconnects, so cutting it at
 once takes a restart (docs/fleet.md, tests/fleet/test_provision_broker.py).
@@ -49,16 +50,21 @@ def _acl(fd: FleetDir, inv: Inventory) -> str:
     ]
     lines += [f"pattern write {prefix}/%u/{t}" for t in DEVICE_WRITE]
     lines += [f"pattern read {prefix}/%u/{t}" for t in DEVICE_READ]
+    lines += ["# Every device reads the deploy bundles (sealed for their recipients: sharing them is safe).",
+              f"pattern read {prefix}/bundles/#"]
     active = sorted(n for n, o in inv.operators.items() if o.state == "active")
     lines += [
         "",
-        "# Operators (`edgeguard fleet add-operator NAME`): read everything of the fleet, write cmd.",
+        "# Operators (`edgeguard fleet add-operator NAME`): read everything of the fleet, write cmd, publish",
+        "# bundles for deploys (bundles/<sha256>/...) and rollout progress (rollouts/<id>).",
     ]
     for name in active:
         lines += [
             f"user {OPERATOR_CN_PREFIX}{name}",
             f"topic read {prefix}/#",
             f"topic write {prefix}/+/cmd",
+            f"topic write {prefix}/bundles/#",
+            f"topic readwrite {prefix}/rollouts/#",
             "",
         ]
     return "\n".join(lines) + "\n"
