@@ -1,0 +1,15 @@
+"""Clusterable brokers (RabbitMQ's MQTT plugin, NATS's MQTT support), each started once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.brokers import ExternalBroker, nats_broker, rabbitmq_broker
+
+__all__ = ["nats_broker", "rabbitmq_broker", "clusterable"]
+
+
+@pytest.fixture(params=["rabbitmq", "nats"])
+def clusterable(request: pytest.FixtureRequest) -> ExternalBroker:
+    broker: ExternalBroker = request.getfixturevalue(f"{request.param}_broker")
+    return broker
