@@ -2,7 +2,8 @@
 birth/LWT status, heartbeats, results at QoS 1 with the connection cut mid-stream, a signed command answered
 and verified, and `edgeguard fleet status --json` seeing the device. The device reaches the broker through a
 TCP proxy that the test cuts (the broker sees the device vanish without DISCONNECT: the LWT fires); the
-operator side talks to the broker directly. Each broker is started once per session (tests/support/brokers.py).
+operator side talks to the broker directly. Each broker is started once per session
+(tests/support/brokers.py).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from tests.support.broker import Recorder
 from tests.support.brokers import ExternalBroker
 
 
-
 def body(n: int) -> bytes:
     return b'{"id": "r%d", "inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}}' % n
+MQTT311 = mqtt.MQTTv311
 STATUS_TOPIC = f"edgeguard/v1/{FLEET}/dev-1/status"
 
 
@@ -37,7 +38,7 @@ def retained(broker: ExternalBroker, topic: str, wait_s: float = 3.0) -> list[by
     SUBACK: a broker sends retained messages right behind the SUBACK)."""
     got: list[bytes] = []
     subacked: list[int] = []
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"ret-{time.monotonic_ns()}", protocol=mqtt.MQTTv311)
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"ret-{time.monotonic_ns()}", protocol=MQTT311)
     c.on_message = lambda _c, _u, m: got.append(bytes(m.payload)) if m.retain else None
     c.on_subscribe = lambda *_a: subacked.append(1)
     c.on_connect = lambda cl, *_a: cl.subscribe(topic, qos=1)
@@ -56,7 +57,7 @@ def retained(broker: ExternalBroker, topic: str, wait_s: float = 3.0) -> list[by
 
 
 def clear_retained(broker: ExternalBroker, topic: str) -> None:
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"clr-{time.monotonic_ns()}", protocol=mqtt.MQTTv311)
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"clr-{time.monotonic_ns()}", protocol=MQTT311)
     c.connect(broker.host, broker.port, keepalive=10)
     c.loop_start()
     try:

@@ -1,10 +1,11 @@
 """Clusterable brokers for tests: a private RabbitMQ node (MQTT plugin) and a private nats-server (MQTT over
 JetStream), each on free ports with a config written here, beside the system's own brokers.
 
-Both look like ``tests.support.broker.MosquittoBroker`` where the helpers need it (``host``, ``port``, ``tls``,
-``start``, ``kill``, ``stop``, ``running``, ``log_tail``), so ``Recorder``, ``tests.service._env.Device`` and
-the command helpers take them unchanged. ``start_s`` is how long the last start took until the MQTT port
-accepted connections (RabbitMQ boots an Erlang node: seconds; NATS: milliseconds).
+Both look like ``tests.support.broker.MosquittoBroker`` where the helpers need it (``host``, ``port``,
+``tls``, ``start``, ``kill``, ``stop``, ``running``, ``log_tail``), so ``Recorder``,
+``tests.service._env.Device`` and the command helpers take them unchanged. ``start_s`` is how long the last
+start took until the MQTT port accepted connections (RabbitMQ boots an Erlang node: seconds; NATS:
+milliseconds).
 
 The machine's own RabbitMQ (``rabbit@localhost``, AMQP 5672, its dist port 25672) and nats-server (4222) are
 left alone: the node here has its own ``RABBITMQ_NODENAME``, Mnesia and log directories, enabled-plugins file,
@@ -55,7 +56,8 @@ def _version(cmd: list[str]) -> str:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
-    return (out.stdout or out.stderr).strip().splitlines()[0] if (out.stdout or out.stderr).strip() else "unknown"
+    text = (out.stdout or out.stderr).strip()
+    return text.splitlines()[0] if text else "unknown"
 
 
 class ExternalBroker:
