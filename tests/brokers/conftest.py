@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from tests.fleet.conftest import pg_dsn
 from tests.support.brokers import ExternalBroker, nats_broker, rabbitmq_broker
 
-__all__ = ["nats_broker", "rabbitmq_broker", "clusterable"]
+__all__ = ["nats_broker", "rabbitmq_broker", "clusterable", "pg_dsn"]
 
 
 @pytest.fixture(params=["rabbitmq", "nats"])
