@@ -1,9 +1,9 @@
 """A real device service (`edgeguard run`) through RabbitMQ's MQTT plugin and NATS's MQTT support, unchanged:
 birth/LWT status, heartbeats, results at QoS 1 with the connection cut mid-stream, a signed command answered
 and verified, and `edgeguard fleet status --json` seeing the device. The device reaches the broker through a
-TCP proxy that the test cuts (the broker sees the device vanish without DISCONNECT: the LWT fires); the
-operator side talks to the broker directly. Each broker is started once per session
-(tests/support/brokers.py).
+TCP proxy that the test cuts (the broker sees the device vanish without DISCONNECT: the LWT fires), and the
+broker itself is killed (-9) mid-stream and started again; the operator side talks to the broker directly.
+Each broker is started once per session (tests/support/brokers.py).
 """
 
 from __future__ import annotations
@@ -67,6 +67,22 @@ def clear_retained(broker: ExternalBroker, topic: str) -> None:
         c.loop_stop()
 
 
+def publish(broker: ExternalBroker, topic: str, payload: bytes) -> None:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{time.monotonic_ns()}", protocol=MQTT311)
+    c.connect(broker.host, broker.port, keepalive=10)
+    c.loop_start()
+    try:
+        c.publish(topic, payload, qos=1).wait_for_publish(30)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def rejected(rec: Recorder) -> list[dict[str, Any]]:
+    events = (json.loads(p) for p in rec.on_topic("/dev-1/events"))
+    return [e for e in events if e["kind"] == "input-rejected"]
+
+
 def states(rec: Recorder) -> list[str]:
     return [json.loads(p)["state"] for p in rec.on_topic("/dev-1/status") if p]
 
@@ -94,7 +110,7 @@ def test_device_service_through_the_broker_unchanged(clusterable: ExternalBroker
         assert beat["link"]["protocol"] == "3.1.1" and beat["link"]["connected"] is True, beat["link"]
 
         # -- results at QoS 1, the device's connection cut mid-stream and restored
-        total, sent = 45, 0
+        total, sent = 65, 0
 
         def post(n: int) -> None:
             nonlocal sent
@@ -112,7 +128,13 @@ def test_device_service_through_the_broker_unchanged(clusterable: ExternalBroker
         post(15)  # kept in the outbox while cut
         proxy.restore()
         assert rec.wait_for(lambda _m: states(rec)[-1:] == ["online"], 60), states(rec)
-        post(total - 30)
+        post(10)
+        # the broker itself killed (-9) mid-stream and started again on the same port with its stored state
+        # (the recorder's persistent session, the device's queued and retained messages)
+        broker.kill()
+        post(10)
+        broker.start()
+        post(total - 50)
         assert rec.wait_for(lambda _m: len({r["id"] for r in results(rec)}) >= total, 90), (
             f"{len({r['id'] for r in results(rec)})}/{total} results; {dev.log_tail()}"
         )
@@ -128,6 +150,17 @@ def test_device_service_through_the_broker_unchanged(clusterable: ExternalBroker
         assert len(seen) == total
         corr = sorted(int(r["data"]["correlation_id"][1:]) for r in {r["id"]: r for r in got}.values())
         assert corr == list(range(total)), corr
+
+        # -- an input larger than link.inbound_max_bytes (1 MiB): no MQTT 5 Maximum Packet Size on these
+        # brokers, so the device's own reader discards it in chunks, says so, and stays connected
+        connects = json.loads(rec.on_topic("/dev-1/heartbeat")[-1])["link"]["connects"]
+        publish(broker, f"edgeguard/v1/{FLEET}/dev-1/input", b"x" * (2 * 1024 * 1024))
+        assert rec.wait_for(lambda _m: any("packet of" in e.get("reason", "") for e in rejected(rec)), 60)
+        publish(broker, f"edgeguard/v1/{FLEET}/dev-1/input", body(999))
+        assert rec.wait_for(lambda _m: any(r["data"]["correlation_id"] == "r999" for r in results(rec)), 60)
+        link = lambda: json.loads(rec.on_topic("/dev-1/heartbeat")[-1])["link"]  # noqa: E731
+        assert rec.wait_for(lambda _m: link()["inbound_dropped"] >= 1, 30), link()
+        assert link()["connected"] and link()["connects"] == connects, link()
 
         # -- a signed command, answered over the same broker and verified with the device's key
         s = CommandSender(
