@@ -48,7 +48,12 @@ __all__ = [
     "NatsBroker",
     "rabbitmq_broker",
     "nats_broker",
+    "STARTED",
 ]
+
+# (kind, version, seconds until the MQTT port accepted) of every broker the fixtures started this session:
+# tests/brokers/conftest.py prints them at the end of the run.
+STARTED: list[tuple[str, str, float]] = []
 
 
 def _version(cmd: list[str]) -> str:
@@ -276,6 +281,7 @@ def _session_broker(
     if not binary or not os.access(binary, os.X_OK):
         pytest.skip(f"{what} not installed (no {cls.kind} binary; set EDGEGUARD_TEST_{cls.kind.upper()})")
     broker = cls(factory.mktemp(cls.kind))
+    STARTED.append((cls.kind, broker.version, broker.start_s or 0.0))
     try:
         yield broker
     finally:
