@@ -1,9 +1,9 @@
-"""A real device service (`edgeguard run`) through RabbitMQ's MQTT plugin and NATS's MQTT support, unchanged:
-birth/LWT status, heartbeats, results at QoS 1 with the connection cut mid-stream, a signed command answered
-and verified, and `edgeguard fleet status --json` seeing the device. The device reaches the broker through a
-TCP proxy that the test cuts (the broker sees the device vanish without DISCONNECT: the LWT fires), and the
-broker itself is killed (-9) mid-stream and started again; the operator side talks to the broker directly.
-Each broker is started once per session (tests/support/brokers.py).
+"""A real device service (`edgeguard run`, a small zoo model) through RabbitMQ's MQTT plugin and NATS's MQTT
+support, unchanged: birth/LWT status, heartbeats, results at QoS 1 with the connection cut mid-stream, an
+oversize input, a signed command answered and verified, and `edgeguard fleet status --json` seeing the device.
+The device reaches the broker through a TCP proxy the test cuts (the broker sees the device vanish with no
+DISCONNECT: the LWT fires), and the broker itself is killed (-9) mid-stream and started again; the operator
+side talks to the broker directly. Each broker is started once per session (tests/support/brokers.py).
 """
 
 from __future__ import annotations
@@ -14,21 +14,39 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgeguard import zoo
 from edgeguard.fleet.commands import CommandSender
 from edgeguard.keys import load_verify_key
 from edgeguard.link import LinkConfig
 from tests.commands._support import FLEET, commands_device, deliver, sign
 from tests.fleet._sim import edgeguard
 from tests.fleet._support import TcpProxy
+from tests.service._env import seal
 from tests.support.broker import Recorder
 from tests.support.brokers import ExternalBroker
 
+# A small real model from the zoo: PP-OCR's text direction classifier (ONNX, 0.59 MB; x [1,3,48,192] -> 2
+# class scores), sealed for the device like any bundle.
+CLS_META: dict[str, Any] = {
+    "inputs": [{"name": "x", "dtype": "float32", "shape": [1, 3, 48, 192], "range": [-1.0, 1.0]}],
+    "outputs": [{"name": "save_infer_model/scale_0.tmp_1", "dtype": "float32", "shape": [1, 2]}],
+}
+_PIXELS = json.dumps(np.linspace(-0.5, 0.5, 3 * 48 * 192, dtype=np.float32).reshape(1, 3, 48, 192).round(3)
+                     .tolist()).encode()
+
+
+def cls_bundle(root: Path) -> bytes:
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 48, 192)).astype(np.float32)
+    return seal(root, zoo.fetch("ppocr-cls").read_bytes(), name="ppocr-cls", version=1, meta=CLS_META,
+                golden_in={"x": x})
+
 
 def body(n: int) -> bytes:
-    return b'{"id": "r%d", "inputs": {"x": [[0.1, 0.2, 0.3, 0.4]]}}' % n
+    return b'{"id": "r%d", "inputs": {"x": %s}}' % (n, _PIXELS)
 MQTT311 = mqtt.MQTTv311
 STATUS_TOPIC = f"edgeguard/v1/{FLEET}/dev-1/status"
 
@@ -98,6 +116,7 @@ def test_device_service_through_the_broker_unchanged(clusterable: ExternalBroker
     front = SimpleNamespace(host="127.0.0.1", port=proxy.port, tls=None)
     rec = Recorder(broker, f"edgeguard/v1/{FLEET}/#", qos=1)  # type: ignore[arg-type]
     dev, ops = commands_device(tmp_path, front)  # type: ignore[arg-type]
+    (tmp_path / "model.egm").write_bytes(cls_bundle(tmp_path))  # instead of the generated sensor model
     dev.start()
     try:
         dev.wait_ready()
@@ -200,7 +219,7 @@ def test_device_service_through_the_broker_unchanged(clusterable: ExternalBroker
         assert out.returncode in (0, 1), out.stderr
         doc = json.loads(out.stdout)
         row = next(d for d in doc["devices"] if d["device"] == "dev-1")
-        assert row["heartbeat_age_s"] is not None and row["model"] == "sensor", row
+        assert row["heartbeat_age_s"] is not None and row["model"] == "ppocr-cls", row
     finally:
         dev.stop()
         rec.close()
