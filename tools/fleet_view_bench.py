@@ -2,8 +2,12 @@
 """How many devices one `fleet status`/`watch`/exporter process can follow, and its memory per device.
 
     python tools/fleet_view_bench.py 1000 3000 5000 --heartbeat 30
+    python tools/fleet_view_bench.py 500 1000 --heartbeat 10 --broker-kind mosquitto --broker-kind rabbitmq \
+        --broker-kind nats                     # the same sizes through each broker, side by side
 
-For each fleet size N: a fresh mosquitto (max_connections -1, RLIMIT_NOFILE raised), tools/fleet_sim.py N in a
+For each broker kind and fleet size N: a fresh broker (mosquitto: max_connections -1; RabbitMQ: a node of
+its own with the MQTT plugin; nats-server: JetStream + MQTT; the launchers of tests/support/brokers.py;
+RLIMIT_NOFILE raised), tools/fleet_sim.py N in a
 child process (heartbeat every --heartbeat s, every device's first heartbeat within the same second: the
 harshest burst), and in this process the view itself (Follower + FleetState, as the CLI uses them). Measured
 over --cycles heartbeat periods after every device has been seen once:
@@ -11,12 +15,14 @@ over --cycles heartbeat periods after every device has been seen once:
             the view keeps up while max lag < one heartbeat period
   missing   devices none of whose heartbeats arrived in the last 1.5 periods
   rss/dev   the view process's resident memory growth (kB) per device followed
-Prints one line per N and a JSON summary at the end. A benchmark, not a test: timings depend on the machine.
+Prints one line per broker and N, a side-by-side table when more than one broker kind ran, and a JSON summary
+at the end. A benchmark, not a test: timings depend on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import resource
@@ -35,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgeguard.fleet.view import BrokerOptions, FleetState, Follower  # noqa: E402
+
+KINDS = ("mosquitto", "rabbitmq", "nats")
 
 
 def _rss_kb() -> int:
@@ -73,12 +81,33 @@ class LagFollower(Follower):
                 self.lags.append((now, msg.topic.split("/")[3], now - sent))
 
 
-def run_one(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    port = _free_port()
-    conf = work / f"mosquitto-{n}.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\nuser root\n"
-                    "log_dest none\npersistence false\n")
-    broker = subprocess.Popen([args.mosquitto, "-c", str(conf)], preexec_fn=_raise_nofile)  # noqa: PLW1509
+class _Mosquitto:
+    def __init__(self, work: Path, n: int, binary: str) -> None:
+        self.port = _free_port()
+        conf = work / f"mosquitto-{n}.conf"
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\nmax_connections -1\n"
+                        "user root\nlog_dest none\npersistence false\n")
+        self.proc = subprocess.Popen([binary, "-c", str(conf)], preexec_fn=_raise_nofile)  # noqa: PLW1509
+        self.start_s: float | None = None
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _start_broker(kind: str, n: int, args: argparse.Namespace, work: Path) -> Any:
+    if kind == "mosquitto":
+        return _Mosquitto(work, n, args.mosquitto)
+    # The launchers the tests use (private node / server on free ports); imported by name, so that the type
+    # check of tools/ does not extend into tests/.
+    launchers = importlib.import_module("tests.support.brokers")
+    cls = launchers.RabbitMqBroker if kind == "rabbitmq" else launchers.NatsBroker
+    return cls(work / f"{kind}-{n}")
+
+
+def run_one(n: int, args: argparse.Namespace, work: Path, kind: str = "mosquitto") -> dict[str, Any]:
+    broker = _start_broker(kind, n, args, work)
+    port = int(broker.port)
     sim: subprocess.Popen[str] | None = None
     follower: LagFollower | None = None
     try:
@@ -132,6 +161,8 @@ def run_one(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         with follower._lag_lock:
             received = len(follower.lags)
         return {
+            "broker": kind,
+            "broker_start_s": None if broker.start_s is None else round(broker.start_s, 2),
             "devices": n,
             "connect_s": round(connect_s, 2),
             "heartbeats": len(window),
@@ -153,7 +184,27 @@ def run_one(n: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
             sim.kill()
             sim.wait()
         broker.kill()
-        broker.wait()
+
+
+def _side_by_side(results: list[dict[str, Any]], kinds: list[str]) -> None:
+    """One row per fleet size, one column group per broker: lag p99 / max, missing, kB per device."""
+    by = {(r["broker"], r["devices"]): r for r in results}
+    print(f"{'devices':>8} | " + " | ".join(f"{k:^34}" for k in kinds))
+    head = f"{'p99 s':>7} {'max s':>7} {'miss':>5} {'kB/dev':>7} {'ok':>3}"
+    print(f"{'':>8} | " + " | ".join(head for _ in kinds))
+    for n in sorted({r["devices"] for r in results}):
+        cells = []
+        for k in kinds:
+            r = by.get((k, n))
+            if r is None:
+                cells.append(f"{'-':>34}")
+                continue
+            ok = "yes" if r["keeps_up"] else "no"
+            cells.append(
+                f"{r['lag_p99_s']!s:>7} {r['lag_max_s']!s:>7} {r['missing_last_period']:>5} "
+                f"{r['rss_kb_per_device']:>7} {ok:>3}"
+            )
+        print(f"{n:>8} | " + " | ".join(cells))
 
 
 def main() -> int:
@@ -162,23 +213,30 @@ def main() -> int:
     p.add_argument("--heartbeat", type=float, default=30.0, metavar="S")
     p.add_argument("--cycles", type=int, default=2, help="heartbeat periods measured per size")
     p.add_argument("--mosquitto", default=shutil.which("mosquitto") or "/usr/sbin/mosquitto")
+    p.add_argument("--broker-kind", action="append", choices=KINDS, metavar="|".join(KINDS),
+                   help="broker to measure through (repeatable: the kinds run one after the other and are "
+                        "reported side by side; default mosquitto)")
     args = p.parse_args()
+    kinds = args.broker_kind or ["mosquitto"]
     _raise_nofile()
-    results = []
+    results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fleet-view-bench-") as tmp:
-        for n in args.sizes:
-            r = run_one(n, args, Path(tmp))
+        for kind, n in ((k, n) for k in kinds for n in args.sizes):
+            if any(r["broker"] == kind and not r["keeps_up"] for r in results):
+                continue  # this broker already fell behind at a smaller size
+            r = run_one(n, args, Path(tmp), kind)
             results.append(r)
             print(
-                f"{n:6d} devices: connect {r['connect_s']} s, "
+                f"{kind:9s} {n:6d} devices: broker start {r['broker_start_s']} s, "
+                f"connect {r['connect_s']} s, "
                 f"lag p50 {r['lag_p50_s']} s p99 {r['lag_p99_s']} s "
                 f"max {r['lag_max_s']} s, missing {r['missing_last_period']}, "
                 f"{r['rss_kb_per_device']} kB/device, heartbeats sent {r['sent_total']} received "
                 f"{r['received_total']}, keeps up: {r['keeps_up']}",
                 flush=True,
             )
-            if not r["keeps_up"]:
-                break
+    if len(kinds) > 1:
+        _side_by_side(results, kinds)
     print(json.dumps({"heartbeat_s": args.heartbeat, "results": results}))
     return 0
 

@@ -194,5 +194,14 @@ def _send(args: argparse.Namespace) -> int:
         ok = sum(1 for d in report.deliveries.values() if d.answer is not None and d.answer.ok)
         print(f"{ok}/{len(report.deliveries)} answered ok (command {cmd.name}, nonce {cmd.nonce})")
     if not report.deliveries:
-        print(f"edgeguard: no device to send to for --to {args.to}", file=sys.stderr)
+        hint = ""
+        if target[0] != "device" and not sender.statuses:
+            # A group or the fleet is resolved from the devices' retained statuses; RabbitMQ's MQTT plugin
+            # does not hand retained messages to a wildcard subscription, so there none is ever seen.
+            hint = (
+                " (no device status seen at all: a broker that does not deliver retained messages to "
+                "wildcard subscriptions, such as RabbitMQ's MQTT plugin, hides them; name the devices with "
+                "--to ID, see docs/fleet.md)"
+            )
+        print(f"edgeguard: no device to send to for --to {args.to}{hint}", file=sys.stderr)
     return 0 if report.all_ok else 1

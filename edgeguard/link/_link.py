@@ -88,6 +88,8 @@ class MqttLink:
         # Link-thread-only state.
         self._connected = False
         self._connack: ReasonCode | None = None
+        self._v5_closes = 0  # MQTT 5 CONNECTs in a row the broker closed without CONNACK (auto fallback)
+        self._probing_311 = False  # on 3.1.1 because of such closes, not yet connected with it
         self._dropped = False
         # Other threads wake the loop's select() through this pair (inbound handler added, stop requested).
         self._waker = Waker()
@@ -479,7 +481,9 @@ class MqttLink:
             self._on_connected(client)
             return
         if rc is None:
-            self._schedule_retry(*no_connack_reason(self._paho_errors, tls=self.config.ca_file is not None))
+            reason, kind = no_connack_reason(self._paho_errors, tls=self.config.ca_file is not None)
+            if not self._closed_on_connect(refused_cert=reason.startswith("TLS: broker refused our client")):
+                self._schedule_retry(reason, kind)
             return
         if rc.value in _PROTOCOL_CODES and cfg.protocol == "auto" and v5 and not self._inflight:
             log.warning("link: broker refused MQTT 5 (%s); falling back to 3.1.1", rc)
@@ -491,6 +495,37 @@ class MqttLink:
             self._schedule_retry(f"broker refused credentials ({rc})", "auth")
         else:
             self._schedule_retry(f"broker refused the connection ({rc})", "refused")
+
+    def _closed_on_connect(self, *, refused_cert: bool) -> bool:
+        """The broker closed the connection on our CONNECT without a CONNACK. RabbitMQ's MQTT plugin before
+        3.13 cannot parse an MQTT 5 CONNECT and does exactly that (no "unacceptable protocol version"
+        answer), so with ``protocol = "auto"`` two such closes in a row switch to 3.1.1 for the next
+        attempt; should 3.1.1 be closed the same way, the broker is unwell rather than MQTT 5-deaf, and the
+        link goes back to 5. True when the next attempt is scheduled here (at once)."""
+        if self.config.protocol != "auto" or not self._dropped or refused_cert or self._inflight:
+            self._v5_closes = 0
+            return False
+        if self._protocol == mqtt.MQTTv5:
+            self._v5_closes += 1
+            if self._v5_closes < 2:
+                return False
+            log.warning(
+                "link: %s:%s closed the connection twice on an MQTT 5 CONNECT without answering (as RabbitMQ "
+                "before 3.13 does); trying MQTT 3.1.1",
+                self.config.host,
+                self.config.port,
+            )
+            self._v5_closes = 0
+            self._probing_311 = True
+            self._protocol = mqtt.MQTTv311
+            self._client = self._make_client()
+            self._next_attempt = 0.0
+            return True
+        if self._probing_311:
+            self._probing_311 = False
+            self._protocol = mqtt.MQTTv5
+            self._client = self._make_client()
+        return False
 
     def _read_connack(self) -> ReasonCode | None:
         return self._connack  # set by paho's callback inside loop(); a call stops mypy pinning it to None
@@ -506,6 +541,7 @@ class MqttLink:
 
     def _on_connected(self, client: mqtt.Client) -> None:
         client.disable_logger()
+        self._v5_closes, self._probing_311 = 0, False  # a 3.1.1 found this way stays (as after a refusal)
         self._connected = True
         self._connects += 1
         self._backoff.reset()

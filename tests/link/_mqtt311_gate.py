@@ -42,8 +42,15 @@ def _read_packet(sock: socket.socket) -> bytes:
 
 
 class Mqtt311OnlyGate:
-    def __init__(self, upstream_port: int) -> None:
+    """``silent=True``: close a v5 CONNECT's connection without any CONNACK, as RabbitMQ's MQTT plugin before
+    3.13 does (it cannot parse one). ``close_all=True``: close every connection after its CONNECT unanswered
+    (a broker that is unwell rather than 3.1.1-only)."""
+
+    def __init__(self, upstream_port: int, *, silent: bool = False, close_all: bool = False) -> None:
         self.upstream_port = upstream_port
+        self.silent = silent
+        self.close_all = close_all
+        self.levels: list[int] = []  # protocol level of every CONNECT seen, in order
         self.refused_v5 = 0
         self.passed: list[int] = []  # protocol level of each CONNECT passed through
         self._lock = threading.Lock()
@@ -72,10 +79,15 @@ class Mqtt311OnlyGate:
             while connect[i] & 0x80:
                 i += 1
             level = connect[i + 1 + 2 + 4]
+            with self._lock:
+                self.levels.append(level)
+            if self.close_all:
+                return
             if level == 5:
                 with self._lock:
                     self.refused_v5 += 1
-                conn.sendall(_REFUSE_PROTOCOL)
+                if not self.silent:
+                    conn.sendall(_REFUSE_PROTOCOL)
                 return
             up = socket.create_connection(("127.0.0.1", self.upstream_port))
             with self._lock:

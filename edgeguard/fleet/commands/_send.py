@@ -130,10 +130,20 @@ class CommandSender:
             # ~40 ms to each round trip.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._client.loop_start()
+        v5 = b.protocol != "3.1.1"
         if not self._connected.wait(timeout):
-            raise LinkError(f"no CONNACK from {b.host}:{b.port} within {timeout:g} s")
+            self.close()
+            hint = ""
+            if v5:  # RabbitMQ's MQTT plugin before 3.13 closes an MQTT 5 CONNECT without any answer
+                hint = " (a broker that speaks only MQTT 3.1.1 may close an MQTT 5 connection unanswered: "
+                hint += "try --protocol 3.1.1)"
+            raise LinkError(f"no CONNACK from {b.host}:{b.port} within {timeout:g} s{hint}")
         if getattr(self._connect_rc, "is_failure", False):
-            raise LinkError(f"broker {b.host}:{b.port} refused the connection: {self._connect_rc}")
+            self.close()
+            hint = ""
+            if v5 and getattr(self._connect_rc, "value", None) in (1, 132):  # unacceptable protocol version
+                hint = " (the broker speaks only MQTT 3.1.1, as NATS does: try --protocol 3.1.1)"
+            raise LinkError(f"broker {b.host}:{b.port} refused the connection: {self._connect_rc}{hint}")
         # statuses first (QoS 0), then answers: the second SUBACK is the barrier (module docstring)
         self._subscribe(self.base + "+/status", 0, timeout)
         self._subscribe(self.base + "+/cmd/resp", 1, timeout)

@@ -77,6 +77,12 @@ def _transient(exc: BaseException) -> bool:
     return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
 
 
+_NEEDS_MQTT5 = (
+    "fleet ingest needs an MQTT 5 broker with shared subscriptions (RabbitMQ before 3.13 and NATS speak only "
+    "3.1.1; docs/fleet.md, 'What EdgeGuard needs from a broker')"
+)
+
+
 class IngestWorker:
     def __init__(
         self,
@@ -107,6 +113,7 @@ class IngestWorker:
         self._mqtt_connected = False
         self._mqtt_subscribed = False
         self._mqtt_error: str | None = None
+        self._connack_seen = False  # a CONNACK (any code) arrived on the current connection attempt
         self._mqtt_connects = 0
         self._db: psycopg.Connection[tuple[object, ...]] | None = None
         self._writer: BatchWriter | None = None
@@ -166,8 +173,11 @@ class IngestWorker:
         return client
 
     def _on_connect(self, client: mqtt.Client, _u: Any, flags: Any, rc: ReasonCode, _p: Any) -> None:
+        self._connack_seen = True
         if rc.is_failure:
             self._mqtt_error = f"broker refused the connection ({rc})"
+            if rc.value in (1, 132):  # unacceptable / unsupported protocol version: a 3.1.1-only broker
+                self._mqtt_error += f"; {_NEEDS_MQTT5}"
             log.error("ingest: %s", self._mqtt_error)
             return
         with self._ack_lock:
@@ -197,10 +207,14 @@ class IngestWorker:
         if self._mqtt_connected and not self._leaving:
             log.warning("ingest: disconnected from the broker (%s); paho reconnects", rc)
         with self._ack_lock:
-            self._mqtt_connected = False
+            was_connected, self._mqtt_connected = self._mqtt_connected, False
         self._mqtt_subscribed = False
-        if rc.is_failure:
+        if not was_connected and not self._connack_seen and not self._leaving:
+            # Closed on our MQTT 5 CONNECT without any answer: what RabbitMQ's MQTT plugin before 3.13 does.
+            self._mqtt_error = f"broker closed the connection before CONNACK; {_NEEDS_MQTT5}"
+        elif rc.is_failure and not (self._mqtt_error or "").startswith("broker refused the connection"):
             self._mqtt_error = f"disconnected ({rc})"
+        self._connack_seen = False
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         # paho's thread: append and return. Never raises into paho (an exception there ends its loop thread).
