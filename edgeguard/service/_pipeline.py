@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgeguard.bundle.manifest import Manifest
-from edgeguard.errors import ServiceUnavailable
+from edgeguard.errors import InputRejected, ServiceUnavailable
 from edgeguard.sources import InferenceRequest
 
 __all__ = ["Pipeline", "EngineLike", "ResultLike", "ResultStore"]
@@ -67,6 +67,8 @@ class Pipeline:
         self.unavailable_reason = "no model loaded" if engine is None else ""
         self.completed = 0
         self.failed = 0
+        # Told of every request (latency ms, failed for a reason other than its input): a deploy's probation.
+        self.observer: Callable[[float, bool], None] | None = None
 
     @property
     def engine(self) -> EngineLike | None:
@@ -103,16 +105,29 @@ class Pipeline:
             doc["id"] = self._store.put(json.dumps(doc, separators=(",", ":")).encode())
             with self._lock:
                 self.completed += 1
+            self._observe(rid, error=False)
             return doc
-        except Exception:
+        except Exception as exc:
             with self._lock:
                 self.failed += 1
+            self._observe(rid, error=not isinstance(exc, InputRejected))
             raise
         finally:
             with self._lock:
                 del self._in_flight[rid]
                 self._users[id(engine)] -= 1
                 self._close_idle_retired()
+
+    def _observe(self, rid: int, *, error: bool) -> None:
+        observer = self.observer
+        if observer is None:
+            return
+        with self._lock:
+            started = self._in_flight.get(rid, self._clock())
+        try:
+            observer((self._clock() - started) * 1000.0, error)
+        except Exception:  # a probation watcher must not fail a request
+            _log.exception("request observer failed")
 
     def swap(self, engine: EngineLike) -> None:
         """Make ``engine`` current; the previous one finishes its requests, then closes."""
