@@ -22,11 +22,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgeguard import zoo
-from edgeguard.deploy import publish_bundle
-from edgeguard.fleet.commands import CommandSender, Delivery
-from tests.commands._support import FLEET, commands_device, deliver, sign
 from edgeguard.bundle import pack_bundle
+from edgeguard.deploy import bundle_messages, publish_bundle
+from edgeguard.fleet.commands import CommandSender, Delivery
 from edgeguard.keys import load_publisher_key, load_recipient_key
+from tests.commands._support import FLEET, commands_device, deliver, sign
 from tests.service._env import STATUS, Device, ensure_keys
 from tests.support.broker import MosquittoBroker
 from tests.support.slowdown import scaled
@@ -35,7 +35,9 @@ PREFIX = f"edgeguard/v1/{FLEET}"
 CHUNK = 16 * 1024  # small chunks: a 229 KB model travels in 15 of them
 
 
-def blazeface_bundle(root: Path, version: int, *, golden_out: Mapping[str, np.ndarray] | None = None) -> bytes:
+def blazeface_bundle(
+    root: Path, version: int, *, golden_out: Mapping[str, np.ndarray] | None = None
+) -> bytes:
     """The zoo's BlazeFace (TFLite, 229 KB) sealed for this device by the repo's packer."""
     image = np.random.default_rng(7).random((1, 128, 128, 3), dtype=np.float32)
     ensure_keys(root)
@@ -63,28 +65,34 @@ def deploy_device(
 
 
 def publish_chunks(
-    broker: MosquittoBroker, data: bytes, *, chunk_size: int = CHUNK, only: Callable[[str], bool] | None = None
+    broker: MosquittoBroker,
+    data: bytes,
+    *,
+    chunk_size: int = CHUNK,
+    only: Callable[[str], bool] | None = None,
+    as_sha256: str | None = None,
 ) -> str:
-    """Publish a sealed bundle's chunks and meta, retained QoS 1 (``only``: a filter on the topic's last level,
-    for a partial transfer). Returns its SHA-256."""
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"publisher-{os.getpid()}-{time.monotonic_ns()}")
+    """Publish a sealed bundle's chunks and meta, retained QoS 1 (``only``: a filter on the topic's last
+    level, for a partial transfer; ``as_sha256``: under another bundle's digest, as an attacker replacing it
+    would). Returns the digest it was published under."""
+    cid = f"publisher-{os.getpid()}-{time.monotonic_ns()}"
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid)
     client.connect(broker.host, broker.port)
     client.loop_start()
     try:
-        if only is None:
+        sha = as_sha256 or hashlib.sha256(data).hexdigest()
+        if only is None and as_sha256 is None:
             publish_bundle(client, PREFIX, data, chunk_size=chunk_size)
         else:
-            from edgeguard.deploy import bundle_messages  # noqa: PLC0415
-
-            sha = hashlib.sha256(data).hexdigest()
+            keep = only or (lambda level: True)
             infos = [client.publish(t, p, qos=1, retain=True)
-                     for t, p in bundle_messages(PREFIX, data, sha, chunk_size) if only(t.rsplit("/", 1)[1])]
+                     for t, p in bundle_messages(PREFIX, data, sha, chunk_size) if keep(t.rsplit("/", 1)[1])]
             for info in infos:
                 info.wait_for_publish(30)
     finally:
         client.disconnect()
         client.loop_stop()
-    return hashlib.sha256(data).hexdigest()
+    return sha
 
 
 def deploy_args(data: bytes, *, source: str = "mqtt", **extra: Any) -> dict[str, str]:
@@ -103,7 +111,8 @@ def send_deploy(
 ) -> Delivery:
     """A signed ``deploy`` command to one running device; returns its verified answer (the test fails when
     none comes: the device answers once the bundle is fetched, verified, self-tested and switched to)."""
-    return deliver(sender, sign(key, "deploy", to=device, args=args, ttl_s=600), device, timeout=scaled(timeout))
+    cmd = sign(key, "deploy", to=device, args=args, ttl_s=600)
+    return deliver(sender, cmd, device, timeout=scaled(timeout))
 
 
 def health(dev: Device) -> dict[str, Any]:
