@@ -49,6 +49,11 @@ def _acl(fd: FleetDir, inv: Inventory) -> str:
     ]
     lines += [f"pattern write {prefix}/%u/{t}" for t in DEVICE_WRITE]
     lines += [f"pattern read {prefix}/%u/{t}" for t in DEVICE_READ]
+    lines += [
+        "# Sealed bundles in chunks (docs/fleet.md, Deploy): every device reads them (each is encrypted for",
+        "# its recipients); only operators publish them.",
+        f"pattern read {prefix}/bundles/#",
+    ]
     active = sorted(n for n, o in inv.operators.items() if o.state == "active")
     lines += [
         "",
@@ -59,6 +64,7 @@ def _acl(fd: FleetDir, inv: Inventory) -> str:
             f"user {OPERATOR_CN_PREFIX}{name}",
             f"topic read {prefix}/#",
             f"topic write {prefix}/+/cmd",
+            f"topic write {prefix}/bundles/#",
             "",
         ]
     return "\n".join(lines) + "\n"
