@@ -124,8 +124,11 @@ class DeployManager:
         self._latencies: deque[float] = deque(maxlen=_LATENCIES)
         self._fetching = False
         self._progress: tuple[int, int] | None = None
-        rec = self.slots.read()
-        self._view: dict[str, Any] = self._view_of(rec)
+        try:
+            self._view: dict[str, Any] = self._view_of(self.slots.read())
+        except ConfigError as exc:  # a corrupt record: said here and when the model loads (no model)
+            self._view = {"state": "failed", "version": None, "rollout": None, "reason": str(exc),
+                          "probation_until": None, "time": None}
 
     # -- state seen by the heartbeat, `status` and /v1/health
     def _view_of(self, rec: SlotRecord) -> dict[str, Any]:
@@ -163,7 +166,11 @@ class DeployManager:
         for d in (self.slots.dir, self.state_dir / "deploy"):
             for tmp in d.glob(".*.tmp") if d.is_dir() else ():
                 tmp.unlink(missing_ok=True)  # an atomic write a power cut interrupted
-        rec = self.slots.read()
+        try:
+            rec = self.slots.read()
+        except ConfigError as exc:
+            _log.error("deploy: %s", exc)
+            return None  # the model load says it too, and serves nothing rather than a guess
         if rec.state != "probation":
             return None
         reason = "the worker restarted during probation (crash, hang or power loss)"
@@ -188,9 +195,14 @@ class DeployManager:
 
     # -- the `deploy` command (the command thread)
     def deploy(self, args: Mapping[str, str]) -> dict[str, Any]:
-        req = DeployRequest.parse(args, max_bytes=self.cfg.max_bundle_bytes,
-                                  default_probation_s=self.cfg.probation_s,
-                                  max_probation_s=self.cfg.max_probation_s)
+        try:
+            req = DeployRequest.parse(args, max_bytes=self.cfg.max_bundle_bytes,
+                                      default_probation_s=self.cfg.probation_s,
+                                      max_probation_s=self.cfg.max_probation_s)
+        except CommandRefused as exc:
+            self._event("deploy-refused", {"check": exc.check, "reason": exc.detail, "rollout": None,
+                                           "sha256": None})
+            raise
         host = self.host
         if host is None:
             raise CommandRefused("unsupported", "deploy: this worker does not serve a model (safe state)")

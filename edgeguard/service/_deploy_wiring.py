@@ -38,6 +38,8 @@ class DeployWorker(Protocol):
 
     def load_model_now(self) -> bool: ...
 
+    def model_changed(self) -> None: ...
+
 
 def build_deploy(cfg: ServiceConfig, *, now: Callable[[], float]) -> DeployManager:
     return DeployManager(
@@ -74,10 +76,12 @@ class WorkerDeployHost:
         w = self._w
         w.pipeline.swap(w.faults.wrap(cast(EngineLike, engine)))  # what open_candidate returned
         w.model_error = None
+        w.model_changed()
         m = engine.manifest
         w.link.publish_event("bundle-accepted", {"model": m.name, "version": m.version, "reload": True})
 
     def load_active(self) -> bool:
+        self._w.model_changed()  # the record names another slot already, whether or not it loads
         return self._w.load_model_now()
 
     def serving(self) -> Candidate | None:

@@ -471,6 +471,10 @@ class Worker:
         self.link.publish_event("bundle-accepted", {"model": m.name, "version": m.version, "reload": reload})
         return True
 
+    def model_changed(self) -> None:
+        """A deploy switched models or rolled back: the supervisor drops a spare loaded with the old one."""
+        self._send({"t": "model-changed"})
+
     def now_utc(self) -> datetime:
         return self._now()
 
