@@ -4,6 +4,9 @@ the zoo's BlazeFace sealed with the repo's packer, signed commands from the oper
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -248,3 +251,39 @@ def test_fetch_resumes_after_the_broker_restarts_mid_transfer(
     publish_chunks(broker, v2, only=lambda level: level.isdigit() and int(level) >= half)
     dev.wait(lambda: deploy_state(dev)["state"] in ("probation", "committed"), scaled(120), "switched")
     assert serving_version(dev) == 2
+
+
+def _spares_ready(log: Path) -> list[int]:
+    return [int(m) for m in re.findall(r"spare worker (\d+) ready", log.read_text())]
+
+
+def test_a_spare_worker_never_takes_over_with_the_model_of_before_the_deploy(
+    tmp_path: Path, mosquitto: MosquittoBroker  # noqa: F811
+) -> None:
+    dev, ops = deploy_device(tmp_path, mosquitto)
+    dev.config.write_text(dev.config.read_text().replace("fault_injection = true", "fault_injection = true\n"
+                                                         "spare_worker = true", 1))
+    log = tmp_path / "service.log"
+    dev.start(start_new_session=True)
+    try:
+        dev.wait_ready()
+        dev.wait(lambda: len(_spares_ready(log)) >= 1, scaled(120), "a spare worker ready")
+        dev.wait((tmp_path / "state/device-sign.pub").exists, 60, "answer key")
+        v2 = blazeface_bundle(tmp_path, 2)
+        publish_chunks(mosquitto, v2)
+        s = sender(mosquitto, tmp_path)
+        try:
+            d = send_deploy(s, ops, deploy_args(v2, probation_s=0))
+            assert d.answer is not None and d.answer.ok, d.answer.doc
+        finally:
+            s.close()
+        dev.wait(lambda: deploy_state(dev)["state"] == "committed", scaled(60), "commit")
+        # The spare of before (holding v1) was dropped; a new one loads the committed slot.
+        dev.wait(lambda: len(_spares_ready(log)) >= 2, scaled(120), "a new spare")
+        serving = dev.worker_pid()
+        assert serving is not None
+        os.kill(serving, signal.SIGKILL)
+        dev.wait(lambda: dev.restarted(serving), scaled(60), "the spare took over")
+        assert serving_version(dev) == 2
+    finally:
+        dev.stop()
