@@ -275,3 +275,23 @@ def test_meta_for_bundle_bounds() -> None:
 
 def _off(root: Path) -> StepHook:
     return StepHook(enabled=False, state_dir=root)
+
+
+@pytest.mark.parametrize(
+    ("table", "why"),
+    [
+        ({"max_bundle_bytes": 10}, "deploy.max_bundle_bytes"),
+        ({"probation_s": -1}, "deploy.probation_s"),
+        ({"fetch_stall_s": 0}, "deploy.fetch_stall_s"),
+        ({"min_requests": 0}, "deploy.min_requests"),
+        ({"bogus": 1}, "deploy.bogus: unknown key"),
+    ],
+)
+def test_bad_deploy_config_is_a_one_line_error_naming_the_key(table: dict[str, object], why: str,
+                                                             tmp_path: Path) -> None:
+    from edgeguard.service.config import parse_config
+
+    doc = {"device": {"id": "d"}, "model": {"bundle": "m.egm", "trust": ["p.pub"], "device_key": "d.key"},
+           "deploy": table}
+    with pytest.raises(ConfigError, match=why):
+        parse_config(doc, path=tmp_path / "edgeguard.toml")
