@@ -34,6 +34,8 @@ def test_round_trips_ping_status_reload_set_log_level_with_verified_answers(
             assert key_file.stat().st_mode & 0o777 == 0o600
             s = sender(broker, tmp_path)
             try:
+                # READY does not wait for the broker (docs/service.md): the birth status may come just after
+                dev.wait(lambda: "dev-1" in s.statuses, 30, "the retained birth status")
                 status = s.statuses["dev-1"]
                 assert status["state"] == "online" and status["groups"] == ["line-2"]
                 assert set(s.learned()) == {"dev-1"}
