@@ -26,7 +26,7 @@ from edgeguard.bundle import pack_bundle
 from edgeguard.deploy import bundle_messages, publish_bundle
 from edgeguard.fleet.commands import CommandSender, Delivery
 from edgeguard.keys import load_publisher_key, load_recipient_key
-from tests.commands._support import FLEET, commands_device, deliver, sign
+from tests.commands._support import FLEET, commands_device, deliver, sender, sign
 from tests.service._env import STATUS, Device, ensure_keys
 from tests.support.broker import MosquittoBroker
 from tests.support.slowdown import scaled
@@ -150,3 +150,11 @@ def kill_service(dev: Device) -> None:
         sock, dev.notify = dev.notify, None
         sock.close()
     dev.notes.clear()
+
+
+def online_sender(broker: MosquittoBroker, dev: Device) -> CommandSender:
+    """A connected operator sender, once the device's link is up: READY does not wait for the broker, and a
+    command published before the device subscribed to its ``cmd`` would be lost."""
+    s = sender(broker, dev.root)
+    dev.wait(lambda: s.statuses.get("dev-1", {}).get("state") == "online", scaled(60), "the device online")
+    return s

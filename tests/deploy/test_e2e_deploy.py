@@ -16,13 +16,14 @@ import pytest
 from edgeguard import zoo
 from edgeguard.bundle import RollbackFloor
 from edgeguard.fleet.commands import CommandSender
-from tests.commands._support import deliver, sender, sign
+from tests.commands._support import deliver, sign
 from tests.deploy._support import (
     blazeface_bundle,
     deploy_args,
     deploy_device,
     deploy_state,
     infer,
+    online_sender,
     publish_chunks,
     send_deploy,
     serving_version,
@@ -47,7 +48,7 @@ def start(tmp_path: Path) -> Iterator[Callable[..., Running]]:
         dev.start(env=env, start_new_session=True)
         dev.wait_ready()
         dev.wait(lambda: (tmp_path / "state/device-sign.pub").exists(), 60, "answer key")
-        s = sender(broker, tmp_path)
+        s = online_sender(broker, dev)
         started.append((dev, s))
         return dev, ops, s
 
@@ -271,7 +272,7 @@ def test_a_spare_worker_never_takes_over_with_the_model_of_before_the_deploy(
         dev.wait((tmp_path / "state/device-sign.pub").exists, 60, "answer key")
         v2 = blazeface_bundle(tmp_path, 2)
         publish_chunks(mosquitto, v2)
-        s = sender(mosquitto, tmp_path)
+        s = online_sender(mosquitto, dev)
         try:
             d = send_deploy(s, ops, deploy_args(v2, probation_s=0))
             assert d.answer is not None and d.answer.ok, d.answer.doc

@@ -13,7 +13,7 @@ import pytest
 from edgeguard import zoo
 from edgeguard.bundle import RollbackFloor
 from edgeguard.deploy import STEPS
-from tests.commands._support import sender, sign
+from tests.commands._support import sign
 from tests.deploy._support import (
     blazeface_bundle,
     deploy_args,
@@ -21,6 +21,7 @@ from tests.deploy._support import (
     deploy_state,
     infer,
     kill_service,
+    online_sender,
     publish_chunks,
     serving_version,
 )
@@ -58,7 +59,7 @@ def test_power_cut_at_each_step_boots_a_verified_model(
         dev.wait(lambda: (tmp_path / "state/device-sign.pub").exists(), 60, "answer key")
         v2 = blazeface_bundle(tmp_path, 2)
         publish_chunks(mosquitto, v2)
-        s = sender(mosquitto, tmp_path)
+        s = online_sender(mosquitto, dev)
         try:
             s.send(sign(ops, "deploy", args=deploy_args(v2, probation_s=1), ttl_s=600), timeout=0.1,
                    devices=["dev-1"])
@@ -97,7 +98,7 @@ def test_power_cut_during_probation_comes_back_on_the_old_model(
         dev.wait(lambda: (tmp_path / "state/device-sign.pub").exists(), 60, "answer key")
         v2 = blazeface_bundle(tmp_path, 2)
         publish_chunks(mosquitto, v2)
-        s = sender(mosquitto, tmp_path)
+        s = online_sender(mosquitto, dev)
         try:
             s.send(sign(ops, "deploy", args=deploy_args(v2, probation_s=3600), ttl_s=600), timeout=0.1,
                    devices=["dev-1"])
