@@ -148,6 +148,16 @@ CommandCheck = Literal[
     "unsupported",
     "busy",
     "failed",
+    # deploy / rollback (docs/commands.md): the bundle's own checks keep their names
+    "deploy busy",
+    "digest",
+    "fetch",
+    "self-test",
+    "refused version",
+    "rollback",
+    "wrong model",
+    "not a recipient",
+    "integrity",
 ]
 COMMAND_CHECKS: Final[tuple[str, ...]] = get_args(CommandCheck)
 

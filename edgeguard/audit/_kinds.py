@@ -17,6 +17,12 @@ AUDITED_KINDS: frozenset[str] = frozenset(
         "reload-failed",
         "rollback",
         "model-loaded",
+        # remote deploy (docs/fleet.md "Deploy")
+        "deploy-started",
+        "deploy-probation",
+        "deploy-committed",
+        "deploy-rolled-back",
+        "deploy-refused",
         # configuration
         "config-changed",
         # operator commands (signed commands)

@@ -38,7 +38,7 @@ _log = logging.getLogger("edgeguard.commands")
 
 Action = Callable[[Mapping[str, str]], dict[str, Any]]
 # Commands of the protocol whose device side does not exist yet: refused honestly rather than unknown.
-NOT_YET: Final = frozenset({"deploy", "rollback"})
+NOT_YET: Final[frozenset[str]] = frozenset()
 _QUEUE = 16
 
 

@@ -24,6 +24,9 @@ class InboundRouter:
         self.dropped = 0
         self._lock = threading.Lock()
         self._routes: dict[str, tuple[Callable[[bytes], None], int, Callable[[str], None] | None]] = {}
+        # Subtrees subscribed with ``<topic prefix>#`` (a bundle being fetched): full topic prefix (ending in
+        # "/") -> handler of (the one level below it, payload). Only one level deep is delivered.
+        self._subtrees: dict[str, tuple[Callable[[str, bytes], None], int, list[str]]] = {}
 
     def add(
         self,
@@ -38,16 +41,59 @@ class InboundRouter:
         with self._lock:
             self._routes[self.prefix + suffix] = (callback, limit, on_drop)
 
-    def topics(self) -> list[str]:
-        """Every topic to subscribe to."""
+    def add_subtree(
+        self, topic_prefix: str, callback: Callable[[str, bytes], None], max_bytes: int, level: str
+    ) -> str:
+        """Deliver ``<topic_prefix><level>`` (one level, any name) to ``callback(level, payload)``; returns
+        the filter to subscribe to: ``<topic_prefix><level>``, ``level`` being one name or ``+``. Called again
+        for the same prefix, it adds a filter (a bundle's meta first, then its chunks). ``topic_prefix`` is a
+        full topic ending in "/" (it need not be under this device's prefix: bundles are fleet-wide)."""
+        levels = topic_prefix.removesuffix("/").split("/")
+        if not topic_prefix.endswith("/") or not all(TOPIC_SEGMENT.fullmatch(p) for p in levels):
+            raise ValueError(f"inbound subtree {topic_prefix!r}: levels of [A-Za-z0-9_.-] ending in /")
+        if level != "+" and not TOPIC_SEGMENT.fullmatch(level):
+            raise ValueError(f"inbound subtree level {level!r}: + or one level of [A-Za-z0-9_.-]")
         with self._lock:
-            return list(self._routes)
+            old = self._subtrees.get(topic_prefix)
+            filters = [*(old[2] if old is not None else []), topic_prefix + level]
+            self._subtrees[topic_prefix] = (callback, min(max_bytes, self.max_bytes), filters)
+        return topic_prefix + level
+
+    def remove_subtree(self, topic_prefix: str) -> list[str]:
+        """Stop delivering a subtree; the filters to unsubscribe from."""
+        with self._lock:
+            gone = self._subtrees.pop(topic_prefix, None)
+        return gone[2] if gone is not None else []
+
+    def topics(self) -> list[str]:
+        """Every topic (and subtree filter, in the order they were added) to subscribe to."""
+        with self._lock:
+            return list(self._routes) + [f for entry in self._subtrees.values() for f in entry[2]]
+
+    def _subtree_of(self, topic: str) -> tuple[Callable[[str, bytes], None], int, str] | None:
+        head, sep, level = topic.rpartition("/")
+        if not sep:
+            return None
+        with self._lock:
+            entry = self._subtrees.get(head + "/")
+        return None if entry is None else (entry[0], entry[1], level)
 
     def deliver(self, topic: str, payload: bytes) -> None:
         with self._lock:
             entry = self._routes.get(topic)
         if entry is None:
-            self._drop(topic, "no handler for this topic")
+            sub = self._subtree_of(topic)
+            if sub is None:
+                self._drop(topic, "no handler for this topic")
+                return
+            handler, limit, level = sub
+            if len(payload) > limit:
+                self._drop(topic, f"payload of {len(payload)} bytes exceeds the limit of {limit}")
+                return
+            try:
+                handler(level, payload)
+            except Exception as exc:  # a bad message must never raise into paho's callback
+                self._drop(topic, f"handler failed: {type(exc).__name__}: {exc}")
             return
         callback, limit, on_drop = entry
         if len(payload) > limit:

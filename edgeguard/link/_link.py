@@ -96,6 +96,7 @@ class MqttLink:
         self._puback: list[tuple[int, bool]] = []  # (mid, refused), from paho's callback (this thread)
         self._subscribed: dict[int, SubWait] = {}  # SUBSCRIBE mid -> the on_inbound() call waiting for it
         self._sub_waiters: list[SubWait] = []  # on_inbound() calls not subscribed yet (lock)
+        self._unsubscribe: list[str] = []  # filters to UNSUBSCRIBE from at the next step (lock)
         self._next_tick = 0.0
         self._ahead = 2 * config.inflight_window  # results handed to paho: on the wire + queued behind them
         self._inflight: dict[int, int] = {}  # paho mid -> outbox seq
@@ -227,6 +228,39 @@ class MqttLink:
         wait.done.wait(self.config.connect_timeout_s if timeout is None else timeout)
         return wait.ok
 
+    def on_fleet_subtree(
+        self,
+        suffix: str,
+        callback: Callable[[str, bytes], None],
+        *,
+        max_bytes: int,
+        level: str = "+",
+        timeout: float | None = None,
+    ) -> bool:
+        """Deliver the fleet-wide topics ``edgeguard/v1/<fleet>/<suffix>/<level>`` to ``callback(level,
+        payload)`` (a bundle: ``suffix`` = ``bundles/<sha256>``, ``level`` = ``meta``, then ``+`` for its
+        chunks), subscribed until :meth:`off_fleet_subtree`; every reconnection subscribes again, so retained
+        messages come again after a network loss. Waits for the SUBACK like :meth:`on_inbound` while
+        connected."""
+        prefix = f"edgeguard/v1/{self.fleet}/{suffix}/"
+        topic_filter = self._inbound.add_subtree(prefix, callback, max_bytes, level)
+        if not self._connected or threading.current_thread() is self._thread:
+            return False
+        wait = SubWait(topic_filter)
+        with self._lock:
+            self._sub_waiters.append(wait)
+        self._waker.poke()
+        wait.done.wait(self.config.connect_timeout_s if timeout is None else timeout)
+        return wait.ok
+
+    def off_fleet_subtree(self, suffix: str) -> None:
+        """Stop delivering (at once) and unsubscribe (at the link's next step) a subtree."""
+        filters = self._inbound.remove_subtree(f"edgeguard/v1/{self.fleet}/{suffix}/")
+        if filters:
+            with self._lock:
+                self._unsubscribe.extend(filters)
+            self._waker.poke()
+
     # --------------------------------------------------------------------------------------------- the client
     def _make_client(self) -> mqtt.Client:
         client = new_client(
@@ -346,6 +380,11 @@ class MqttLink:
                 rc, mid = client.subscribe(wait.topic, qos=1)
                 if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
                     self._subscribed[mid] = wait
+        if self._unsubscribe:
+            with self._lock:
+                gone, self._unsubscribe = self._unsubscribe, []
+            for topic_filter in gone:
+                client.unsubscribe(topic_filter)
         self._pump(client)
         if self._answers:
             self._flush_answers(client)

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edgeguard._atomic import atomic_write
 from edgeguard.commands import NONCE_FILE, CommandGate, CommandService, NonceStore
+from edgeguard.deploy import DeployManager
 from edgeguard.errors import CommandRefused, ConfigError, KeyFileError
 from edgeguard.keys import TrustStore, load_signing_key, load_verify_key, public_key_id, read_revocation_list
 from edgeguard.link import MqttLink
@@ -42,6 +43,7 @@ class CommandHost(Protocol):
     link: MqttLink
     hooks: HookRunner
     api: Any
+    deploy: DeployManager
 
     def health(self) -> dict[str, Any]: ...
 
@@ -188,6 +190,8 @@ def _actions(host: CommandHost, counters: Callable[[], dict[str, int]]) -> dict[
     return {
         "ping": ping,
         "status": status,
+        "deploy": host.deploy.deploy,  # blocks this (the command) thread until switched or refused
+        "rollback": host.deploy.rollback,
         "reload": reload,
         "restart": restart,
         "set-log-level": set_log_level,

@@ -6,7 +6,10 @@ inferences block forever inside the engine (the liveness report says "inference 
 ``"seconds"``) makes the next session run take that much longer, inside the engine's run like a slow board's.
 ``EDGEGUARD_FAULT=crash-on-start`` in the environment makes the worker exit before it is ready (crash-loop
 tests); ``EDGEGUARD_FAULT=slow-run:SECONDS`` makes every session run, the self-test's included, take SECONDS
-longer (a board where one inference takes that long).
+longer (a board where one inference takes that long). ``EDGEGUARD_FAULT=crash-on-version:N`` makes the worker
+exit (code 70) at the first inference a model of version N serves, ``fail-on-version:N`` makes every such
+inference fail (a model that crashes, or errs, on probation; docs/fleet.md "Deploy"). The deploy steps have
+their own hook (``deploy-pause:STEP``, edgeguard/deploy/_steps.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 
 from edgeguard.bundle.manifest import Manifest
 from edgeguard.engine import Backend, BackendOpener, TensorInfo, open_backend
-from edgeguard.errors import ConfigError, InputRejected
+from edgeguard.errors import BackendError, ConfigError, InputRejected
 from edgeguard.profiles import Accelerator
 
 from ._pipeline import EngineLike, Pipeline
@@ -68,6 +71,11 @@ class _StallingEngine:
     def _maybe_stall(self) -> None:
         if self._inj.stalled:
             threading.Event().wait()  # never set: the thread is stuck like a wedged accelerator call
+        bad = self._inj.bad_version
+        if bad is not None and bad[1] == self.manifest.version:
+            if bad[0] == "crash":
+                os._exit(70)
+            raise BackendError(f"injected failure of {self.manifest.name} v{self.manifest.version}")
 
     def infer(self, inputs: Any) -> Any:
         self._maybe_stall()
@@ -92,6 +100,7 @@ class FaultInjector:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
         self._every_run_s = _slow_run_from_env() if enabled else 0.0
+        self.bad_version = _bad_version_from_env() if enabled else None
         self._next_run_s = 0.0
 
     def run_delay_s(self) -> float:
@@ -153,3 +162,15 @@ def _slow_run_from_env() -> float:
     if not 0 <= seconds <= _MAX_SLOW_S:
         raise ConfigError(f"EDGEGUARD_FAULT=slow-run:SECONDS needs SECONDS in [0, {_MAX_SLOW_S:g}]")
     return seconds
+
+
+def _bad_version_from_env() -> tuple[str, int] | None:
+    value = os.environ.get("EDGEGUARD_FAULT", "")
+    for kind in ("crash", "fail"):
+        prefix = f"{kind}-on-version:"
+        if value.startswith(prefix):
+            text = value.removeprefix(prefix)
+            if not text.isdigit() or len(text) > 15:
+                raise ConfigError(f"EDGEGUARD_FAULT={prefix}N needs a version number N")
+            return kind, int(text)
+    return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def load_engine(
     clock: TrustedClock | None = None,
     commit_floor: bool = True,
     opener: BackendOpener | None = None,
+    bundle: Path | None = None,
+    check: Callable[[Manifest], None] | None = None,
 ) -> EngineLike:
     """open_bundle (all checks; floor not yet moved) -> Engine.load (fast path + golden self-test) -> commit
     the rollback floor and slot. BundleRejected if any fails.
@@ -70,9 +73,11 @@ def load_engine(
     ``commit_floor=False`` (``run --check``) verifies against the floor and the slot without moving them.
     Expiry is judged at ``now`` (the service passes its trusted clock's reading, never earlier than the
     device's time floor); with ``clock``, the bundle's signed creation time then raises that floor.
+    ``bundle``: another sealed file than ``model.bundle`` (a deploy slot); ``check``: called with the
+    verified manifest before the model is loaded (a deploy refuses versions rolled back before).
     """
     opened = open_bundle(
-        cfg.model.bundle,
+        bundle or cfg.model.bundle,
         trust=trust,
         device_key=device_key,
         state_dir=cfg.device.state_dir,
@@ -80,6 +85,12 @@ def load_engine(
         commit_floor=False,
         model_name=cfg.model.name,
     )
+    if check is not None:
+        try:
+            check(opened.manifest)
+        except BaseException:
+            opened.wipe()
+            raise
     created = parse_time(opened.manifest.created)
     if clock is not None and created is not None and commit_floor:
         clock.observe(created, f"bundle {opened.manifest.name} v{opened.manifest.version}")

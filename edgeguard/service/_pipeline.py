@@ -20,7 +20,7 @@ import numpy as np
 
 from edgeguard.bundle.manifest import Manifest
 from edgeguard.engine.harden import result_json
-from edgeguard.errors import AdversarialInput, ServiceUnavailable
+from edgeguard.errors import AdversarialInput, InputRejected, ServiceUnavailable
 from edgeguard.sources import InferenceRequest
 
 __all__ = ["Pipeline", "EngineLike", "ResultLike", "ResultStore"]
@@ -71,6 +71,8 @@ class Pipeline:
         self.failed = 0
         # Where refusals by the model's adversarial-input detector go (the worker: link events, audited).
         self.on_event: Callable[[str, dict[str, Any]], None] | None = None
+        # Told of every request (latency ms, failed for a reason other than its input): a deploy's probation.
+        self.observer: Callable[[float, bool], None] | None = None
 
     @property
     def engine(self) -> EngineLike | None:
@@ -110,6 +112,7 @@ class Pipeline:
             doc["id"] = self._store.put(json.dumps(doc, separators=(",", ":")).encode())
             with self._lock:
                 self.completed += 1
+            self._observe(rid, error=False)
             return doc
         except AdversarialInput as exc:
             with self._lock:
@@ -119,10 +122,12 @@ class Pipeline:
                     "source": request.source, "correlation_id": request.correlation_id,
                     "model": {"name": engine.manifest.name, "version": engine.manifest.version},
                     "score": round(exc.score, 6), "threshold": exc.threshold})
+            self._observe(rid, error=False)  # the input's fault, not the model's: no probation failure
             raise
-        except Exception:
+        except Exception as exc:
             with self._lock:
                 self.failed += 1
+            self._observe(rid, error=not isinstance(exc, InputRejected))
             raise
         finally:
             with self._lock:
@@ -146,6 +151,16 @@ class Pipeline:
             with self._lock:
                 self._users[id(engine)] -= 1
                 self._close_idle_retired()
+    def _observe(self, rid: int, *, error: bool) -> None:
+        observer = self.observer
+        if observer is None:
+            return
+        with self._lock:
+            started = self._in_flight.get(rid, self._clock())
+        try:
+            observer((self._clock() - started) * 1000.0, error)
+        except Exception:  # a probation watcher must not fail a request
+            _log.exception("request observer failed")
 
     def swap(self, engine: EngineLike) -> None:
         """Make ``engine`` current; the previous one finishes its requests, then closes."""

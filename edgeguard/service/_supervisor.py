@@ -309,6 +309,8 @@ class Supervisor:
             self._alive = msg
         elif kind == "restart":  # asked for by the worker itself (a remote `restart` command)
             self._restart_requested = str(msg.get("reason") or "requested")[:200]
+        elif kind == "model-changed":  # a deploy switched or rolled back: a spare holds the model of before
+            self._drop_spare()
 
     def _on_ready(self, msg: dict[str, Any], proc: subprocess.Popen[bytes]) -> None:
         assert self._ready_at is not None

@@ -42,6 +42,7 @@ from edgeguard.outbox import Outbox
 from edgeguard.posture import PostureMonitor
 
 from ._command_wiring import answer_key, build_commands, load_operators
+from ._deploy_wiring import WorkerDeployHost, build_deploy
 from ._faults import FaultInjector
 from ._hooks import HookRunner
 from ._loader import load_engine, load_keys, load_tokens, serving_problem
@@ -140,6 +141,9 @@ class Worker:
         self.reloads = 0
         self._stopping_model: Any = None  # the engine the expiry timer is unloading (at most one at a time)
         self._commands: CommandService | None = None  # signed remote commands on `cmd` ([commands] enabled)
+        # Remote deploy (edgeguard/deploy): A/B slots, probation; the slot record decides which bundle loads.
+        self.deploy = build_deploy(config, now=lambda: self._now().timestamp())
+        self.pipeline.observer = self.deploy.observe
         self._link_start: asyncio.Future[Any] | None = None  # link.start() running in the executor
 
     # -- health
@@ -168,6 +172,7 @@ class Worker:
             "reloads": self.reloads,
         }
         doc["system"] = system_facts(self.cfg.device.state_dir)
+        doc["deploy"] = self.deploy.state()
         doc["posture"] = self.posture.health()  # memory protection, clock, last scan (docs/security.md)
         api = doc["sources"].get("api", {}).get("responses", {})
         doc["security"] = {
@@ -330,7 +335,14 @@ class Worker:
         if self.integrity is not None:
             await loop.run_in_executor(None, self.integrity.check)  # before serving: the refuse policy
             self.integrity.start()
+        # A probation that did not end (this worker's predecessor crashed, hung or lost power on it) is a
+        # failed one: back to the previous slot before any model loads.
+        rolled_back = await loop.run_in_executor(None, self.deploy.recover, self.link.publish_event)
         if self.mode == "serve":
+            self.deploy.host = WorkerDeployHost(self)
+            if self._preloaded is not None and rolled_back is not None:
+                self._preloaded.close()  # a spare that loaded the slot just rolled back
+                self._preloaded = None
             if self._preloaded is not None:
                 self.pipeline.swap(self.faults.wrap(self._preloaded))
                 self._preloaded = None
@@ -439,6 +451,7 @@ class Worker:
                 now=self._now(),
                 clock=self.clock,
                 opener=self.faults.opener(),
+                bundle=self.deploy.active_bundle(),
             )
         except BundleRejected as exc:
             self._model_failed("bundle-rejected", str(exc), check=exc.check, reload=reload)
@@ -446,6 +459,9 @@ class Worker:
         except OSError as exc:  # a missing or unreadable bundle file: no model, like a rejected bundle
             self._model_failed("bundle-rejected", _unreadable(self.cfg.model.bundle, exc), check=None,
                                reload=reload)
+            return False
+        except ConfigError as exc:  # a corrupt slot record: no model, said why
+            self._model_failed("bundle-rejected", str(exc), check=None, reload=reload)
             return False
         except EdgeGuardError as exc:  # backend failed its self-test, ...
             self._model_failed("degraded", str(exc), check=None, reload=reload)
@@ -456,6 +472,17 @@ class Worker:
         m = engine.manifest
         self.link.publish_event("bundle-accepted", {"model": m.name, "version": m.version, "reload": reload})
         return True
+
+    def model_changed(self) -> None:
+        """A deploy switched models or rolled back: the supervisor drops a spare loaded with the old one."""
+        self._send({"t": "model-changed"})
+
+    def now_utc(self) -> datetime:
+        return self._now()
+
+    def load_model_now(self) -> bool:
+        """Load the bundle the slot record names active, replacing the serving one (a deploy rollback)."""
+        return self._load_model(True)
 
     def _model_failed(self, kind: str, reason: str, *, check: str | None, reload: bool) -> None:
         _log.error("%s%s", "reload: " if reload else "", reason)
@@ -602,6 +629,7 @@ class Worker:
         await loop.run_in_executor(None, self.pipeline.wait_idle, self.cfg.service.stop_timeout_s)
         if self._commands is not None:
             await loop.run_in_executor(None, self._commands.stop)
+        await loop.run_in_executor(None, self.deploy.stop)
 
         if self.integrity is not None:
             await loop.run_in_executor(None, self.integrity.stop)
@@ -621,7 +649,8 @@ def _preload(cfg: ServiceConfig) -> EngineLike:
     self-tested (what makes a start slow); the outbox, the link and the sources wait for the takeover, since
     only one worker may own them."""
     trust, device_key, _ = load_keys(cfg)
-    return load_engine(cfg, trust=trust, device_key=device_key, now=_utc_now())
+    bundle = build_deploy(cfg, now=time.time).active_bundle()  # the deploy slot's, when one is active
+    return load_engine(cfg, trust=trust, device_key=device_key, now=_utc_now(), bundle=bundle)
 
 
 def _await_takeover(liveness_fd: int) -> bool:

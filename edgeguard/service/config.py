@@ -16,6 +16,7 @@ from typing import Any
 from edgeguard._echo import cut
 from edgeguard.audit import AuditConfig, IntegrityConfig
 from edgeguard.bundle import MODEL_NAME_RE
+from edgeguard.deploy import DeployConfig
 from edgeguard.errors import ConfigError
 from edgeguard.link._config import LinkConfig
 from edgeguard.outbox import OutboxConfig
@@ -304,6 +305,7 @@ class ServiceConfig:
     outbox: OutboxConfig = field(default_factory=OutboxConfig)
     link: LinkConfig = field(default_factory=LinkConfig)
     commands: CommandsSection = field(default_factory=CommandsSection)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     integrity: IntegrityConfig = field(default_factory=IntegrityConfig)
 
@@ -317,7 +319,8 @@ class ServiceConfig:
 
 
 _TOP = (
-    "device", "model", "service", "watchdog", "sources", "outbox", "link", "commands", "audit", "integrity"
+    "device", "model", "service", "watchdog", "sources", "outbox", "link", "commands", "deploy", "audit",
+    "integrity",
 )
 _SOURCES = ("api", "mqtt", "serial", "directory")
 
@@ -361,6 +364,7 @@ def parse_config(doc: dict[str, Any], *, path: Path) -> ServiceConfig:
             _paths(doc.get("commands", {}), ("operator_keys", "revocations"), base),
             "commands",
         ),
+        deploy=build(DeployConfig, doc.get("deploy", {}), "deploy"),
         audit=build(AuditConfig, doc.get("audit", {}), "audit"),
         integrity=build(IntegrityConfig, _paths(doc.get("integrity", {}), ("paths",), base), "integrity"),
     )

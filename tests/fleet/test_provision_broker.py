@@ -283,3 +283,22 @@ def test_a_device_provisioned_from_its_archive_connects_and_serves_a_fleet_seale
             proc.kill()
             proc.wait(5)
         log.close()
+
+
+def test_devices_read_bundle_chunks_that_only_operators_publish(fleet: tuple[Path, FleetBroker, str]) -> None:
+    root, broker, _ = fleet
+    ops, a = (_client(root, broker, w) for w in ("ops", "dev-a"))
+    try:
+        assert ops.wait_connected() and a.wait_connected(), broker.log_tail()
+        a.subscribe(f"{PREFIX}/bundles/#")
+        ops.subscribe(f"{PREFIX}/#")
+        # A device cannot plant a bundle chunk (its publish is refused); the operator's control arrives.
+        a.publish(f"{PREFIX}/bundles/{'0' * 64}/0", b"planted by a device")
+        a.publish(f"{PREFIX}/dev-a/status", b"control")
+        assert ops.wait_topic(f"{PREFIX}/dev-a/status")
+        ops.publish(f"{PREFIX}/bundles/{'1' * 64}/meta", b"{}")
+        assert a.wait_topic(f"{PREFIX}/bundles/{'1' * 64}/meta")
+        assert b"planted by a device" not in [p for _, p in a.messages + ops.messages]
+    finally:
+        for c in (ops, a):
+            c.close()

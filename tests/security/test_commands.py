@@ -55,7 +55,7 @@ def test_bad_commands_are_refused_with_a_signed_reason_and_the_service_keeps_ser
                     ("other device", sign(ops, "ping", to="dev-2"), "target"),
                     ("other group", sign(ops, "ping", to="group:line-3"), "target"),
                     ("other fleet", sign(ops, "ping", to="all", fleet="elsewhere"), "fleet"),
-                    ("deploy", sign(ops, "deploy"), "unsupported"),
+                    ("deploy without arguments", sign(ops, "deploy"), "malformed"),
                     ("bad argument", sign(ops, "set-log-level", args={"level": "LOUD"}), "malformed"),
                 ]
                 for what, cmd, check in cases:
@@ -65,9 +65,9 @@ def test_bad_commands_are_refused_with_a_signed_reason_and_the_service_keeps_ser
                     assert doc["ok"] is False and doc["check"] == check, (what, doc)
                     assert doc["nonce"] == cmd.nonce and doc["device"] == "dev-1", (what, doc)
                     assert doc["reason"], what
-                # the deploy refusal says honestly why
+                # the deploy refusal says which argument is wrong
                 deploy = deliver(s, sign(ops, "deploy")).answer
-                assert deploy is not None and "not yet implemented" in deploy.doc["reason"]
+                assert deploy is not None and "sha256" in deploy.doc["reason"]
 
                 # replay: the same bytes twice
                 ping = sign(ops, "ping")

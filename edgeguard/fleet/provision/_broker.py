@@ -50,8 +50,11 @@ def _acl(fd: FleetDir, inv: Inventory) -> str:
     ]
     lines += [f"pattern write {prefix}/%u/{t}" for t in DEVICE_WRITE]
     lines += [f"pattern read {prefix}/%u/{t}" for t in DEVICE_READ]
-    lines += ["# Every device reads the deploy bundles (sealed for their recipients: sharing them is safe).",
-              f"pattern read {prefix}/bundles/#"]
+    lines += [
+        "# Sealed bundles in chunks (docs/fleet.md, Deploy): every device reads them (each is encrypted for",
+        "# its recipients); only operators publish them.",
+        f"pattern read {prefix}/bundles/#",
+    ]
     active = sorted(n for n, o in inv.operators.items() if o.state == "active")
     lines += [
         "",
