@@ -17,13 +17,12 @@ from edgeguard.errors import ConfigError
 from edgeguard.fleet.rollout import (
     AnswerSeen,
     DeployStateSeen,
+    MqttTransport,
     Observation,
     Rollout,
     RolloutEngine,
     Settings,
     Wave,
-    bundle_topics,
-    chunk_bundle,
     parse_unverified_message,
     parse_waves,
     plan_waves,
@@ -75,25 +74,27 @@ def test_wave_percentages_parse() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ chunks
-def test_chunk_format_is_the_contracts() -> None:
+def test_the_operator_publishes_the_contracts_chunks_with_the_device_sides_writer() -> None:
+    """One writer of the chunk format (edgeguard.deploy), used by the rollout's transport."""
     data = bytes(range(256)) * 41  # 10,496 bytes
-    meta, parts = chunk_bundle(data, chunk_size=4096)
-    chunks = list(parts)
     sha = hashlib.sha256(data).hexdigest()
-    assert [len(c) for c in chunks] == [4096, 4096, 2304]
-    assert b"".join(chunks) == data
-    assert meta.meta == b'{"v":1,"sha256":"' + sha.encode() + b'","size":10496,"chunk_size":4096,"chunks":3}'
-    assert meta.topic("edgeguard/v1/plant", 2) == f"edgeguard/v1/plant/bundles/{sha}/2"
-    expected = [f"P/bundles/{sha}/meta"] + [f"P/bundles/{sha}/{i}" for i in (0, 1, 2)]
-    assert bundle_topics("P", sha, 3) == expected
-    default, _ = chunk_bundle(data)
-    assert default.chunk_size == 256 * 1024 and default.chunks == 1
+    sent: list[tuple[str, bytes, bool]] = []
 
-
-@pytest.mark.parametrize(("data", "size"), [(b"", 1024), (b"x", 0), (b"x", 1023), (b"x", 1024 * 1024 + 1)])
-def test_chunking_refuses_empty_bundles_and_bad_sizes(data: bytes, size: int) -> None:
-    with pytest.raises(ValueError):
-        chunk_bundle(data, chunk_size=size)
+    transport = MqttTransport.__new__(MqttTransport)  # only the publishing half: no broker connection
+    transport.prefix = "edgeguard/v1/plant"
+    transport._chunk_size = 4096
+    transport._publish = lambda topic, payload, retain: sent.append((topic, payload, retain))  # type: ignore[method-assign]
+    transport.publish_bundle(data)
+    assert [t for t, _, _ in sent] == [f"edgeguard/v1/plant/bundles/{sha}/{i}" for i in (0, 1, 2)] + [
+        f"edgeguard/v1/plant/bundles/{sha}/meta"]
+    assert [len(p) for _, p, _ in sent[:3]] == [4096, 4096, 2304] and all(r for _, _, r in sent)
+    assert b"".join(p for _, p, _ in sent[:3]) == data
+    assert sent[3][1] == b'{"v":1,"sha256":"' + sha.encode() + b'","size":10496,"chunk_size":4096,"chunks":3}'
+    sent.clear()
+    transport.remove_bundle(sha, len(data))
+    assert [t for t, _, _ in sent] == [f"edgeguard/v1/plant/bundles/{sha}/meta"] + [
+        f"edgeguard/v1/plant/bundles/{sha}/{i}" for i in (0, 1, 2)]
+    assert all(p == b"" and r for _, p, r in sent)
 
 
 # ------------------------------------------------------------------------------------- the gatekeeper

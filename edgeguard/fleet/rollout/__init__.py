@@ -4,17 +4,12 @@ operator's process (docs/fleet.md, "Rolling out a model")."""
 
 from __future__ import annotations
 
-from ._chunks import CHUNK_SIZE, ChunkedBundle, bundle_topics, chunk_bundle
 from ._engine import RolloutEngine, Transport, abort_marker
 from ._mqtt import MqttTransport
 from ._observe import AnswerSeen, DeployStateSeen, Observation, parse_unverified_message
 from ._plan import ROLLOUT_ID, Rollout, Settings, Wave, list_rollouts, parse_waves, plan_waves, rollout_path
 
 __all__ = [
-    "CHUNK_SIZE",
-    "ChunkedBundle",
-    "bundle_topics",
-    "chunk_bundle",
     "RolloutEngine",
     "Transport",
     "abort_marker",

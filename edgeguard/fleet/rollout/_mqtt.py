@@ -7,6 +7,7 @@ grown; a dropped heartbeat is repeated by the next one, and an answer lost this 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import queue
 import threading
@@ -18,11 +19,11 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgeguard.deploy import DEFAULT_CHUNK_SIZE, bundle_messages, removal_messages
 from edgeguard.errors import LinkError
 from edgeguard.fleet.commands import sign_command
 from edgeguard.link import LinkConfig, tls_context
 
-from ._chunks import CHUNK_SIZE, bundle_topics, chunk_bundle
 from ._observe import Observation, parse_unverified_message
 
 __all__ = ["MqttTransport"]
@@ -38,7 +39,7 @@ class MqttTransport:
         fleet: str,
         sign_key: Ed25519PrivateKey,
         pinned: Mapping[str, Ed25519PublicKey],
-        chunk_size: int = CHUNK_SIZE,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         command_ttl_s: int = 600,
         publish_timeout_s: float = 60.0,
     ) -> None:
@@ -132,15 +133,15 @@ class MqttTransport:
 
     def publish_bundle(self, data: bytes) -> None:
         """Chunks first, the manifest last: a device that sees the manifest finds every chunk retained."""
-        meta, parts = chunk_bundle(data, chunk_size=self._chunk_size)
-        for i, part in enumerate(parts):
-            self._publish(meta.topic(self.prefix, i), part, retain=True)
-        self._publish(meta.topic(self.prefix, "meta"), meta.meta, retain=True)
+        sha256 = hashlib.sha256(data).hexdigest()
+        # The format's one writer, shared with the device's reader (edgeguard.deploy).
+        for topic, payload in bundle_messages(self.prefix, data, sha256, self._chunk_size):
+            self._publish(topic, payload, retain=True)
 
     def remove_bundle(self, sha256: str, size: int) -> None:
         chunks = -(-size // self._chunk_size)
-        for topic in bundle_topics(self.prefix, sha256, chunks):  # the manifest first
-            self._publish(topic, b"", retain=True)
+        for topic, payload in removal_messages(self.prefix, sha256, chunks):  # the manifest first
+            self._publish(topic, payload, retain=True)
 
     def send(self, device: str, name: str, args: Mapping[str, str]) -> str:
         cmd = sign_command(
