@@ -41,12 +41,42 @@ def test_three_waves_over_20_real_devices_halt_at_the_canary(tmp_path: Path, oka
         (tmp_path / "tiny4.onnx").write_bytes(tiny_onnx(3.0))
         (tmp_path / "meta.json").write_text(json.dumps(TINY_META))
         first = tmp_path / "v3.egm"
-        ok("fleet", "seal", "-f", fleet.root, tmp_path / "tiny.onnx", "--name", "sensor", "--version", "3",
-           "--to", "line-1", "--meta", tmp_path / "meta.json", "-o", first)
+        ok(
+            "fleet",
+            "seal",
+            "-f",
+            fleet.root,
+            tmp_path / "tiny.onnx",
+            "--name",
+            "sensor",
+            "--version",
+            "3",
+            "--to",
+            "line-1",
+            "--meta",
+            tmp_path / "meta.json",
+            "-o",
+            first,
+        )
         # v4 for everyone but the canary's first device: dev-00 refuses it (not a recipient)
         v4 = tmp_path / "v4.egm"
-        ok("fleet", "seal", "-f", fleet.root, tmp_path / "tiny4.onnx", "--name", "sensor", "--version", "4",
-           "--to", *DEVICES[1:], "--meta", tmp_path / "meta.json", "-o", v4)
+        ok(
+            "fleet",
+            "seal",
+            "-f",
+            fleet.root,
+            tmp_path / "tiny4.onnx",
+            "--name",
+            "sensor",
+            "--version",
+            "4",
+            "--to",
+            *DEVICES[1:],
+            "--meta",
+            tmp_path / "meta.json",
+            "-o",
+            v4,
+        )
         key_id = _fleet_key_id(fleet.root)
         for dev in DEVICES:
             board = tmp_path / "boards" / dev
@@ -63,21 +93,59 @@ def test_three_waves_over_20_real_devices_halt_at_the_canary(tmp_path: Path, oka
             env = {**os.environ, "CREDENTIALS_DIRECTORY": str(creds), "EDGEGUARD_LOG": "INFO"}
             env.pop("NOTIFY_SOCKET", None)
             log = (board / "service.log").open("wb")
-            procs.append(subprocess.Popen([sys.executable, "-m", "edgeguard", "run", "-c", str(etc / "edgeguard.toml")],
-                                          env=env, stdout=log, stderr=log, start_new_session=True))
-        ops = TlsClient("127.0.0.1", broker.port, ca=fleet.root / "ca/ca.pem",
-                        cert=fleet.root / "operators/watch/client.pem", key=fleet.root / "operators/watch/client.key",
-                        name="ops-watch")
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "edgeguard", "run", "-c", str(etc / "edgeguard.toml")],
+                    env=env,
+                    stdout=log,
+                    stderr=log,
+                    start_new_session=True,
+                )
+            )
+        ops = TlsClient(
+            "127.0.0.1",
+            broker.port,
+            ca=fleet.root / "ca/ca.pem",
+            cert=fleet.root / "operators/watch/client.pem",
+            key=fleet.root / "operators/watch/client.key",
+            name="ops-watch",
+        )
         assert ops.wait_connected()
         ops.subscribe(f"{PREFIX}/+/heartbeat")
         started = time.monotonic()
-        assert ops.wait_for(lambda m: {t.split("/")[3] for t, p in m if _serving(p) == ("sensor", 3)} == set(DEVICES),
-                            timeout=600), (tmp_path / "boards/dev-00/service.log").read_text()[-2000:]
+        assert ops.wait_for(
+            lambda m: {t.split("/")[3] for t, p in m if _serving(p) == ("sensor", 3)} == set(DEVICES),
+            timeout=600,
+        ), (tmp_path / "boards/dev-00/service.log").read_text()[-2000:]
         print(f"\n20 real devices serving in {time.monotonic() - started:.1f} s")
         t0 = time.monotonic()
-        res = run([sys.executable, "-m", "edgeguard", "fleet", "rollout", "-f", str(fleet.root), str(v4),
-                   "--to", "line-1", "--id", "real", "--canary", "10%", "--then", "25%,100%",
-                   "--max-failures", "0", "--probation", "30", "--operator", "ops"], timeout=600)
+        res = run(
+            [
+                sys.executable,
+                "-m",
+                "edgeguard",
+                "fleet",
+                "rollout",
+                "-f",
+                str(fleet.root),
+                str(v4),
+                "--to",
+                "line-1",
+                "--id",
+                "real",
+                "--canary",
+                "10%",
+                "--then",
+                "25%,100%",
+                "--max-failures",
+                "0",
+                "--probation",
+                "30",
+                "--operator",
+                "ops",
+            ],
+            timeout=600,
+        )
         print(f"rollout halted in {time.monotonic() - t0:.1f} s:", res.stdout, res.stderr)
         assert res.returncode == 1, res.stdout + res.stderr
         doc = state(fleet, "real")
@@ -89,18 +157,60 @@ def test_three_waves_over_20_real_devices_halt_at_the_canary(tmp_path: Path, oka
         assert [w["state"] for w in doc["waves"][1:]] == ["pending", "pending"]
         # dev-01 serves v3 again; nobody beyond the canary ever ran v4
         n = len(ops.messages)
-        assert ops.wait_for(lambda m: any(t.endswith("dev-01/heartbeat") and _serving(p) == ("sensor", 3)
-                                          for t, p in m[n:]), timeout=120)
-        assert not any(_serving(p) == ("sensor", 4) for t, p in ops.messages
-                       if t.split("/")[3] not in ("dev-00", "dev-01"))
+        assert ops.wait_for(
+            lambda m: any(t.endswith("dev-01/heartbeat") and _serving(p) == ("sensor", 3) for t, p in m[n:]),
+            timeout=120,
+        )
+        assert not any(
+            _serving(p) == ("sensor", 4)
+            for t, p in ops.messages
+            if t.split("/")[3] not in ("dev-00", "dev-01")
+        )
         # then a good release goes through all three waves
         v5 = tmp_path / "v5.egm"
-        ok("fleet", "seal", "-f", fleet.root, tmp_path / "tiny4.onnx", "--name", "sensor", "--version", "5",
-           "--to", "line-1", "--meta", tmp_path / "meta.json", "-o", v5)
+        ok(
+            "fleet",
+            "seal",
+            "-f",
+            fleet.root,
+            tmp_path / "tiny4.onnx",
+            "--name",
+            "sensor",
+            "--version",
+            "5",
+            "--to",
+            "line-1",
+            "--meta",
+            tmp_path / "meta.json",
+            "-o",
+            v5,
+        )
         t0 = time.monotonic()
-        res = run([sys.executable, "-m", "edgeguard", "fleet", "rollout", "-f", str(fleet.root), str(v5),
-                   "--to", "line-1", "--id", "good", "--canary", "5%", "--then", "25%,100%",
-                   "--probation", "3", "--operator", "ops"], timeout=600)
+        res = run(
+            [
+                sys.executable,
+                "-m",
+                "edgeguard",
+                "fleet",
+                "rollout",
+                "-f",
+                str(fleet.root),
+                str(v5),
+                "--to",
+                "line-1",
+                "--id",
+                "good",
+                "--canary",
+                "5%",
+                "--then",
+                "25%,100%",
+                "--probation",
+                "3",
+                "--operator",
+                "ops",
+            ],
+            timeout=600,
+        )
         print(f"good rollout in {time.monotonic() - t0:.1f} s:", res.stdout, res.stderr)
         assert res.returncode == 0, res.stdout + res.stderr
     finally:
