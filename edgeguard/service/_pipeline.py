@@ -91,6 +91,8 @@ class Pipeline:
                 assert request.tensors is not None
                 result = engine.infer(request.tensors)
             doc: dict[str, Any] = result.to_json()
+            if request.annotations:
+                doc.update(request.annotations)
             doc.update(
                 {
                     "source": request.source,

@@ -9,11 +9,13 @@ from edgeguard.bundle.manifest import TensorSpec
 from edgeguard.errors import ServiceUnavailable
 from edgeguard.link import MqttLink
 from edgeguard.outbox import Outbox
+from edgeguard.sites import GroupMember
 from edgeguard.sources import ApiSource, DirectorySource, MqttInputSource, SerialSource
 
 from ._faults import FaultInjector
 from ._loader import load_tokens
 from ._pipeline import Pipeline
+from ._sysinfo import cpu_temp_c
 from .config import ServiceConfig
 
 __all__ = ["build_sources", "WorkerView"]
@@ -91,7 +93,36 @@ def build_sources(worker: WorkerView) -> tuple[ApiSource | None, list[Any]]:
         sources.append(
             DirectorySource(config=cfg.directory.to_directory_config(), sink=pipeline, specs=specs)
         )
+    if cfg.site.enabled:
+        sources.append(
+            GroupMember(
+                config=cfg.site,
+                link=cfg.link,
+                fleet=cfg.device.fleet,
+                device_id=cfg.device.id,
+                sink=pipeline,
+                specs=specs,
+                limits=cfg.mqtt_input.limits(),
+                unable=lambda: _unable(worker),
+                on_event=worker.link.publish_event,
+                temperature=cpu_temp_c,
+            )
+        )
     return api, sources
+
+
+def _unable(worker: WorkerView) -> str:
+    """Why this device must not take group input now: no model, or degraded (docs/sites.md)."""
+    pipeline = worker.pipeline
+    if pipeline.engine is None or not pipeline.accepting:
+        return f"no model: {pipeline.unavailable_reason or 'not serving'}"
+    degraded = worker.verdict().get("degraded")
+    if degraded:
+        return f"degraded: {degraded}"
+    health = pipeline.engine.health()
+    if health.get("degraded"):
+        return f"degraded: {health.get('degraded_reason') or 'engine'}"
+    return ""
 
 
 def _api_health(worker: WorkerView) -> dict[str, Any]:
