@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ class Watch:
         self.members: dict[str, dict[str, Any]] = {}
         self.leases: dict[str, list[dict[str, Any]]] = {}
         self.results: list[dict[str, Any]] = []
+        self.log: list[tuple[float, str, dict[str, Any]]] = []  # (monotonic arrival, topic, doc)
         self._c = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         self._c.on_message = self._on
         self._c.connect("127.0.0.1", broker.port)
@@ -83,6 +85,8 @@ class Watch:
             return
         parts = msg.topic.split("/")
         with self.lock:
+            if parts[-1] != "heartbeat":
+                self.log.append((time.monotonic(), msg.topic, doc))
             if parts[3] == "group" and parts[5] == "member":
                 self.members[parts[6]] = doc
             elif parts[3] == "group" and parts[5] == "lease":
