@@ -38,7 +38,9 @@ rejoin_at = 8
 {streams}"""
 
 
-def make_device(root: Path, broker: MosquittoBroker, dev_id: str, *, site: str, bundle: bool = True) -> Device:
+def make_device(
+    root: Path, broker: MosquittoBroker, dev_id: str, *, site: str, bundle: bool = True
+) -> Device:
     root.mkdir(parents=True, exist_ok=True)
     dev = Device(root=root, broker=broker)
     dev.provision(tiny_bundle(root) if bundle else b"", extra=site)

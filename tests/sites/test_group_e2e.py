@@ -12,8 +12,6 @@ import os
 import time
 from pathlib import Path
 
-import pytest
-
 from edgeguard.sites import GroupClient
 from tests.service._env import ADMIN
 from tests.sites._site import FLEET, GROUP, KEEPALIVE_S, kill9, make_device, site_toml, watching
@@ -70,8 +68,13 @@ def test_three_devices_balance_then_one_killed_mid_stream_loses_nothing(tmp_path
         devs = _start_site(tmp_path, broker)
         try:
             _wait(lambda: _joined(watch, DEVICES), scaled(30), "all three in the share")
-            with GroupClient(host="127.0.0.1", port=broker.port, fleet=FLEET, group=GROUP,
-                             retry_after_s=3 * KEEPALIVE_S + scaled(5)) as client:
+            with GroupClient(
+                host="127.0.0.1",
+                port=broker.port,
+                fleet=FLEET,
+                group=GROUP,
+                retry_after_s=3 * KEEPALIVE_S + scaled(5),
+            ) as client:
                 # 1. All healthy: the broker spreads the inputs; within +-15 % of an even third each.
                 half = N // 2
                 t0 = time.monotonic()
@@ -79,7 +82,9 @@ def test_three_devices_balance_then_one_killed_mid_stream_loses_nothing(tmp_path
                     client.send(f"in-{i}", _body(i))
                     time.sleep(max(0.0, t0 + (i + 1) / RATE - time.monotonic()))
                 assert client.wait_all(scaled(60)), client.unanswered()[:10]
-                served = collections.Counter(a.result["served_by"] for a in client.answers.values() if a.result)
+                served = collections.Counter(
+                    a.result["served_by"] for a in client.answers.values() if a.result
+                )
                 assert set(served) == set(DEVICES), served
                 for d in DEVICES:
                     assert abs(served[d] - half / 3) <= 0.15 * half / 3, served
@@ -123,9 +128,13 @@ def test_device_without_model_leaves_the_share_within_one_heartbeat(tmp_path: Pa
             code, _ = devs["dev-b"].request("POST", "/v1/admin/reload", b"{}", token=ADMIN)
             assert code in (200, 202)
             # The next heartbeat that reports the model gone also reports the share left (same snapshot).
-            _wait(lambda: watch.heartbeats.get("dev-b", {}).get("state") == "no-model", scaled(30), "no model")
+            _wait(
+                lambda: watch.heartbeats.get("dev-b", {}).get("state") == "no-model", scaled(30), "no model"
+            )
             first = watch.heartbeats["dev-b"]
-            assert first["sources"]["group"]["share"] == "left" or _next_left(watch), first["sources"]["group"]
+            assert first["sources"]["group"]["share"] == "left" or _next_left(watch), first["sources"][
+                "group"
+            ]
             state = watch.group_state("dev-b")
             assert state["reason"].startswith("no model"), state
             # The heartbeat that first reports no model already reports the share left.

@@ -9,6 +9,7 @@ time) no two devices ever served the stream at the same time.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -75,7 +76,10 @@ def _stream_results(watch):  # type: ignore[no-untyped-def]
 
 def test_standby_takes_over_within_keepalive_and_never_serves_with_the_primary(tmp_path: Path) -> None:
     with MosquittoBroker(tmp_path / "broker") as broker, watching(broker) as watch:
-        devs = {d: make_device(tmp_path / d, broker, d, site=site_toml(streams=STREAM)) for d in ("dev-a", "dev-b")}
+        devs = {
+            d: make_device(tmp_path / d, broker, d, site=site_toml(streams=STREAM))
+            for d in ("dev-a", "dev-b")
+        }
         for d in devs.values():
             d.start()
         camera = None
@@ -84,7 +88,9 @@ def test_standby_takes_over_within_keepalive_and_never_serves_with_the_primary(t
                 d.wait_ready()
             _wait(lambda: watch.leases.get("cam-1", [{}])[-1].get("holder") == "dev-a", scaled(30), "lease a")
             camera = Camera(broker.port)
-            _wait(lambda: any(r["served_by"] == "dev-a" for r in _stream_results(watch)), scaled(30), "a serves")
+            _wait(
+                lambda: any(r["served_by"] == "dev-a" for r in _stream_results(watch)), scaled(30), "a serves"
+            )
 
             # Freeze the primary: the broker only learns it is gone from the missing keepalive (LWT).
             primary = devs["dev-a"]
@@ -94,19 +100,28 @@ def test_standby_takes_over_within_keepalive_and_never_serves_with_the_primary(t
             os.kill(worker, signal.SIGSTOP)
             os.kill(primary.proc.pid, signal.SIGSTOP)
             frozen_at = time.monotonic()
-            _wait(lambda: any(r["served_by"] == "dev-b" for r in _stream_results(watch)), scaled(60), "b serves")
+            _wait(
+                lambda: any(r["served_by"] == "dev-b" for r in _stream_results(watch)), scaled(60), "b serves"
+            )
             served_at = time.monotonic()
             with watch.lock:
-                lwt = [t for t, topic, doc in watch.log
-                       if t >= frozen_at and topic.endswith("/member/dev-a") and doc.get("state") == "offline"]
+                lwt = [
+                    t
+                    for t, topic, doc in watch.log
+                    if t >= frozen_at and topic.endswith("/member/dev-a") and doc.get("state") == "offline"
+                ]
             assert lwt, "the primary's LWT (member offline) was never seen"
             # The device's part: from the broker's LWT to the standby's first result, at most 1 s (scaled: it
             # is this machine's work). The LWT itself comes when mosquitto's keepalive check fires: nominally
             # keepalive x 1.5; measured here 2.7-3.2 s for an idle client and up to ~8 s for a busy member
             # (docs/sites.md, "Failover time"), so the whole takeover is reported, not bounded, here.
-            assert served_at - lwt[0] <= scaled(1.0), f"standby served {served_at - lwt[0]:.2f} s after the LWT"
-            print(f"\ntakeover: LWT after {lwt[0] - frozen_at:.2f} s, first standby result after "
-                  f"{served_at - frozen_at:.2f} s (keepalive {KEEPALIVE_S} s)")
+            assert served_at - lwt[0] <= scaled(1.0), (
+                f"standby served {served_at - lwt[0]:.2f} s after the LWT"
+            )
+            print(
+                f"\ntakeover: LWT after {lwt[0] - frozen_at:.2f} s, first standby result after "
+                f"{served_at - frozen_at:.2f} s (keepalive {KEEPALIVE_S} s)"
+            )
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker, signal.SIGKILL)
             kill9(primary)
@@ -140,7 +155,7 @@ def test_standby_takes_over_within_keepalive_and_never_serves_with_the_primary(t
         order = sorted(spans)
         assert [spans[t][0] for t in order][:1] == ["dev-a"] and "dev-b" in [spans[t][0] for t in order]
         assert spans[order[-1]][0] == "dev-a", spans  # handed back
-        for earlier, later in zip(order, order[1:], strict=False):
+        for earlier, later in itertools.pairwise(order):
             assert spans[earlier][2] <= spans[later][1], f"tokens {earlier} and {later} overlap: {spans}"
         # The standby counted its takeover; the lease history is monotonic.
         tokens = [lease["token"] for lease in watch.leases["cam-1"]]
