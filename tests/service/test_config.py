@@ -13,6 +13,7 @@ from edgeguard.link import LinkConfig
 from edgeguard.outbox import OutboxConfig
 from edgeguard.service import config as c
 from edgeguard.service import load_config, parse_config
+from edgeguard.sites import SiteConfig, StreamBinding
 
 ROOT = Path(__file__).parents[2]
 EXAMPLE = ROOT / "examples" / "edgeguard.toml"
@@ -28,6 +29,8 @@ SECTIONS = {
     "sources.directory": c.DirectorySection,
     "outbox": OutboxConfig,
     "link": LinkConfig,
+    "site": SiteConfig,
+    "site.streams": StreamBinding,
 }
 
 
@@ -69,6 +72,8 @@ BAD = [
     (BASE + "[outbox]\nbogus = 1\n", "outbox.bogus: unknown key"),
     (BASE + "[link]\nport = 0\n", "link.port: must be 1..65535"),
     (BASE + '[link]\nprotocol = "4"\n', "link.protocol: must be one of"),
+    (BASE + '[site]\nenabled = true\ngroup = "a b"\n', "site.group: must be 1..64"),
+    (BASE + '[link]\nprotocol = "3.1.1"\n[site]\nenabled = true\ngroup = "g"\n', "needs MQTT 5 shared"),
 ]
 
 
