@@ -264,7 +264,8 @@ def test_group_members_read_their_group_input_and_write_only_their_own_member_st
     ok("fleet", "add-device", "-f", root, "dev-a", "--group", "line-1")
     ok("fleet", "add-device", "-f", root, "dev-b")
     ok("fleet", "add-operator", "-f", root, "ops")
-    ok("fleet", "broker-config", "-f", root, "-o", tmp_path / "broker", "--user", "root", "--bind", "127.0.0.1")
+    out = tmp_path / "broker"
+    ok("fleet", "broker-config", "-f", root, "-o", out, "--user", "root", "--bind", "127.0.0.1")
     broker = FleetBroker(tmp_path, tmp_path / "broker/mosquitto.conf", port)
     broker.start()
     group = f"{PREFIX}/group/line-1"

@@ -101,7 +101,7 @@ def test_without_handback_the_standby_keeps_the_stream() -> None:
 
 
 def test_a_restarted_holder_never_resumes_its_old_lease_without_a_new_token() -> None:
-    bus, a, b, c = _site()
+    bus, a, _b, _c = _site()
     bus.step()
     a.on_disconnect()
     fresh = StreamLease(CAM, "a")  # a new process: the retained lease names "a", but not this life's
@@ -113,7 +113,7 @@ def test_a_restarted_holder_never_resumes_its_old_lease_without_a_new_token() ->
 
 
 def test_two_claims_of_one_token_the_first_wins_everywhere_and_the_retained_copy_is_repaired() -> None:
-    bus, a, b, c = _site()
+    bus, a, b, _c = _site()
     bus.step()
     # Both a (restarting) and b (seeing a's LWT) claim token 2 at the same moment.
     a.on_disconnect()

@@ -49,6 +49,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from paho.mqtt.enums import CallbackAPIVersion
 
 MOSQUITTO = os.environ.get("EDGEGUARD_TEST_MOSQUITTO", "/usr/sbin/mosquitto")
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
@@ -392,7 +393,7 @@ class Recorder:
         self.subscribed = 0
         self._cond = threading.Condition()
         self.client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=client_id or f"recorder-{os.getpid()}-{id(self):x}",
             protocol=mqtt.MQTTv311,
             clean_session=False,  # persistent session: QoS1 messages queued while we reconnect are kept
