@@ -182,9 +182,11 @@ class GroupMember:
         self._stop.set()
         self._wake.set()
         with self._lock:
-            if self._joined and self._connected:
-                self._client.unsubscribe(self.share)
+            leave = self._joined and self._connected
             self._joined = False
+        if leave:  # outside our lock (see check())
+            self._client.unsubscribe(self.share)
+        with self._lock:
             end = time.monotonic() + timeout
             while (self._queue or self._busy) and time.monotonic() < end and not self.dead:
                 self._lock.wait(0.1)
@@ -438,50 +440,61 @@ class GroupMember:
             self._wake.clear()
 
     def check(self) -> None:
-        """Join or leave the share, subscribe to the streams this device holds, publish lease changes."""
+        """Join or leave the share, subscribe to the streams this device holds, publish lease changes.
+
+        Decided under our lock, sent after releasing it: paho's network thread holds its callback lock while
+        it calls ``_on_message`` (which takes ours), and paho's subscribe/publish take that callback lock,
+        so calling them under our lock from this thread would deadlock."""
+        ops: list[Callable[[], Any]] = []
+        client = self._client
         with self._lock:
             if not self._connected or self._stop.is_set():
                 return
             reason = self.why_not()
             changed = False
             if reason and self._joined:
-                self._client.unsubscribe(self.share)
+                ops.append(lambda: client.unsubscribe(self.share))
                 self._joined, changed = False, True
                 self.counts["leaves"] += 1
             elif not reason and not self._joined:
-                self._client.subscribe(self.share, qos=1)
+                ops.append(lambda: client.subscribe(self.share, qos=1))
                 self._joined, changed = True, True
                 self.counts["joins"] += 1
             if reason != self._left_reason:
                 self._left_reason, changed = reason, True
             if changed:
-                self._client.publish(self._member_topic, self._status(online=True), qos=1, retain=True)
-                self._event("group-share", {"group": self.config.group, "joined": self._joined,
-                                            "reason": reason or None})
+                status = self._status(online=True)
+                ops.append(lambda: client.publish(self._member_topic, status, qos=1, retain=True))
+                event = {"group": self.config.group, "joined": self._joined, "reason": reason or None}
+                ops.append(lambda: self._event("group-share", event))
             for name, lease in self._leases.items():
-                self._stream_step(name, lease)
+                self._stream_step(name, lease, ops)
+        for op in ops:
+            op()
 
-    def _stream_step(self, name: str, lease: StreamLease) -> None:
+    def _stream_step(self, name: str, lease: StreamLease, ops: list[Callable[[], Any]]) -> None:
+        client = self._client
         topic = group_topic(self.fleet, self.config.group, f"stream/{name}/input")
         if lease.serving and name not in self._stream_subscribed:
-            self._client.subscribe(topic, qos=1)
+            ops.append(lambda: client.subscribe(topic, qos=1))
             self._stream_subscribed.add(name)
-            self._event("stream-serving", {"stream": name, "fencing_token": lease.token})
+            event = {"stream": name, "fencing_token": lease.token}
+            ops.append(lambda: self._event("stream-serving", event))
         elif not lease.serving and name in self._stream_subscribed:
-            self._client.unsubscribe(topic)
+            ops.append(lambda: client.unsubscribe(topic))
             self._stream_subscribed.discard(name)
         if lease.lease is not None and lease.lease.holder == self.me and lease.accepted_here:
             b = lease.binding
             if b.handback and self.me != b.primary and lease.online.get(b.primary) is True:
                 # Hand back only after leaving the stream and answering everything taken from it.
                 if name in self._stream_subscribed:
-                    self._client.unsubscribe(topic)
+                    ops.append(lambda: client.unsubscribe(topic))
                     self._stream_subscribed.discard(name)
                 if self._in_stream[name]:
                     return
         decided = lease.decide()
         if decided is not None:
-            self._publish_lease(name, decided)
+            ops.append(lambda: self._publish_lease(name, decided))
 
     def _publish_lease(self, name: str, lease: Any) -> None:
         topic = group_topic(self.fleet, self.config.group, f"lease/{name}")
