@@ -120,7 +120,6 @@ class GroupMember:
         self._stream_subscribed: set[str] = set()
         self._in_stream: dict[str, int] = dict.fromkeys(self._leases, 0)
         self._generation = 0
-        self._bounced: dict[int, tuple[int, int]] = {}  # our PUBLISH mid -> (the input's mid, its connection)
         self._connected = False
         self._joined = False  # SUBSCRIBE to the share sent on this connection (and not left)
         self._left_reason = "not connected"
@@ -131,7 +130,7 @@ class GroupMember:
         self.dead = False  # refused the broker for good (no MQTT 5 shared subscriptions)
         self.counts = {
             "received": 0, "served": 0, "redelivered": 0, "rejected": 0, "failed": 0, "requeued": 0,
-            "refused_full": 0, "bounced": 0, "joins": 0, "leaves": 0, "connects": 0,
+            "overrun": 0, "joins": 0, "leaves": 0, "connects": 0,
         }
         self._client = self._make_client()
 
@@ -156,7 +155,6 @@ class GroupMember:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
-        client.on_publish = self._on_publish
         return client
 
     def start(self) -> None:
@@ -226,7 +224,6 @@ class GroupMember:
             self._generation += 1
             self._connected, self._joined, self.error = True, False, None
             self._stream_subscribed.clear()
-            self._bounced.clear()
             self.counts["connects"] += 1
             for lease in self._leases.values():
                 lease.on_connect()
@@ -301,17 +298,10 @@ class GroupMember:
                 token = lease.token
                 self._in_stream[stream] += 1
             if len(self._queue) + self._busy >= self.config.queue_size:
-                # Past leave_at the share was left, but mosquitto overruns Receive Maximum and still delivers
-                # what it had queued for this session. Never dropped, never left unacknowledged (it would sit
-                # in this session until a reconnect): a group input goes back to the share for a member with
-                # room, and is acknowledged once the broker has that copy (_on_publish).
-                if stream is not None:
-                    self._in_stream[stream] -= 1
-                    self.counts["refused_full"] += 1  # a live stream's frame: only this device may serve it
-                    client.ack(msg.mid, msg.qos)
-                    return
-                self._bounce(client, msg)
-                return
+                # The share was left at leave_at, but mosquitto 2.0.11 overruns Receive Maximum and still
+                # delivers what it had queued for this session. Kept and served, never dropped and never left
+                # unacknowledged (it would block this session's window until a reconnect): counted instead.
+                self.counts["overrun"] += 1
             self._queue.append(
                 _Item(msg.mid, self._generation, bytes(msg.payload), cid, attempt, bool(msg.dup), stream,
                       token)
@@ -319,24 +309,6 @@ class GroupMember:
             self._lock.notify()
             if len(self._queue) >= self.config.leave_at:
                 self._wake.set()
-
-    def _bounce(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
-        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        original = getattr(msg, "properties", None)
-        for name in ("CorrelationData", "UserProperty"):
-            value = getattr(original, name, None)
-            if value:
-                setattr(props, name, value)
-        info = client.publish(msg.topic, msg.payload, qos=1, properties=props)
-        self._bounced[info.mid] = (msg.mid, self._generation)
-        self.counts["bounced"] += 1
-
-    def _on_publish(self, client: mqtt.Client, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
-        with self._lock:
-            taken = self._bounced.pop(mid, None)
-            same = taken is not None and taken[1] == self._generation
-        if taken is not None and same:
-            client.ack(taken[0], 1)
 
     # ------------------------------------------------------------------------------------ serving
     def _work(self) -> None:

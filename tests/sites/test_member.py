@@ -54,7 +54,7 @@ def _wait(cond: Any, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def _member(port: int, sink: Sink, unable: Any = lambda: "", **site: Any) -> GroupMember:
+def _member(port: int, sink: Sink, unable: Any = lambda: "", device: str = "d1", **site: Any) -> GroupMember:
     cfg = SiteConfig(
         enabled=True,
         group="g1",
@@ -70,7 +70,7 @@ def _member(port: int, sink: Sink, unable: Any = lambda: "", **site: Any) -> Gro
         config=cfg,
         link=LinkConfig(host="127.0.0.1", port=port),
         fleet="f",
-        device_id="d1",
+        device_id=device,
         sink=sink,
         specs=lambda: [SPEC],
         limits=BodyLimits(),
@@ -213,3 +213,48 @@ def test_bad_site_config_is_one_line(tmp_path: Path, site: dict, why: str) -> No
     with pytest.raises(ConfigError, match=why) as info:
         parse_config(doc, path=tmp_path / "c.toml")
     assert "\n" not in str(info.value)
+
+
+def test_a_stalled_member_leaves_and_every_input_is_served_exactly_once(
+    tmp_path: Path,
+) -> None:
+    slow, fast = Sink(), Sink()
+    with MosquittoBroker(tmp_path) as broker:
+        cfg = {
+            "keepalive_s": 5,
+            "check_s": 0.05,
+            "queue_size": 2,
+            "leave_at": 1,
+            "rejoin_at": 0,
+            "receive_maximum": 100,
+        }
+        m1 = GroupMember(
+            config=SiteConfig(enabled=True, group="g1", **cfg),
+            link=LinkConfig(host="127.0.0.1", port=broker.port),
+            fleet="f",
+            device_id="d1",
+            sink=slow,
+            specs=lambda: [SPEC],
+            limits=BodyLimits(),
+            unable=lambda: "",
+        )
+        m2 = _member(broker.port, fast, device="d2")
+        for m in (m1, m2):
+            m.start()
+        try:
+            _wait(lambda: m1.snapshot()["share"] == m2.snapshot()["share"] == "joined", scaled(20), "joined")
+            slow.gate.clear()  # d1 takes inputs and cannot finish them
+            with GroupClient(host="127.0.0.1", port=broker.port, fleet="f", group="g1") as client:
+                for i in range(40):
+                    client.send(f"c-{i}", _body(i))
+                _wait(lambda: m1.snapshot()["share"] == "left", scaled(30), "d1 left")
+                slow.gate.set()
+                _wait(lambda: len(fast.served) + len(slow.served) == 40, scaled(30), "all served")
+            ids = sorted(r.correlation_id or "" for r in fast.served + slow.served)
+            assert ids == sorted(f"c-{i}" for i in range(40))  # none lost, none twice
+            snap = m1.snapshot()
+            assert snap["served"] == snap["received"] == len(slow.served) and snap["overrun"] >= 0
+            print(f"\nd1 received {snap['received']}, overrun {snap['overrun']}, served {snap['served']}")
+        finally:
+            for m in (m1, m2):
+                m.stop(5)

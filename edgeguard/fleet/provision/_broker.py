@@ -69,9 +69,8 @@ def _acl(fd: FleetDir, inv: Inventory) -> str:
 
 
 def _group_acl(prefix: str, inv: Inventory) -> list[str]:
-    """Site groups (docs/sites.md): a member reads its groups' input (as a shared subscription) and hands
-    back what it has no room for; reads stream inputs, leases and member states; writes leases, and its own
-    member status and probe only."""
+    """Site groups (docs/sites.md): a member reads its groups' input (as a shared subscription), stream
+    inputs, leases and member states; writes leases, and its own member status and probe only."""
     lines = [
         "",
         "# Site groups: each member writes only its own member status and probe (%u is the device id).",
@@ -87,7 +86,7 @@ def _group_acl(prefix: str, inv: Inventory) -> list[str]:
             # mosquitto 2.0.11 checks a shared subscription's deliveries against the plain topic (a
             # "$share/..." ACL line has no effect) and grants the SUBSCRIBE itself to anyone (docs/sites.md).
             lines += [
-                f"topic readwrite {base}/input",  # write: an input past queue_size goes back to the share
+                f"topic read {base}/input",
                 f"topic read {base}/stream/+/input",
                 f"topic readwrite {base}/lease/+",
                 f"topic read {base}/member/+",

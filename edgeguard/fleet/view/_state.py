@@ -329,7 +329,7 @@ class FleetState:
 
 
 _SITE_COUNTS = ("served", "redelivered", "rejected", "failed", "queued", "joins", "leaves", "connects",
-                "refused_full", "requeued", "bounced")
+                "overrun", "requeued")
 
 
 def read_site(sources: Any) -> dict[str, Any] | None:
