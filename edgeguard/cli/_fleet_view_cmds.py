@@ -36,6 +36,7 @@ The broker password, if any, is read from $EDGEGUARD_MQTT_PASSWORD.
 example:
   edgeguard fleet status --broker 127.0.0.1:1883 --fleet plant1
   edgeguard fleet status --fleet plant1 --problem --sort outbox
+  edgeguard fleet status --fleet plant1 --groups          # site groups: members, share, load, failovers
   edgeguard fleet status --fleet plant1 --json | jq '.devices[] | select(.online == false) | .device'"""
 
 _WATCH_HELP = """\
@@ -77,6 +78,8 @@ def register_fleet(fsub: argparse._SubParsersAction[Any]) -> None:
             )
             p.add_argument("--json", action="store_true", help="JSON for scripts (default: a table)")
         if name == "status":
+            p.add_argument("--groups", action="store_true",
+                           help="the site groups instead: members, share, load, failovers (docs/sites.md)")
             p.add_argument("--wait", type=float, default=2.0, metavar="S",
                            help="after the retained snapshot, wait up to S s for every heartbeat")
         if name == "watch":
@@ -142,6 +145,8 @@ def _status(args: argparse.Namespace) -> int:
         follower.stop()
     now = time.time()
     views = state.snapshot()
+    if args.groups:
+        return _print_groups(args, views)
     every = select(views, now, stale_after_s=state.stale_after_s, group=args.group, sort=args.sort)
     rows = [r for r in every if r["problems"]] if args.problem else every
     if args.json:
@@ -149,6 +154,22 @@ def _status(args: argparse.Namespace) -> int:
     else:
         _print_table(rows, now, every)
     return 0 if every and not any(r["problems"] for r in every) else 1
+
+
+def _print_groups(args: argparse.Namespace, views: list[Any]) -> int:
+    from rich.console import Console  # noqa: PLC0415 - only the table needs rich's console
+
+    from edgeguard.fleet.view import group_rows, render_groups  # noqa: PLC0415 - the operator package, loaded by the handlers only
+
+    rows = [g for g in group_rows(views) if args.group is None or g["group"] == args.group]
+    if args.json:
+        print(json.dumps({"groups": rows}))
+    elif not rows:
+        print("no group members seen (no heartbeat carries sources.group)")
+    else:
+        Console(width=max(160, Console().width)).print(render_groups(rows))
+    # OK when every group has a member in its share.
+    return 0 if rows and all(g["joined"] for g in rows) else 1
 
 
 def _print_table(rows: list[dict[str, Any]], now: float, every: list[dict[str, Any]]) -> None:

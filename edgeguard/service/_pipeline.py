@@ -100,6 +100,8 @@ class Pipeline:
             # outbox -> MQTT results, directory and serial sources) sees only this document.
             policy = getattr(engine.manifest, "output", None)  # None also for fakes without the field
             doc: dict[str, Any] = result.to_json() if policy is None else result_json(result, policy)
+            if request.annotations:  # the site's fields (served_by, correlation id): not model output
+                doc.update(request.annotations)
             doc.update(
                 {
                     "source": request.source,

@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["system_facts"]
+__all__ = ["system_facts", "cpu_temp_c"]
 
 
-def _cpu_temp_c() -> float | None:
+def cpu_temp_c() -> float | None:
     for zone in sorted(Path("/sys/class/thermal").glob("thermal_zone*")):
         try:
             return round(int((zone / "temp").read_text().strip()) / 1000.0, 1)
@@ -42,4 +42,4 @@ def system_facts(state_dir: Path) -> dict[str, Any]:
         disk: dict[str, int] | None = {"total": du.total, "free": du.free}
     except OSError:
         disk = None
-    return {"cpu_temp_c": _cpu_temp_c(), "load": load, "memory": _mem(), "disk": disk}
+    return {"cpu_temp_c": cpu_temp_c(), "load": load, "memory": _mem(), "disk": disk}

@@ -11,12 +11,14 @@ from edgeguard.clock import TrustedClock
 from edgeguard.errors import ServiceUnavailable
 from edgeguard.link import MqttLink
 from edgeguard.outbox import Outbox
+from edgeguard.sites import GroupMember
 from edgeguard.sources import ApiSource, DirectorySource, MqttInputSource, QueryBudgets, SerialSource
 from edgeguard.sources._budget import STATE_FILE as BUDGET_STATE_FILE
 
 from ._faults import FaultInjector
 from ._loader import load_tokens
 from ._pipeline import Pipeline
+from ._sysinfo import cpu_temp_c
 from .config import ServiceConfig
 
 __all__ = ["build_sources", "WorkerView"]
@@ -100,6 +102,21 @@ def build_sources(worker: WorkerView) -> tuple[ApiSource | None, list[Any]]:
         sources.append(
             DirectorySource(config=cfg.directory.to_directory_config(), sink=pipeline, specs=specs)
         )
+    if cfg.site.enabled:
+        sources.append(
+            GroupMember(
+                config=cfg.site,
+                link=cfg.link,
+                fleet=cfg.device.fleet,
+                device_id=cfg.device.id,
+                sink=pipeline,
+                specs=specs,
+                limits=cfg.mqtt_input.limits(),
+                unable=lambda: _unable(worker),
+                on_event=worker.link.publish_event,
+                temperature=cpu_temp_c,
+            )
+        )
     return api, sources
 
 
@@ -109,6 +126,20 @@ def _explain(pipeline: Pipeline, body: bytes, max_passes: int) -> dict[str, Any]
 
     with pipeline.using() as engine:  # a reload meanwhile closes this engine only once the answer is made
         return explain_image_bytes(engine, body, max_passes=max_passes)
+
+
+def _unable(worker: WorkerView) -> str:
+    """Why this device must not take group input now: no model, or degraded (docs/sites.md)."""
+    pipeline = worker.pipeline
+    if pipeline.engine is None or not pipeline.accepting:
+        return f"no model: {pipeline.unavailable_reason or 'not serving'}"
+    degraded = worker.verdict().get("degraded")
+    if degraded:
+        return f"degraded: {degraded}"
+    health = pipeline.engine.health()
+    if health.get("degraded"):
+        return f"degraded: {health.get('degraded_reason') or 'engine'}"
+    return ""
 
 
 def _api_health(worker: WorkerView) -> dict[str, Any]:

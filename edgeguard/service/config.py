@@ -20,6 +20,7 @@ from edgeguard.deploy import DeployConfig
 from edgeguard.errors import ConfigError
 from edgeguard.link._config import LinkConfig
 from edgeguard.outbox import OutboxConfig
+from edgeguard.sites._config import SiteConfig, StreamBinding
 from edgeguard.sources import (
     AbuseConfig,
     ApiConfig,
@@ -308,6 +309,7 @@ class ServiceConfig:
     deploy: DeployConfig = field(default_factory=DeployConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     integrity: IntegrityConfig = field(default_factory=IntegrityConfig)
+    site: SiteConfig = field(default_factory=SiteConfig)
 
     @property
     def outbox_path(self) -> Path:
@@ -320,7 +322,7 @@ class ServiceConfig:
 
 _TOP = (
     "device", "model", "service", "watchdog", "sources", "outbox", "link", "commands", "deploy", "audit",
-    "integrity",
+    "integrity", "site",
 )
 _SOURCES = ("api", "mqtt", "serial", "directory")
 
@@ -367,7 +369,13 @@ def parse_config(doc: dict[str, Any], *, path: Path) -> ServiceConfig:
         deploy=build(DeployConfig, doc.get("deploy", {}), "deploy"),
         audit=build(AuditConfig, doc.get("audit", {}), "audit"),
         integrity=build(IntegrityConfig, _paths(doc.get("integrity", {}), ("paths",), base), "integrity"),
+        site=_site(doc.get("site", {})),
     )
+    if cfg.site.enabled and cfg.link.protocol == "3.1.1":
+        raise ConfigError(
+            "site.enabled: group input needs MQTT 5 shared subscriptions, but link.protocol is 3.1.1 "
+            "(docs/sites.md)"
+        )
     if cfg.commands.enabled and cfg.commands.max_bytes > cfg.link.inbound_max_bytes:
         raise ConfigError(
             f"commands.max_bytes: {cfg.commands.max_bytes} exceeds link.inbound_max_bytes "
@@ -388,6 +396,18 @@ def _api_section(table: Any, base: Path) -> ApiSection:
     budget = build(BudgetSection, table.pop("budget", {}), "sources.api.budget")
     paths = _paths(table, ("unix_socket", "tokens_file"), base)
     return build(ApiSection, paths, "sources.api", budget=budget)
+
+
+def _site(table: Any) -> SiteConfig:
+    """``[site]`` with its ``[[site.streams]]`` tables (each checked like a section of its own)."""
+    if not isinstance(table, dict):
+        raise ConfigError("site: must be a table")
+    doc = dict(table)
+    raw = doc.pop("streams", [])
+    if not isinstance(raw, list):
+        raise ConfigError("site.streams: must be an array of tables ([[site.streams]])")
+    streams = tuple(build(StreamBinding, s, f"site.streams[{i}]") for i, s in enumerate(raw))
+    return build(SiteConfig, doc, "site", streams=streams)
 
 
 def _paths(table: Any, keys: tuple[str, ...], base: Path) -> Any:

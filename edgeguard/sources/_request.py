@@ -34,7 +34,7 @@ __all__ = [
     "NPY_MAGIC",
 ]
 
-SourceName = Literal["api", "mqtt", "serial", "directory"]
+SourceName = Literal["api", "mqtt", "serial", "directory", "group"]
 NPY_MAGIC = b"\x93NUMPY"
 _NUMERIC_KINDS = frozenset("biuf")
 _IMAGE_MAGICS = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"GIF8", b"RIFF")
@@ -67,6 +67,9 @@ class InferenceRequest:
     tensors: Mapping[str, np.ndarray] | None = None
     image: bytes | None = None
     correlation_id: str | None = None  # the client's own id, echoed in the result
+    # Fields the source adds to the result (group input: served_by, attempt, redelivered, fencing_token);
+    # set by the source from what it knows, never from the request body.
+    annotations: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if (self.tensors is None) == (self.image is None):

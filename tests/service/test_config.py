@@ -13,6 +13,7 @@ from edgeguard.link import LinkConfig
 from edgeguard.outbox import OutboxConfig
 from edgeguard.service import config as c
 from edgeguard.service import load_config, parse_config
+from edgeguard.sites import SiteConfig, StreamBinding
 
 ROOT = Path(__file__).parents[2]
 EXAMPLE = ROOT / "examples" / "edgeguard.toml"
@@ -29,6 +30,8 @@ SECTIONS = {
     "sources.directory": c.DirectorySection,
     "outbox": OutboxConfig,
     "link": LinkConfig,
+    "site": SiteConfig,
+    "site.streams": StreamBinding,
 }
 
 
@@ -79,6 +82,8 @@ BAD = [
      "sources.api.budget.tokens.app.burst: must be an integer"),
     (BASE + "[sources.api.budget]\ntokens = 3\n", "sources.api.budget.tokens: must be a table"),
     (BASE + "[sources.api]\nbudget = 3\n", "sources.api.budget: must be a table"),
+    (BASE + '[site]\nenabled = true\ngroup = "a b"\n', "site.group: must be 1..64"),
+    (BASE + '[link]\nprotocol = "3.1.1"\n[site]\nenabled = true\ngroup = "g"\n', "needs MQTT 5 shared"),
 ]
 
 

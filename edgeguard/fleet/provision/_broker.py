@@ -55,6 +55,7 @@ def _acl(fd: FleetDir, inv: Inventory) -> str:
         "# its recipients); only operators publish them.",
         f"pattern read {prefix}/bundles/#",
     ]
+    lines += _group_acl(prefix, inv)
     active = sorted(n for n, o in inv.operators.items() if o.state == "active")
     lines += [
         "",
@@ -68,9 +69,39 @@ def _acl(fd: FleetDir, inv: Inventory) -> str:
             f"topic write {prefix}/+/cmd",
             f"topic write {prefix}/bundles/#",
             f"topic readwrite {prefix}/rollouts/#",
+            # A gateway feeding site groups runs with an operator identity (docs/sites.md).
+            f"topic write {prefix}/group/+/input",
+            f"topic write {prefix}/group/+/stream/+/input",
             "",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _group_acl(prefix: str, inv: Inventory) -> list[str]:
+    """Site groups (docs/sites.md): a member reads its groups' input (as a shared subscription), stream
+    inputs, leases and member states; writes leases, and its own member status and probe only."""
+    lines = [
+        "",
+        "# Site groups: each member writes only its own member status and probe (%u is the device id).",
+        f"pattern write {prefix}/group/+/member/%u",
+        f"pattern readwrite {prefix}/group/+/probe/%u",
+    ]
+    for dev_id, dev in sorted(inv.devices.items()):
+        if dev.state != "active" or not dev.groups:
+            continue
+        lines.append(f"user {dev_id}")
+        for g in sorted(set(dev.groups)):
+            base = f"{prefix}/group/{g}"
+            # mosquitto 2.0.11 checks a shared subscription's deliveries against the plain topic (a
+            # "$share/..." ACL line has no effect) and grants the SUBSCRIBE itself to anyone (docs/sites.md).
+            lines += [
+                f"topic read {base}/input",
+                f"topic read {base}/stream/+/input",
+                f"topic readwrite {base}/lease/+",
+                f"topic read {base}/member/+",
+            ]
+        lines.append("")
+    return lines
 
 
 def write_broker_config(

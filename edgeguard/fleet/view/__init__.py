@@ -5,6 +5,7 @@ The exporter needs the ``fleet`` extra (prometheus_client) and is imported only 
 """
 
 from edgeguard.fleet.view._follow import BrokerOptions, Follower, fleet_filters
+from edgeguard.fleet.view._groups import group_rows, render_groups
 from edgeguard.fleet.view._report import SORT_COLUMNS, headline, render_table, report_json, select
 from edgeguard.fleet.view._state import SECURITY_EVENTS, DeviceView, FleetEvent, FleetState, parse_topic
 
@@ -17,6 +18,8 @@ __all__ = [
     "SECURITY_EVENTS",
     "SORT_COLUMNS",
     "fleet_filters",
+    "group_rows",
+    "render_groups",
     "headline",
     "parse_topic",
     "render_table",

@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DeviceView", "FleetEvent", "FleetState", "SECURITY_EVENTS", "parse_topic"]
+__all__ = ["DeviceView", "FleetEvent", "FleetState", "SECURITY_EVENTS", "parse_topic", "read_site"]
 
 # The link's TOPIC_SEGMENT (edgeguard/link/_config.py), repeated: operator code imports nothing device-side.
 _SEGMENT = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -114,6 +114,7 @@ class DeviceView:
     mttr_s: float | None = None
     last_security: str | None = None
     last_security_at: float | None = None
+    site: dict[str, Any] | None = None  # the heartbeat's sources.group, fields type-checked (read_site)
     _prev: tuple[float, float] | None = field(default=None, repr=False)  # (uptime, inferences) of the last hb
 
     def heartbeat_age(self, now: float) -> float | None:
@@ -169,6 +170,7 @@ class DeviceView:
             "mttr_s": self.mttr_s,
             "last_security_event": self.last_security,
             "last_security_at": self.last_security_at,
+            "site": self.site,
             "problems": self.problems(now, stale_after_s),
         }
 
@@ -253,6 +255,9 @@ class FleetState:
         groups = doc.get("groups")
         if isinstance(groups, list):
             view.groups = tuple(g[:64] for g in groups[:16] if isinstance(g, str))
+        view.site = read_site(doc.get("sources"))
+        if view.site is not None and view.site["group"] not in view.groups:
+            view.groups = (*view.groups, view.site["group"])[:16]
         model = doc.get("model")
         view.model = _text(model, "name")
         version = _num(model, "version")
@@ -329,6 +334,44 @@ class FleetState:
     def heartbeats_seen(self) -> int:
         with self._lock:
             return sum(1 for v in self._devices.values() if v.last_heartbeat is not None)
+
+
+_SITE_COUNTS = ("served", "redelivered", "rejected", "failed", "queued", "joins", "leaves", "connects",
+                "overrun", "requeued")
+
+
+def read_site(sources: Any) -> dict[str, Any] | None:
+    """The group member's state from a heartbeat's ``sources.group`` (docs/sites.md), every field checked:
+    a wrong type is absent; at most 16 streams."""
+    doc = sources.get("group") if isinstance(sources, dict) else None
+    group = _text(doc, "group")
+    if not isinstance(doc, dict) or group is None or not _SEGMENT.fullmatch(group):
+        return None
+    share = _text(doc, "share")
+    out: dict[str, Any] = {
+        "group": group,
+        "share": share if share in ("joined", "left") else None,
+        "reason": _text(doc, "reason"),
+        "connected": doc.get("connected") is True,
+        "error": _text(doc, "error"),
+    }
+    for key in _SITE_COUNTS:
+        value = _num(doc, key)
+        out[key] = None if value is None else int(value)
+    streams: dict[str, Any] = {}
+    raw = doc.get("streams")
+    if isinstance(raw, dict):
+        for name, s in list(raw.items())[:16]:
+            if isinstance(name, str) and _SEGMENT.fullmatch(name) and isinstance(s, dict):
+                token, takeovers = _num(s, "fencing_token"), _num(s, "takeovers")
+                streams[name] = {
+                    "holder": _text(s, "holder"),
+                    "fencing_token": None if token is None else int(token),
+                    "serving": s.get("serving") is True,
+                    "takeovers": None if takeovers is None else int(takeovers),
+                }
+    out["streams"] = streams
+    return out
 
 
 def _copy(view: DeviceView) -> DeviceView:
