@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -178,3 +179,39 @@ def test_npy_structured_dtype_is_refused() -> None:
     body = _npy(np.zeros(4, dtype=[("a", "<f4"), ("b", "<i4")]))
     with pytest.raises(InputRejected, match="numeric"):
         parse_body(body=body, content_type="application/x-npy", specs=SPECS, source="api", limits=LIMITS)
+
+
+@pytest.mark.parametrize("number", ["0.5", "7"], ids=["floats", "ints"])
+def test_a_big_json_body_lets_other_threads_run_while_it_is_parsed(number: str) -> None:
+    """json's C scanner alone holds the GIL for the whole parse: a big body starved the event loop's liveness
+    tick and the supervisor killed a healthy worker as hung. Counted, not timed: another thread that only
+    yields gets the GIL many times during the parse (with plain json.loads: once or twice)."""
+    import threading
+
+    n = 2_000_000
+    body = b'{"inputs": {"x": {"shape": [1, %d], "data": [' % n + b",".join([number.encode()] * n) + b"]}}}"
+    turns = 0
+    parsing = threading.Event()
+    done = threading.Event()
+
+    def other() -> None:
+        nonlocal turns
+        parsing.wait()
+        while not done.is_set():
+            turns += 1
+            time.sleep(0)  # asks for the GIL at once, every time
+
+    t = threading.Thread(target=other)
+    t.start()
+    try:
+        parsing.set()
+        before = turns
+        with pytest.raises(InputRejected, match="tensor elements"):  # the limit is checked after the parse
+            parse_body(body=body, content_type="application/json", source="api",
+                       specs=(TensorSpec(name="x", dtype="float32", shape=(1, n)),),
+                       limits=BodyLimits(max_body_bytes=len(body), max_elements=1024))
+        during = turns - before
+    finally:
+        done.set()
+        t.join()
+    assert during >= 10, f"another thread ran only {during} times during the parse"
