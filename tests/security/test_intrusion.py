@@ -95,7 +95,8 @@ def test_refuse_policy_stops_serving_when_the_tokens_file_changes(tmp_path: Path
             # The operator meant it: a reload takes the files as the new baseline and serving resumes.
             assert dev.request("POST", "/v1/admin/reload", b"{}", token=ADMIN)[0] == 200
             dev.wait(lambda: dev.request("POST", "/v1/infer", GOOD)[0] == 200, 30, "serving again")
-            assert _events(rec, "config-changed"), _events(rec, "config-changed")
+            # The event travels over MQTT on its own schedule: serving again does not mean it has arrived.
+            assert rec.wait_for(lambda _m: bool(_events(rec, "config-changed")), 30), dev.log_tail()
         finally:
             assert dev.stop() == 0
     assert _audited(dev, "integrity-alert") and _audited(dev, "config-changed")
