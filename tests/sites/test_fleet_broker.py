@@ -19,7 +19,7 @@ import pytest
 from cryptography import x509
 
 from edgeguard.sites import GroupClient
-from tests.fleet._fleet import TlsClient, make_fleet, ok
+from tests.fleet._fleet import TlsClient, cli, make_fleet, ok
 from tests.fleet.test_provision_broker import FleetBroker, _reload
 from tests.service._env import TINY_META, tiny_onnx
 from tests.support.broker import free_port
@@ -263,3 +263,23 @@ def test_two_provisioned_devices_share_group_input_on_the_fleet_broker_and_keep_
         assert log.count("link: connected to") == 1, log[-3000:]
         assert "link: disconnected" not in log and "site connection lost" not in log, log[-3000:]
     assert "already connected" not in broker.log_path.read_text()
+
+
+def test_provision_installs_the_site_certificate_and_refuses_one_for_another_identity(tmp_path: Path) -> None:
+    root = tmp_path / "fleet"
+    kid = make_fleet(root, broker_port=free_port(), api_port=free_port())
+    ok("fleet", "add-device", "-f", root, "dev-a", "--group", "line-1")
+    ok("provision", root / "archives/dev-a.egp", "--root", tmp_path / "board", "--fleet-key-id", kid)
+    etc = tmp_path / "board/etc/edgeguard"
+    assert (etc / "site.pem").read_bytes() == (root / "devices/dev-a/site.pem").read_bytes()
+    # A (signed) archive whose site.pem is the link's certificate (CN dev-a, not site:dev-a) is refused.
+    shutil.copy(root / "devices/dev-a/client.pem", root / "devices/dev-a/site.pem")
+    from edgeguard.fleet import provision as fp
+
+    fd = fp.FleetDir.open(root)
+    issuer = fp.Issuer(fd, fp.Inventory.load(fd.inventory, fd.config.name))
+    issuer.write_archive(issuer.inv.devices["dev-a"])
+    board2 = tmp_path / "board2"
+    code, _out, err = cli("provision", root / "archives/dev-a.egp", "--root", board2, "--fleet-key-id", kid)
+    assert code != 0 and "site.pem is not the site certificate of this device's key" in err, err
+    assert not (board2 / "etc/edgeguard/site.pem").exists()
