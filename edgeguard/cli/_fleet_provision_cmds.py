@@ -303,7 +303,7 @@ def _provision_many(fd: FleetDir, rows: list[tuple[str, tuple[str, ...] | None]]
             if progress is not None:
                 progress.stop()
             # What was issued before a failure is kept: the inventory must list every certificate issued.
-            if rotate:
+            if rotate or issuer.crl_stale:
                 issuer.write_crl()
             inv.save(fd.inventory)
     if len(rows) > 1:
@@ -339,7 +339,7 @@ def _sign_device(args: argparse.Namespace) -> int:
             csr, tuple(args.group) if args.group is not None else None, rotate=args.rotate
         )
         path = issuer.write_archive(rec)
-        if args.rotate:
+        if args.rotate or issuer.crl_stale:
             issuer.write_crl()
         inv.save(fd.inventory)
     print(

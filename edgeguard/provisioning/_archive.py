@@ -75,7 +75,15 @@ _ENVELOPE_KEYS = frozenset({"format", "signer", "body", "signature"})
 # The only names an archive may hold, installed flat into /etc/edgeguard: secrets (0600) and public files.
 PRIVATE_FILES = frozenset({"edgeguard.toml", "api-tokens", "device.key", "device-sign.key", "client.key"})
 PUBLIC_FILES = frozenset(
-    {"device.pub", "device-sign.pub", "client.pem", "fleet-ca.pem", "publisher.pub", "operator.pub"}
+    {
+        "device.pub",
+        "device-sign.pub",
+        "client.pem",
+        "site.pem",
+        "fleet-ca.pem",
+        "publisher.pub",
+        "operator.pub",
+    }
 )
 _MODES = {0o600, 0o644}
 

@@ -132,6 +132,14 @@ def _check_key_pairs(files: dict[str, tuple[int, bytes]], where: Path) -> None:
         raise KeyFileError(f"{where / 'device-sign.key'} does not match the signing key in the archive")
     if not isinstance(tls, ec.EllipticCurvePrivateKey) or tls.public_key() != cert.public_key():
         raise KeyFileError(f"{where / 'client.key'} does not match the certificate in the archive")
+    if "site.pem" in files:  # the site connection's certificate (docs/sites.md): same key, CN site:<device>
+        site = x509.load_pem_x509_certificate(files["site.pem"][1])
+        names = site.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        owner = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        if site.public_key() != cert.public_key() or not names or not owner or names[0].value != (
+            f"site:{owner[0].value!s}"
+        ):
+            raise ArchiveRejected("malformed", "site.pem is not the site certificate of this device's key")
 
 
 def _installed_device(etc: Path) -> str | None:

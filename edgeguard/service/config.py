@@ -369,13 +369,15 @@ def parse_config(doc: dict[str, Any], *, path: Path) -> ServiceConfig:
         deploy=build(DeployConfig, doc.get("deploy", {}), "deploy"),
         audit=build(AuditConfig, doc.get("audit", {}), "audit"),
         integrity=build(IntegrityConfig, _paths(doc.get("integrity", {}), ("paths",), base), "integrity"),
-        site=_site(doc.get("site", {})),
+        site=_site(_paths(doc.get("site", {}), ("client_cert", "client_key"), base)),
     )
     if cfg.site.enabled and cfg.link.protocol == "3.1.1":
         raise ConfigError(
             "site.enabled: group input needs MQTT 5 shared subscriptions, but link.protocol is 3.1.1 "
             "(docs/sites.md)"
         )
+    if cfg.site.client_cert is not None and cfg.link.ca_file is None:
+        raise ConfigError("site.client_cert: mutual TLS needs link.ca_file (docs/sites.md)")
     if cfg.commands.enabled and cfg.commands.max_bytes > cfg.link.inbound_max_bytes:
         raise ConfigError(
             f"commands.max_bytes: {cfg.commands.max_bytes} exceeds link.inbound_max_bytes "

@@ -11,6 +11,7 @@ counted here and marked by the device (``redelivered``); the first result stands
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -42,7 +43,8 @@ class Answer:
 
 class GroupClient:
     """Publishes inputs to ``edgeguard/v1/<fleet>/group/<group>/input`` and collects results from every
-    device's ``results`` topic (matched by correlation id). Thread-safe; ``clock`` is injectable."""
+    device's ``results`` topic (matched by correlation id). ``tls``: a client context (mutual TLS).
+    Thread-safe; ``clock`` is injectable."""
 
     def __init__(
         self,
@@ -53,6 +55,7 @@ class GroupClient:
         group: str,
         retry_after_s: float = 10.0,
         client_id: str | None = None,
+        tls: ssl.SSLContext | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.fleet, self.group = fleet, group
@@ -69,6 +72,8 @@ class GroupClient:
             CallbackAPIVersion.VERSION2, client_id=client_id or "", protocol=mqtt.MQTTv5
         )
         self._client.max_inflight_messages_set(100)
+        if tls is not None:  # e.g. an operator certificate on the fleet's broker (docs/sites.md)
+            self._client.tls_set_context(tls)
         self._client.on_message = self._on_message
         self._connected = threading.Event()
         self._client.on_connect = lambda *_a: self._connected.set()

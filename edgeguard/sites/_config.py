@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from edgeguard.errors import ConfigError
 from edgeguard.link._config import TOPIC_SEGMENT
@@ -66,6 +67,11 @@ class SiteConfig:
     max_temp_c: leave the share while the profile's thermal zones read above this (None: never).
     workers: threads running inputs of the group.
     streams: streams bound to one device of the group at a time (``[[site.streams]]``).
+    client_cert / client_key: the site connection's own TLS client certificate (both or neither; None:
+        the link's). On a broker that makes the certificate's CN the client id (the fleet's generated
+        config) the site connection needs a certificate of its own (CN ``site:<device>``, issued by
+        ``edgeguard fleet add-device`` for a device in a group), or it and the link take each other's
+        session over and over.
     """
 
     enabled: bool = False
@@ -79,6 +85,8 @@ class SiteConfig:
     max_temp_c: float | None = None
     workers: int = 1
     streams: tuple[StreamBinding, ...] = field(default_factory=tuple)
+    client_cert: Path | None = None
+    client_key: Path | None = None
 
     def __post_init__(self) -> None:
         if self.enabled:
@@ -96,5 +104,7 @@ class SiteConfig:
             "must be 0..150 degrees C",
         )
         _check(1 <= self.workers <= 64, "workers", "must be 1..64")
+        both = (self.client_cert is None) == (self.client_key is None)
+        _check(both, "client_cert", "needs client_key (and back)")
         names = [s.name for s in self.streams]
         _check(len(set(names)) == len(names), "streams", "a stream name is listed twice")

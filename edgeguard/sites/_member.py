@@ -149,6 +149,9 @@ class GroupMember:
         if cfg.username is not None:
             client.username_pw_set(cfg.username, cfg.password)
         if cfg.ca_file is not None:
+            site = self.config
+            if site.client_cert is not None:  # its own identity: the broker may make the CN the client id
+                cfg = dataclasses.replace(cfg, client_cert=site.client_cert, client_key=site.client_key)
             client.tls_set_context(tls_context(cfg))
         client.will_set(self._member_topic, self._status(online=False), qos=1, retain=True)
         client.on_connect = self._on_connect

@@ -127,6 +127,22 @@ def _run(tmp_path: Path, broker: MosquittoBroker, shots: Path) -> None:
                 assert re.search(r"probation (9|10) min left", page.inner_text(note))  # 600 s ahead, just now
                 page.screenshot(path=str(shots / "02-offline-and-rollback.png"))
 
+                # A site group from two members' heartbeats (sources.group): share, load, why one left,
+                # the stream holder. Not retained: the dashboard sees them live.
+                cam = {"cam-1": {"holder": "grp-a", "fencing_token": 2, "serving": True, "takeovers": 1}}
+                members = (("grp-a", "joined", None, 30), ("grp-b", "left", "no model", 10))
+                for d, share, why, served in members:
+                    site = {"group": "line-9", "share": share, "reason": why, "served": served,
+                            "redelivered": 0, "streams": cam if d == "grp-a" else {}}
+                    publish.single(f"edgeguard/v1/{FLEET}/{d}/heartbeat",
+                                   json.dumps({"state": "serving", "sources": {"group": site}}), qos=1,
+                                   hostname=broker.host, port=broker.port)
+                page.wait_for_selector(".group[data-group='line-9'] .member[data-member='grp-b']",
+                                       timeout=WAIT_MS)
+                text = page.inner_text(".group[data-group='line-9']")
+                assert "1/2 in share" in text and "75%" in text and "25%" in text and "no model" in text
+                assert "failovers 1" in text and "cam-1 @ grp-a #2" in text
+
                 # A signed ping to the real device; its answer verified with the pinned key.
                 page.fill("#filter", "dev-1")
                 page.wait_for_function(

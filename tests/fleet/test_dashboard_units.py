@@ -167,6 +167,34 @@ def test_changes_carry_only_what_changed_and_problems_that_come_with_time() -> N
     assert later is not None and [(d["device"], d["status"]) for d in later["devices"]] == [("b", "degraded")]
 
 
+def _member_beat(share: str, served: int, reason: str | None = None, streams: Any = None) -> bytes:
+    site = {"group": "line-1", "share": share, "reason": reason, "served": served, "redelivered": 1,
+            "streams": streams or {}}
+    return json.dumps({"state": "serving", "sources": {"group": site}}).encode()
+
+
+def test_groups_come_with_the_snapshot_and_with_an_update_only_when_they_changed() -> None:
+    clock = [1000.0]
+    live = LiveFleet(FleetState(), wall=lambda: clock[0])
+    cam = {"cam-1": {"holder": "a", "fencing_token": 3, "takeovers": 1}}
+    _feed(live, f"{P}/a/heartbeat", _member_beat("joined", 30, streams=cam), 1000.0)
+    _feed(live, f"{P}/b/heartbeat", _member_beat("joined", 10), 1000.0)
+    _feed(live, f"{P}/c/heartbeat", _heartbeat(1), 1000.0)  # in no group
+    [g] = live.snapshot()["groups"]
+    assert g["members"] == ["a", "b"] and g["joined"] == ["a", "b"] and g["load"] == {"a": 0.75, "b": 0.25}
+    assert g["redelivered"] == 2 and g["failovers"] == 1
+    assert g["streams"] == {"cam-1": {"holder": "a", "fencing_token": 3}}
+    first = live.changes()
+    assert first is not None and first["groups"] == [g]
+    _feed(live, f"{P}/c/heartbeat", _heartbeat(2), 1001.0)  # a change that leaves the groups alone
+    update = live.changes()
+    assert update is not None and "groups" not in update
+    _feed(live, f"{P}/b/heartbeat", _member_beat("left", 10, reason="no model"), 1002.0)
+    update = live.changes()
+    assert update is not None and update["groups"][0]["left"] == {"b": "no model"}
+    assert update["groups"][0]["joined"] == ["a"]
+
+
 def test_token_file_must_be_private_long_and_plain(tmp_path: Path) -> None:
     path = tmp_path / "tok"
     path.write_text(TOKEN + "\n")

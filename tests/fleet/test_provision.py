@@ -85,11 +85,15 @@ def test_add_device_is_idempotent_and_rotate_issues_new_keys_and_revokes_the_old
     assert rotated["bundle_key_id"] != first["bundle_key_id"]
     assert rotated["signing_key_id"] != first["signing_key_id"]
     assert rotated["cert_serial"] != first["cert_serial"]
-    assert [r["serial"] for r in inv["revoked_certs"]] == [first["cert_serial"]]
+    # In a group, it also had a site certificate (CN site:cam-1): both old ones are revoked.
+    assert rotated["site_cert_serial"] not in (None, first["site_cert_serial"])
+    old = [first["cert_serial"], first["site_cert_serial"]]
+    assert [r["serial"] for r in inv["revoked_certs"]] == old
     from cryptography import x509
 
     crl = x509.load_pem_x509_crl((fleet / "ca/crl.pem").read_bytes())
-    assert crl.get_revoked_certificate_by_serial_number(int(first["cert_serial"], 16)) is not None
+    for serial in old:
+        assert crl.get_revoked_certificate_by_serial_number(int(serial, 16)) is not None
     assert crl.get_revoked_certificate_by_serial_number(int(rotated["cert_serial"], 16)) is None
 
 

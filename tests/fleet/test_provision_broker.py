@@ -302,36 +302,3 @@ def test_devices_read_bundle_chunks_that_only_operators_publish(fleet: tuple[Pat
     finally:
         for c in (ops, a):
             c.close()
-def test_group_members_read_their_group_input_and_write_only_their_own_member_status(tmp_path: Path) -> None:
-    port = free_port()
-    root = tmp_path / "fleet"
-    make_fleet(root, broker_port=port, api_port=free_port())
-    ok("fleet", "add-device", "-f", root, "dev-a", "--group", "line-1")
-    ok("fleet", "add-device", "-f", root, "dev-b")
-    ok("fleet", "add-operator", "-f", root, "ops")
-    out = tmp_path / "broker"
-    ok("fleet", "broker-config", "-f", root, "-o", out, "--user", "root", "--bind", "127.0.0.1")
-    broker = FleetBroker(tmp_path, tmp_path / "broker/mosquitto.conf", port)
-    broker.start()
-    group = f"{PREFIX}/group/line-1"
-    ops, a, b = (_client(root, broker, w) for w in ("ops", "dev-a", "dev-b"))
-    try:
-        assert ops.wait_connected() and a.wait_connected() and b.wait_connected(), broker.log_tail()
-        a.subscribe(f"$share/line-1/{group}/input")
-        b.subscribe(f"{group}/input")  # not a member: the broker delivers nothing from there
-        ops.subscribe(f"{group}/#")
-        for i in range(4):
-            ops.publish(f"{group}/input", b"in-%d" % i)
-        assert a.wait_message(f"{group}/input", b"in-3")
-        assert [p for t, p in a.messages if t == f"{group}/input"] == [b"in-%d" % i for i in range(4)]
-        # Member status: a writes its own, not b's; b (no group) writes no lease of line-1.
-        a.publish(f"{group}/member/dev-b", b"forged")
-        b.publish(f"{group}/lease/cam-1", b"forged lease")
-        a.publish(f"{group}/member/dev-a", b"mine")
-        assert ops.wait_message(f"{group}/member/dev-a", b"mine")
-        assert {t for t, _ in ops.messages} == {f"{group}/input", f"{group}/member/dev-a"}
-        assert not [t for t, _ in b.messages if t.startswith(group)]
-    finally:
-        for c in (ops, a, b):
-            c.close()
-        broker.stop()

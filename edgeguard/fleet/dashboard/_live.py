@@ -8,7 +8,9 @@ messages, which the view does not follow, are read here: a result is kept only f
 (so ``max_devices`` bounds it too), cut to ``result_bytes``; rollouts go through ``RolloutBook``'s gatekeeper.
 
 Everything is bounded: ``history`` points per device, ``results`` per device, ``RolloutBook`` capacity, and
-the set of changed devices (at most every device the state holds).
+the set of changed devices (at most every device the state holds). The site groups (members, share, load,
+failovers, stream holders) are ``fleet status --groups``'s rows, from the heartbeats' ``sources.group``; an
+update carries them when they changed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from edgeguard.fleet.view import DeviceView, FleetEvent, FleetState
+from edgeguard.fleet.view._groups import group_rows
 from edgeguard.fleet.view._state import _SEGMENT
 
 from ._rollouts import RolloutBook
@@ -72,6 +75,7 @@ class LiveFleet:
         self.rollouts = RolloutBook(rollouts)
         self._changed: set[Key] = set()
         self._rollouts_changed = False
+        self._groups: list[dict[str, Any]] = []  # the groups the open pages were last sent
         self._problems: dict[Key, tuple[str, ...]] = {}
 
     # paho's thread ---------------------------------------------------------------------------------
@@ -159,8 +163,9 @@ class LiveFleet:
         with self._lock:
             events = [e.to_json() for e in self._events]
             rollouts = self.rollouts.all()
+        groups = group_rows(views)  # self._groups stays what the open pages were sent
         return {"type": "snapshot", "now": now, "devices": rows, "events": events, "rollouts": rollouts,
-                **self._counters()}
+                "groups": groups, **self._counters()}
 
     def changes(self) -> dict[str, Any] | None:
         """The devices that changed (a message, or a problem that appeared or went with time), new events
@@ -180,12 +185,15 @@ class LiveFleet:
             if key in changed or self._problems.get(key) != problems:
                 self._problems[key] = problems
                 rows.append(self.row(view, now))
+        groups = group_rows(views) if rows else self._groups  # only a device's change changes them
         if not rows and not events and rollouts is None:
             return None
         doc: dict[str, Any] = {"type": "update", "now": now, "devices": rows, "events": events,
                                **self._counters()}
         if rollouts is not None:
             doc["rollouts"] = rollouts
+        if groups != self._groups:
+            doc["groups"] = self._groups = groups
         return doc
 
     def _counters(self) -> dict[str, Any]:

@@ -4,7 +4,8 @@ One TLS listener that requires a client certificate issued by the fleet CA and n
 certificate's CN becomes the MQTT user name (``use_identity_as_username``) and the client id
 (``use_username_as_clientid``: a device cannot take over another's session by choosing its client id). The
 ACL gives each device its own topics only, and operators (CN ``op:<name>``) read everything and write ``cmd``,
-``bundles/#`` (deploy chunks) and ``rollouts/#`` (rollout progress).
+``bundles/#`` (deploy chunks) and ``rollouts/#`` (rollout progress); a device's site connection (CN
+``site:<device>``, a second certificate for the same key) its groups' topics.
 mosquitto (2.0.11, tested) re-reads ``acl_file`` and the CRL on SIGHUP and applies them to new connections;
 a revoked device that is connected at that moment keeps its session until it reconnects, so cutting it at
 once takes a restart (docs/fleet.md, tests/fleet/test_provision_broker.py).
@@ -22,7 +23,7 @@ from edgeguard.errors import ConfigError
 
 from ._fleetdir import FleetDir
 from ._inventory import Inventory
-from ._pki import OPERATOR_CN_PREFIX
+from ._pki import OPERATOR_CN_PREFIX, SITE_CN_PREFIX
 
 __all__ = ["BrokerFiles", "write_broker_config", "MAX_PACKET_SIZE", "DEVICE_WRITE", "DEVICE_READ"]
 
@@ -78,18 +79,18 @@ def _acl(fd: FleetDir, inv: Inventory) -> str:
 
 
 def _group_acl(prefix: str, inv: Inventory) -> list[str]:
-    """Site groups (docs/sites.md): a member reads its groups' input (as a shared subscription), stream
-    inputs, leases and member states; writes leases, and its own member status and probe only."""
+    """Site groups (docs/sites.md): the site connection of a member (its second certificate, CN
+    ``site:<device>``: the CN is the client id, so it needs its own) reads its groups' input (as a shared
+    subscription), stream inputs, leases, member states and its own probe; writes leases, and its own member
+    status and probe only. The link's identity (CN ``<device>``) gets no group topic."""
     lines = [
         "",
-        "# Site groups: each member writes only its own member status and probe (%u is the device id).",
-        f"pattern write {prefix}/group/+/member/%u",
-        f"pattern readwrite {prefix}/group/+/probe/%u",
+        "# Site groups: the site connection of each member (CN site:<device>, docs/sites.md).",
     ]
     for dev_id, dev in sorted(inv.devices.items()):
-        if dev.state != "active" or not dev.groups:
+        if dev.state != "active" or not dev.groups or dev.site_cert_serial is None:
             continue
-        lines.append(f"user {dev_id}")
+        lines.append(f"user {SITE_CN_PREFIX}{dev_id}")
         for g in sorted(set(dev.groups)):
             base = f"{prefix}/group/{g}"
             # mosquitto 2.0.11 checks a shared subscription's deliveries against the plain topic (a
@@ -99,6 +100,8 @@ def _group_acl(prefix: str, inv: Inventory) -> list[str]:
                 f"topic read {base}/stream/+/input",
                 f"topic readwrite {base}/lease/+",
                 f"topic read {base}/member/+",
+                f"topic write {base}/member/{dev_id}",
+                f"topic readwrite {base}/probe/{dev_id}",
             ]
         lines.append("")
     return lines

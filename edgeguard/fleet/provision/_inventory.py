@@ -2,6 +2,7 @@
 
     {"version": 1, "fleet": F,
      "devices": {ID: {"groups": [...], "bundle_key_id": K, "signing_key_id": K, "cert_serial": HEX,
+                      "site_cert_serial": HEX | null,    # CN site:ID, while the device is in a group
                       "state": "active" | "revoked", "enrolled": "fleet" | "device",
                       "added": ISO8601, "revoked_at": ISO8601 | null}},
      "operators": {NAME: {"cert_serial": HEX, "state": ..., "added": ..., "revoked_at": ...}},
@@ -39,6 +40,7 @@ class DeviceRecord:
     added: str
     state: State = "active"
     revoked_at: str | None = None
+    site_cert_serial: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -46,6 +48,7 @@ class DeviceRecord:
             "bundle_key_id": self.bundle_key_id,
             "signing_key_id": self.signing_key_id,
             "cert_serial": self.cert_serial,
+            "site_cert_serial": self.site_cert_serial,
             "state": self.state,
             "enrolled": self.enrolled,
             "added": self.added,
@@ -103,6 +106,7 @@ class Inventory:
                     added=d["added"],
                     state=d["state"],
                     revoked_at=d.get("revoked_at"),
+                    site_cert_serial=d.get("site_cert_serial"),
                 )
             for name, o in doc.get("operators", {}).items():
                 inv.operators[name] = OperatorRecord(

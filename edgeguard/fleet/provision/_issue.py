@@ -5,6 +5,11 @@ the inventory once at the end of their batch.
 Idempotent by construction: whatever already exists in a device's directory (keys, certificate, tokens) is
 reused, so running ``add-device`` again gives the same keys and certificate; ``rotate=True`` revokes the old
 certificate (it goes on the CRL) and issues everything anew.
+
+A device in a group also gets ``site.pem``: a second certificate for the same TLS key with CN
+``site:<device>``, for its site connection (docs/sites.md). The fleet's broker makes the CN the client id, so
+the link and the site connection need one each; the ACL grants the group topics to the site identity only.
+Leaving every group revokes it.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ class Issuer:
             )
         self.ca_cert = ca_cert
         self._publisher: PublisherKey | None = None
+        self.crl_stale = False  # a certificate was revoked on the way (a site certificate): write_crl()
 
     @property
     def publisher(self) -> PublisherKey:
@@ -104,6 +110,7 @@ class Issuer:
         sign_pub = ensure_ed25519(d / "device-sign.key", d / "device-sign.pub")
         tls_key = ensure_ec_key(d / "client.key")
         serial = self._ensure_client_cert(d, tls_key.public_key(), device_id)
+        site_serial = self._ensure_site_cert(d, tls_key.public_key(), device_id, _groups(groups, old))
         self._ensure_tokens(d)
         return self._record(
             device_id=device_id,
@@ -112,6 +119,7 @@ class Issuer:
             d=d,
             sign_pub=sign_pub,
             serial=serial,
+            site_serial=site_serial,
             enrolled="fleet",
             rotate=rotate,
         )
@@ -135,6 +143,7 @@ class Issuer:
         atomic_write(d / "device.pub", device_pub.public_bytes(*_PEM_PUB), mode=0o644)
         atomic_write(d / "device-sign.pub", sign_pub.public_bytes(*_PEM_PUB), mode=0o644)
         serial = self._ensure_client_cert(d, tls_pub, device_id)
+        site_serial = self._ensure_site_cert(d, tls_pub, device_id, _groups(groups, old))
         self._ensure_tokens(d)
         return self._record(
             device_id=device_id,
@@ -143,6 +152,7 @@ class Issuer:
             d=d,
             sign_pub=sign_pub,
             serial=serial,
+            site_serial=site_serial,
             enrolled="device",
             rotate=rotate,
         )
@@ -150,6 +160,8 @@ class Issuer:
     def _retire(self, old: DeviceRecord, d: Path) -> None:
         """--rotate: the old certificate goes on the CRL; the old key files go (a new identity follows)."""
         self.inv.revoke_cert(old.cert_serial, old.id, _now())
+        if old.site_cert_serial is not None:
+            self.inv.revoke_cert(old.site_cert_serial, pki.SITE_CN_PREFIX + old.id, _now())
         for name in (
             "device.key",
             "device.pub",
@@ -157,21 +169,47 @@ class Issuer:
             "device-sign.pub",
             "client.key",
             "client.pem",
+            "site.pem",
             "api-tokens",
             "device.csr",
         ):
             (d / name).unlink(missing_ok=True)
 
     def _ensure_client_cert(
-        self, d: Path, public_key: ec.EllipticCurvePublicKey, cn: str, ou: str = "devices"
+        self,
+        d: Path,
+        public_key: ec.EllipticCurvePublicKey,
+        cn: str,
+        ou: str = "devices",
+        name: str = "client.pem",
     ) -> str:
-        cert = read_cert(d / "client.pem")
+        cert = read_cert(d / name)
         if cert is not None and cert.public_key() == public_key and pki.subject_cn(cert.subject) == cn:
             return pki.serial_hex(cert)  # same key, same certificate: re-running changes nothing
+        if cert is not None and name == "site.pem":  # a site certificate for another key: never valid again
+            self._revoke(pki.serial_hex(cert), pki.subject_cn(cert.subject) or cn)
         assert self.ca_key is not None
         cert = pki.issue_client_cert(self.ca_key, self.ca_cert, public_key, cn, ou=ou, fleet=self.cfg.name)
-        atomic_write(d / "client.pem", pki.cert_pem(cert), mode=0o644)
+        atomic_write(d / name, pki.cert_pem(cert), mode=0o644)
         return pki.serial_hex(cert)
+
+    def _ensure_site_cert(
+        self, d: Path, public_key: ec.EllipticCurvePublicKey, device_id: str, groups: tuple[str, ...]
+    ) -> str | None:
+        """``site.pem`` (CN ``site:<device>``, same key as ``client.pem``) while the device is in a group;
+        out of every group, an existing one is revoked and removed."""
+        if groups:
+            return self._ensure_client_cert(d, public_key, pki.SITE_CN_PREFIX + device_id, name="site.pem")
+        cert = read_cert(d / "site.pem")
+        if cert is not None:
+            self._revoke(pki.serial_hex(cert), pki.SITE_CN_PREFIX + device_id)
+            (d / "site.pem").unlink()
+        return None
+
+    def _revoke(self, serial: str, cn: str) -> None:
+        """Put a certificate on the inventory's revoked list; the caller writes the CRL (``crl_stale``)."""
+        self.inv.revoke_cert(serial, cn, _now())
+        self.crl_stale = True
 
     @staticmethod
     def _ensure_tokens(d: Path) -> None:
@@ -194,16 +232,18 @@ class Issuer:
         d: Path,
         sign_pub: Ed25519PublicKey,
         serial: str,
+        site_serial: str | None,
         enrolled: str,
         rotate: bool,
     ) -> DeviceRecord:
-        keep = groups if groups is not None else (old.groups if old is not None else ())
+        keep = _groups(groups, old)
         rec = DeviceRecord(
             id=device_id,
             groups=tuple(keep),
             bundle_key_id=load_recipient_key(d / "device.pub").key_id,
             signing_key_id=public_key_id(sign_pub),
             cert_serial=serial,
+            site_cert_serial=site_serial,
             enrolled="device" if enrolled == "device" else "fleet",
             added=old.added if old is not None and not rotate else _now().isoformat(timespec="seconds"),
         )
@@ -219,6 +259,7 @@ class Issuer:
             device_id=rec.id,
             fleet=self.cfg.name,
             groups=rec.groups,
+            site=rec.site_cert_serial is not None,
             broker_host=broker.host,
             broker_port=broker.port,
             api_port=self.cfg.device_api_port,
@@ -233,6 +274,8 @@ class Issuer:
             "device-sign.pub": d / "device-sign.pub",
             "client.pem": d / "client.pem",
         }
+        if rec.site_cert_serial is not None:
+            public["site.pem"] = d / "site.pem"
         for name, path in public.items():
             files[name] = (0o644, read_checked(path, what=name, limit=64 * 1024, error=ConfigError).data)
         private = ["api-tokens"] + (
@@ -264,6 +307,8 @@ class Issuer:
             now = _now()
             rec.state, rec.revoked_at = "revoked", now.isoformat(timespec="seconds")
             self.inv.revoke_cert(rec.cert_serial, device_id, now)
+            if rec.site_cert_serial is not None:
+                self.inv.revoke_cert(rec.site_cert_serial, pki.SITE_CN_PREFIX + device_id, now)
         self.write_crl()
         return rec
 
@@ -299,6 +344,11 @@ class Issuer:
         assert self.ca_key is not None
         revoked = [(r.serial, datetime.fromisoformat(r.at)) for r in self.inv.revoked_certs]
         atomic_write(self.fd.crl, pki.build_crl(self.ca_key, self.ca_cert, revoked), mode=0o644)
+
+
+def _groups(groups: tuple[str, ...] | None, old: DeviceRecord | None) -> tuple[str, ...]:
+    """The groups a device ends up in: those given, else those it had."""
+    return tuple(groups if groups is not None else (old.groups if old is not None else ()))
 
 
 def _parse_csr(csr_pem: bytes) -> tuple[str, ec.EllipticCurvePublicKey, X25519PublicKey, Ed25519PublicKey]:

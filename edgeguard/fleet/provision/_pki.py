@@ -21,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
     "OPERATOR_CN_PREFIX",
+    "SITE_CN_PREFIX",
     "new_key",
     "key_pem",
     "cert_pem",
@@ -33,6 +34,10 @@ __all__ = [
 ]
 
 OPERATOR_CN_PREFIX = "op:"
+# The site connection of a device in a group (docs/sites.md): a second certificate for the device's own TLS
+# key, so the broker gives it a client id of its own. ":" is not allowed in a device id: no device can be
+# named like another's site identity.
+SITE_CN_PREFIX = "site:"
 CA_DAYS = 20 * 365
 LEAF_DAYS = 10 * 365  # boards live long and may sit on a shelf; revocation (the CRL) is what ends a device
 CRL_DAYS = 365  # an expired CRL makes mosquitto refuse every client: regenerate it before (docs/fleet.md)

@@ -48,7 +48,17 @@ port = {broker_port}
 ca_file = "fleet-ca.pem"
 client_cert = "client.pem"                   # CN = {device_id}: the broker's user name for this device
 client_key = "client.key"
-{commands_table}"""
+{commands_table}{site_table}"""
+
+# A device in a group gets site.pem (CN site:<device>) for its site connection: the fleet's broker makes the
+# CN the client id, so the link's certificate would make the two connections take each other's session.
+_SITE_TABLE = """
+[site]                                       # site group (docs/sites.md): enabled = true joins it
+enabled = false
+group = "{group}"                            # one of device.groups
+client_cert = "site.pem"                     # CN = site:{device_id}: the site connection's own identity
+client_key = "client.key"                    # the same key as the link's certificate
+"""
 
 _COMMANDS_TABLE = """
 [commands]                                   # signed commands: edgeguard/v1/{fleet}/{device_id}/cmd
@@ -67,8 +77,16 @@ def optional_keys() -> tuple[bool, bool, bool]:
 
 
 def render_device_config(
-    *, device_id: str, fleet: str, groups: tuple[str, ...], broker_host: str, broker_port: int, api_port: int
+    *,
+    device_id: str,
+    fleet: str,
+    groups: tuple[str, ...],
+    broker_host: str,
+    broker_port: int,
+    api_port: int,
+    site: bool = False,
 ) -> str:
+    """``site``: the device has ``site.pem`` (it is in a group): a ``[site]`` table for its first group."""
     has_groups, has_signing_key, has_commands = optional_keys()
     extra = ""
     if has_groups:
@@ -83,6 +101,7 @@ def render_device_config(
         broker_host=broker_host,
         broker_port=broker_port,
         commands_table=_COMMANDS_TABLE.format(fleet=fleet, device_id=device_id) if has_commands else "",
+        site_table=_SITE_TABLE.format(group=groups[0], device_id=device_id) if site and groups else "",
     )
     # The runtime's own parser judges the result: a template bug (or a key this runtime refuses) fails here,
     # at the operator, not on a hundred boards.

@@ -12,6 +12,7 @@ const S = {
   events: [],              // newest last
   eventKeys: new Set(),
   rollouts: [],
+  groups: [],
   serverNow: 0, recvAt: 0, // server clock at the last message, and performance.now() then
   fleet: "", actions: false,
   sort: { key: "status", dir: 1 },
@@ -224,6 +225,26 @@ function renderRollouts() {
   box.querySelectorAll(".wave-bar span").forEach((el) => { el.style.width = (100 * Number(el.dataset.share)) + "%"; });
 }
 
+// Site groups (docs/sites.md), as `fleet status --groups` computes them from the heartbeats' sources.group.
+function renderGroups() {
+  const box = $("groups");
+  if (!S.groups.length) { box.innerHTML = '<p class="muted">No site group.</p>'; return; }
+  box.innerHTML = S.groups.map((g) => {
+    const members = g.members.map((d) => {
+      const why = g.left[d];
+      const load = g.load[d] === null || g.load[d] === undefined ? "–" : Math.round(100 * g.load[d]) + "%";
+      return `<li class="member" data-member="${esc(d)}"><span>${esc(d)}</span>` +
+        `<span class="badge ${why ? "b-warn" : "b-ok"}">${why ? "left" : "in share"}</span>` +
+        `<span class="member-load">${load}</span>${why ? `<span class="why">${esc(why)}</span>` : ""}</li>`;
+    }).join("");
+    const streams = Object.entries(g.streams).map(([n, s]) => `${esc(n)} @ ${esc(s.holder)} #${s.fencing_token}`);
+    return `<div class="group" data-group="${esc(g.group)}"><div class="rollout-head"><span class="rollout-title">${esc(g.group)}</span>` +
+      `<span class="group-share">${g.joined.length}/${g.members.length} in share</span></div>` +
+      `<div class="rollout-meta">redelivered ${g.redelivered} · failovers ${g.failovers}` +
+      `${streams.length ? " · streams " + streams.join(", ") : ""}</div><ul class="members">${members}</ul></div>`;
+  }).join("");
+}
+
 function eventItem(e, withDevice) {
   return `<li><time>${clock(e.time)}</time><span><span class="${e.security ? "what" : "ev-info"}">${esc(e.kind)}</span>` +
     `${withDevice ? ` <span class="who">${esc(e.device)}</span>` : ""}</span>` +
@@ -237,7 +258,7 @@ function renderSecurity() {
 
 // ------------------------------------------------------------------------------------------ updates
 let frame = 0;
-const want = { table: false, side: false, rollouts: false, security: false };
+const want = { table: false, side: false, rollouts: false, groups: false, security: false };
 function schedule(parts) {
   Object.assign(want, parts);
   if (!frame) frame = requestAnimationFrame(render);
@@ -248,8 +269,9 @@ function render() {
   if (want.table) renderTable();
   if (want.side) { renderSummary(); renderModels(); }
   if (want.rollouts) renderRollouts();
+  if (want.groups) renderGroups();
   if (want.security) renderSecurity();
-  want.table = want.side = want.rollouts = want.security = false;
+  want.table = want.side = want.rollouts = want.groups = want.security = false;
   $("updated").textContent = "updated " + clock(S.serverNow);
 }
 
@@ -282,8 +304,9 @@ function apply(msg) {
   for (const d of msg.devices) S.devices.set(keyOf(d), d);
   addEvents(msg.events || []);
   if (msg.rollouts) S.rollouts = msg.rollouts;
+  if (msg.groups) S.groups = msg.groups;
   S.dirtyOrder = true;
-  schedule({ table: true, side: true, rollouts: !!msg.rollouts || msg.type === "snapshot", security: (msg.events || []).length > 0 || msg.type === "snapshot" });
+  schedule({ table: true, side: true, rollouts: !!msg.rollouts || msg.type === "snapshot", groups: !!msg.groups, security: (msg.events || []).length > 0 || msg.type === "snapshot" });
   if (S.detail && msg.devices.some((d) => keyOf(d) === S.detail)) refreshDetail();
 }
 
