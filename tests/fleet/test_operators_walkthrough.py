@@ -212,6 +212,10 @@ def test_the_operators_walkthrough_runs_as_written(tmp_path: Path, walk: Walk) -
                     arg=[k, n], timeout=WAIT_MS)
 
         counts(all=201, online=201, offline=0)
+        # Heartbeats are not retained: each row has its figures once the device's next one (10 s) arrived.
+        page.wait_for_selector("#models:has-text('detector v3'):has-text('okay-nabu')", timeout=WAIT_MS)
+        page.wait_for_function("() => !document.getElementById('models').textContent.includes('no model')",
+                               timeout=WAIT_MS)
         page.screenshot(path=str(shots / "01-201-devices.png"))
 
         # A device drops.

@@ -149,7 +149,6 @@ def test_dashboard_in_chromium_counts_every_simulated_device(
         page.wait_for_function("n => document.getElementById('count-all').textContent === String(n)",
                                arg=COUNT, timeout=WAIT_S * 1000)
         online = COUNT - len(scale_fleet.dropped)
-        # Online devices count as online once their heartbeat arrived (no heartbeat yet reads as degraded).
         page.wait_for_function(
             "n => document.getElementById('count-online').textContent === String(n)", arg=online,
             timeout=WAIT_S * 1000)
