@@ -53,14 +53,14 @@ def _ping(fleet_dir: Path, port: int, to: str, expect: int) -> dict[str, Any]:
         raise SystemExit(f"bench_ping_all: {to}: {len(verified)}/{expect} verified answers (exit "
                          f"{out.returncode}): {out.stderr[-500:]}")
     lat = sorted(a["latency_ms"] for a in verified)
-    return {"wall_s": round(wall, 3), "last_ms": lat[-1], "p50_ms": statistics.median(lat),
+    return {"wall_s": round(wall, 3), "last_ms": lat[-1], "p50_ms": round(statistics.median(lat), 1),
             "answers": len(lat)}
 
 
 def bench(n: int, rounds: int, work: Path) -> dict[str, Any]:
     from tests.support.broker import MosquittoBroker
 
-    fleet_dir = work / f"fleet-{n}"
+    fleet_dir = work / str(n) / "plant"  # the fleet is named after its directory
     names = [f"sim-{i:04d}" for i in range(n)]
     steps: list[list[str | Path]] = [
         ["fleet", "init", fleet_dir, "--broker", "127.0.0.1:8883", "--group", "line-1"],
