@@ -1,7 +1,7 @@
 """Publisher side of `pack --adversarial`: the `defence` declaration for a model, calibrated on clean data.
 
 One CPU reference session (onnxruntime; LiteRT through ``run_reference`` for ``.tflite``) scores every clean
-sample; ``edgeguard.engine.adversarial.calibrate_adversarial`` turns the scores into the threshold.
+sample; ``edgeguard.engine._adv_calibrate.calibrate_adversarial`` turns the scores into the threshold.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import numpy as np
 from edgeguard.bundle._pack import _tensor_from_meta
 from edgeguard.bundle._reference import introspect, run_reference
 from edgeguard.bundle.manifest import ModelFormat
-from edgeguard.engine.adversarial import RunFn, calibrate_adversarial
+from edgeguard.engine._adv_calibrate import calibrate_adversarial
+from edgeguard.engine.adversarial import RunFn
 from edgeguard.errors import ConfigError
 
 from ._evaluate import probe_manifest

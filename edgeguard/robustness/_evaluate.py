@@ -15,7 +15,8 @@ from typing import Any, Literal
 import numpy as np
 
 from edgeguard.bundle.manifest import Manifest, TensorSpec
-from edgeguard.engine.adversarial import AdversarialSpec, calibrate_adversarial, parse_defence, squeeze_scores
+from edgeguard.engine._adv_calibrate import calibrate_adversarial
+from edgeguard.engine.adversarial import AdversarialSpec, parse_defence, squeeze_scores
 
 from ._attacks import SpsaConfig, fgsm, pgd
 
