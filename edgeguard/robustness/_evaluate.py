@@ -116,7 +116,8 @@ def evaluate(
     searched: dict[str, Any] | None = None
     if search:
         progress("searching the squeezer set on the calibration split")
-        found = search_squeezers(run, lambda b: _classify(run, spec, b), spec, (cal_x, cal_y), eps=eps,
+        base = spec
+        found = search_squeezers(run, lambda b: _classify(run, base, b), base, (cal_x, cal_y), eps=eps,
                                  fpr=fpr, cfg=cfg, rng=np.random.default_rng([seed, 1]), pgd_steps=pgd_steps,
                                  max_squeezers=max_squeezers)
         searched = {"calibration_detection": round(found.calibration_detection, 4), "tried": found.tried}
