@@ -38,7 +38,7 @@ from edgeguard.bundle.manifest import Manifest, TensorSpec
 from edgeguard.errors import AdversarialInput, InputRejected
 
 from ._declarations import DeclReader
-from .squeeze import median_smooth, reduce_bit_depth
+from .squeeze import median_smooth, reduce_bit_depth, reduce_bit_depths
 
 __all__ = [
     "AdversarialSpec",
@@ -90,10 +90,25 @@ class AdversarialSpec:
     listed: tuple[Squeezer, ...] = ()  # the ``squeezers`` key: explicit set, normalised score
 
     def scales(self) -> np.ndarray:
-        """The divisor of each squeezed version's distance (ones without a ``squeezers`` list)."""
+        """Each squeezed version's divisor, ``[squeezers, 1]`` (ones without a ``squeezers`` list)."""
         if self.listed:
-            return np.array([s.scale for s in self.listed], dtype=np.float64)
-        return np.ones(len(self.squeezers()), dtype=np.float64)
+            return self._scales
+        return np.ones((len(self.squeezers()), 1), dtype=np.float64)
+
+    @functools.cached_property
+    def _scales(self) -> np.ndarray:  # per request: built once
+        return np.array([[s.scale] for s in self.listed], dtype=np.float64)
+
+    @functools.cached_property
+    def _depths(self) -> tuple[int, ...]:
+        return tuple(s.value for s in self.listed)
+
+    def squeeze(self, x: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        """Every squeezed version of ``x``, in ``squeezers()`` order (one array when all are bit depths)."""
+        if self.listed and all(s.kind == "bits" for s in self.listed):
+            lo, hi = self.value_range
+            return reduce_bit_depths(x, self._depths, low=lo, high=hi).astype(x.dtype, copy=False)
+        return [fn(x).astype(x.dtype, copy=False) for fn in self.squeezers()]
 
     def squeezers(self) -> list[Callable[[np.ndarray], np.ndarray]]:
         out: list[Callable[[np.ndarray], np.ndarray]] = []
@@ -274,7 +289,7 @@ def squeeze_scores(run: RunFn, inputs: Mapping[str, np.ndarray], spec: Adversari
     divided by its scale when the declaration lists ``squeezers``)."""
     outputs, distances = squeeze_distances(run, inputs, spec)
     if spec.listed:
-        distances = distances / spec.scales()[:, None]
+        distances /= spec.scales()
     return outputs, distances.max(axis=0)
 
 
@@ -287,11 +302,12 @@ def squeeze_distances(run: RunFn, inputs: Mapping[str, np.ndarray], spec: Advers
     """
     x = inputs[spec.input]
     n = int(x.shape[0]) if x.ndim else 1
-    squeezed = [fn(x).astype(x.dtype, copy=False) for fn in spec.squeezers()]
+    squeezed = spec.squeeze(x)
     if spec.batched:
         k = 1 + len(squeezed)
-        batch = {name: (np.concatenate([x, *squeezed], axis=0) if name == spec.input
-                        else np.concatenate([value] * k, axis=0))
+        stacked = (np.concatenate([x[None], squeezed]).reshape(k * n, *x.shape[1:])
+                   if isinstance(squeezed, np.ndarray) else np.concatenate([x, *squeezed], axis=0))
+        batch = {name: stacked if name == spec.input else np.concatenate([value] * k, axis=0)
                  for name, value in inputs.items()}
         raw = run(batch)
         # Copies: a result must not keep the whole batch (1 + squeezers times its size) alive.
