@@ -187,6 +187,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--adversarial-joint", action="store_true",
                    help="one squeezed version (bits, then median) instead of one per squeezer: one extra "
                    "model run instead of two, for models whose run dominates the cost (default: separate)")
+    p.add_argument("--adversarial-squeezers", metavar="LIST",
+                   help="an explicit squeezer set scored as the largest normalised distance, instead of "
+                   "--adversarial-bits/-median/-joint: comma-separated bitsN (1..16) and medianK (2..7), at "
+                   "most 4, e.g. bits4,bits5 (what `edgeguard robustness --search` chose for digits; "
+                   "default: none)")
     p.add_argument(
         "-o", "--output", required=True, type=Path, metavar="OUT.egm", help="the sealed bundle to write"
     )
@@ -344,7 +349,11 @@ def _with_adversarial(args: argparse.Namespace, model: bytes, model_format: Mode
                       meta: dict[str, Any], golden: Any) -> dict[str, Any]:
     """``meta`` with ``defence`` calibrated on --adversarial-data (else the golden inputs)."""
     from edgeguard.bundle._reference import introspect  # noqa: PLC0415
-    from edgeguard.robustness._calibrate import adversarial_defence, load_clean_samples  # noqa: PLC0415
+    from edgeguard.robustness._calibrate import (  # noqa: PLC0415
+        adversarial_defence,
+        load_clean_samples,
+        parse_squeezer_list,
+    )
 
     if args.adversarial_data is not None:
         names = ([t["name"] for t in meta["inputs"]] if "inputs" in meta
@@ -354,7 +363,9 @@ def _with_adversarial(args: argparse.Namespace, model: bytes, model_format: Mode
         samples = [dict(s["in"]) for s in golden]
     defence = adversarial_defence(model, model_format, meta=meta, samples=samples, mode=args.adversarial,
                                   fpr=args.adversarial_fpr, bits=args.adversarial_bits,
-                                  median=args.adversarial_median, joint=args.adversarial_joint)
+                                  median=args.adversarial_median, joint=args.adversarial_joint,
+                                  squeezers=(parse_squeezer_list(args.adversarial_squeezers)
+                                             if args.adversarial_squeezers is not None else None))
     return {**meta, "defence": defence}
 def _output_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The manifest's ``output`` keys given on the command line (checked by the device's own reader)."""

@@ -58,6 +58,12 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
                    help="median squeezer window; 0 = off (default: 0, right for 8x8 digits; 2 for photos)")
     p.add_argument("--joint", action="store_true",
                    help="one squeezed version (bits, then median) instead of one per squeezer (default: off)")
+    p.add_argument("--search", action="store_true",
+                   help="choose the squeezer set (bit depths 1-5, medians 2/3; up to --max-squeezers, "
+                   "normalised score) by attacking the calibration split only; overrides --bits/--median/"
+                   "--joint (e.g. edgeguard robustness digits --search --fpr 0.04)")
+    p.add_argument("--max-squeezers", type=int, default=2, metavar="N",
+                   help="with --search: at most N squeezed versions per input, 1..4 (default: 2)")
     p.add_argument("--softmax", action="store_true", help="the model outputs logits (default: probabilities)")
     p.add_argument("--spsa-samples", type=int, default=32, help="SPSA directions per gradient (default: 32)")
     p.add_argument("--pgd-steps", type=int, default=10, help="PGD steps (default: 10)")
@@ -146,6 +152,8 @@ def _robustness(args: argparse.Namespace) -> int:
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
     if not attacks or any(a not in ("fgsm", "pgd") for a in attacks):
         raise ConfigError(f"--attacks: fgsm and/or pgd, got {args.attacks!r}")
+    if not 1 <= args.max_squeezers <= 4:
+        raise ConfigError(f"--max-squeezers must be in 1..4, got {args.max_squeezers}")
     if args.samples < 1 or args.spsa_samples < 1 or args.pgd_steps < 1:
         raise ConfigError("--samples, --spsa-samples and --pgd-steps must be at least 1")
     rng_seed = args.seed
@@ -205,6 +213,7 @@ def _robustness(args: argparse.Namespace) -> int:
         run, manifest=probe_manifest(inputs, outputs, post), calibration=cal_xy,
         test=(test_xy[0][:n], test_xy[1][:n]), eps=eps, attacks=attacks,
         fpr=args.fpr, bits=args.bits, median=args.median, joint=args.joint,
+        search=args.search, max_squeezers=args.max_squeezers,
         softmax=True if args.softmax else None,
         spsa=SpsaConfig(samples=args.spsa_samples), pgd_steps=args.pgd_steps, seed=rng_seed, name=name,
         progress=_progress if sys.stderr.isatty() else (lambda _: None),

@@ -124,6 +124,13 @@ class DeclReader:
                 raise self.fail(key, f"expected strings of at most {max_len} characters, got {item!r}")
         return tuple(value)
 
+    def raw_list(self, key: str, *, max_items: int) -> list[Any]:
+        """A JSON list of at most ``max_items`` items, unvalidated (the caller reads each one)."""
+        value = self._raw(key)
+        if not isinstance(value, list) or len(value) > max_items:
+            raise self.fail(key, f"expected a list of at most {max_items} items, got {value!r}"[:300])
+        return value
+
     def obj(self, key: str) -> DeclReader | None:
         if key not in self._data:
             return None

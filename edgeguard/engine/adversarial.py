@@ -5,6 +5,12 @@ squeezing it (fewer bits per value, a median filter) moves the model's answer a 
 answer barely moves. The score of one input is the largest L1 distance between the model's output
 probabilities on the input and on each of its squeezed versions (Xu et al., NDSS 2018, section 3.3).
 
+A declaration may instead list its ``squeezers`` explicitly, each with a ``scale`` (the median L1 distance it
+gives on clean calibration inputs): the score is then the largest *normalised* distance, each squeezer's
+distance divided by its own scale, so that one threshold is not dominated by the squeezer whose clean
+distances happen to be largest (``calibrate_adversarial(squeezers=...)``; chosen per model by
+``edgeguard robustness --search``). Declarations without ``squeezers`` score exactly as before.
+
 The publisher calibrates the threshold at pack time (``calibrate_adversarial``) on clean inputs, as the
 ``1 - fpr`` quantile of their scores, and signs it in the manifest with the mode:
 
@@ -19,33 +25,49 @@ call; otherwise one call each. Without a declaration nothing runs at all.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import numpy as np
 
 from edgeguard.bundle.manifest import Manifest, TensorSpec
-from edgeguard.errors import AdversarialInput, ConfigError, InputRejected
+from edgeguard.errors import AdversarialInput, InputRejected
 
 from ._declarations import DeclReader
-from .squeeze import median_smooth, reduce_bit_depth
+from .squeeze import median_smooth, reduce_bit_depth, reduce_bit_depths
 
 __all__ = [
     "AdversarialSpec",
     "AdversarialVerdict",
     "SqueezeDetector",
     "parse_defence",
-    "calibrate_adversarial",
     "squeeze_scores",
+    "squeeze_distances",
+    "Squeezer",
 ]
 
 DEFENCE_KEYS: Final = ("adversarial",)  # the sections of manifest.defence this runtime knows
 _FLOAT_DTYPES: Final = frozenset({"float32", "float16", "float64"})
 RunFn = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
+SqueezerKind = Literal["bits", "median"]
+MAX_SQUEEZERS: Final = 4  # each one is one more model input per request
+MIN_SCALE: Final = 1e-6  # a clean distance floor: a squeezer that never moves a clean answer
+
+
+@dataclass(frozen=True)
+class Squeezer:
+    """One entry of ``squeezers``: ``bits`` (levels = 2**value) or ``median`` (window), and its scale."""
+
+    kind: SqueezerKind
+    value: int
+    scale: float = 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {self.kind: self.value, "scale": self.scale}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,9 +87,40 @@ class AdversarialSpec:
     batched: bool  # run input + squeezed versions as one batch
     calibrated_on: int = 0  # clean samples behind the threshold
     joint: bool = False  # one squeezed version (bits, then median) instead of one per squeezer
+    listed: tuple[Squeezer, ...] = ()  # the ``squeezers`` key: explicit set, normalised score
+
+    def scales(self) -> np.ndarray:
+        """Each squeezed version's divisor, ``[squeezers, 1]`` (ones without a ``squeezers`` list)."""
+        if self.listed:
+            return self._scales
+        return np.ones((len(self.squeezers()), 1), dtype=np.float64)
+
+    @functools.cached_property
+    def _scales(self) -> np.ndarray:  # per request: built once
+        return np.array([[s.scale] for s in self.listed], dtype=np.float64)
+
+    @functools.cached_property
+    def _depths(self) -> tuple[int, ...]:
+        return tuple(s.value for s in self.listed)
+
+    def squeeze(self, x: np.ndarray) -> np.ndarray | list[np.ndarray]:
+        """Every squeezed version of ``x``, in ``squeezers()`` order (one array when all are bit depths)."""
+        if self.listed and all(s.kind == "bits" for s in self.listed):
+            lo, hi = self.value_range
+            return reduce_bit_depths(x, self._depths, low=lo, high=hi).astype(x.dtype, copy=False)
+        return [fn(x).astype(x.dtype, copy=False) for fn in self.squeezers()]
 
     def squeezers(self) -> list[Callable[[np.ndarray], np.ndarray]]:
         out: list[Callable[[np.ndarray], np.ndarray]] = []
+        if self.listed:
+            lo, hi = self.value_range
+            axes = self.spatial or (0, 1)  # parsing refuses a median without image axes
+            for sq in self.listed:
+                if sq.kind == "bits":
+                    out.append(functools.partial(reduce_bit_depth, bits=sq.value, low=lo, high=hi))
+                else:
+                    out.append(functools.partial(median_smooth, window=sq.value, axes=axes))
+            return out
         if self.bits:
             lo, hi = self.value_range
             out.append(lambda x: reduce_bit_depth(x, self.bits, low=lo, high=hi))
@@ -80,6 +133,14 @@ class AdversarialSpec:
         return out
 
     def to_json(self) -> dict[str, Any]:
+        if self.listed:
+            return {
+                "mode": self.mode, "threshold": self.threshold, "fpr": self.fpr, "input": self.input,
+                "output": self.output, "softmax": self.softmax,
+                "squeezers": [s.to_json() for s in self.listed],
+                "spatial": list(self.spatial) if self.spatial is not None else None,
+                "range": list(self.value_range), "batched": self.batched, "calibrated_on": self.calibrated_on,
+            }
         return {
             "mode": self.mode, "threshold": self.threshold, "fpr": self.fpr, "input": self.input,
             "output": self.output, "softmax": self.softmax, "bits": self.bits, "median": self.median,
@@ -135,19 +196,28 @@ def _parse_adversarial(r: DeclReader, manifest: Manifest) -> AdversarialSpec:
         lo, hi = r.numbers("range", None, length=2)
     if not hi > lo:
         raise r.fail("range", f"[{lo:g}, {hi:g}] is empty")
-    bits = r.integer("bits", 4, low=0, high=16)
-    median = r.integer("median", 2, low=0, high=7)
-    if median == 1:
-        raise r.fail("median", "a window of 1 changes nothing; use 0 (off) or 2..7")
-    if median and spatial is None:
-        raise r.fail("median", f"input {name!r} {list(spec.shape)} has no image axes; "
-                     "set spatial or median 0")
-    if not bits and not median:
-        raise r.fail("bits", "bits and median are both 0: no squeezer left")
+    listed = _parse_squeezers(r, spatial, name, spec) if r.has("squeezers") else ()
+    if listed:
+        for key in ("bits", "median", "joint"):
+            if r.has(key):
+                raise r.fail(key, "cannot be combined with squeezers (list every squeezer there)")
+        bits = median = 0
+    else:
+        bits = r.integer("bits", 4, low=0, high=16)
+        median = r.integer("median", 2, low=0, high=7)
+        if median == 1:
+            raise r.fail("median", "a window of 1 changes nothing; use 0 (off) or 2..7")
+        if median and spatial is None:
+            raise r.fail("median", f"input {name!r} {list(spec.shape)} has no image axes; "
+                         "set spatial or median 0")
+        if not bits and not median:
+            raise r.fail("bits", "bits and median are both 0: no squeezer left")
+    # An L1 distance between two distributions is at most 2; a normalised one at most 2 / the smallest scale.
+    top = 2.0 / min(s.scale for s in listed) if listed else 2.0
     batch_axes = {s.shape[0] for s in manifest.inputs if s.shape}
     parsed = AdversarialSpec(
         mode=r.string("mode", choices=("flag", "reject")),  # type: ignore[arg-type]
-        threshold=r.number("threshold", low=0.0, high=2.0),  # L1 between two distributions is at most 2
+        threshold=r.number("threshold", low=0.0, high=top),
         fpr=r.number("fpr", low=0.0, high=0.5),
         input=name,
         output=out,
@@ -158,12 +228,39 @@ def _parse_adversarial(r: DeclReader, manifest: Manifest) -> AdversarialSpec:
         value_range=(lo, hi),
         batched=r.boolean("batched", False),
         calibrated_on=r.integer("calibrated_on", 0, low=0, high=1 << 31),
-        joint=r.boolean("joint", False),
+        joint=r.boolean("joint", False) if not listed else False,
+        listed=listed,
     )
     if parsed.batched and not batch_axes <= {None, 1}:
         raise r.fail("batched", "every input's first axis must be the batch (1 or dynamic)")
     r.finish()
     return parsed
+
+
+def _parse_squeezers(r: DeclReader, spatial: tuple[int, int] | None, name: str, spec: TensorSpec,
+                     ) -> tuple[Squeezer, ...]:
+    """``squeezers``: 1..MAX_SQUEEZERS objects ``{"bits": 1..16 | "median": 2..7, "scale": > 0}``."""
+    raw = r.raw_list("squeezers", max_items=MAX_SQUEEZERS)
+    if not raw:
+        raise r.fail("squeezers", "an empty list leaves no squeezer")
+    out: list[Squeezer] = []
+    for i, item in enumerate(raw):
+        e = DeclReader(f"{r.where}.squeezers[{i}]", item)
+        kinds = [k for k in ("bits", "median") if e.has(k)]
+        if len(kinds) != 1:
+            raise r.fail("squeezers", f"item {i} must have exactly one of bits, median")
+        kind: SqueezerKind = "bits" if kinds[0] == "bits" else "median"
+        value = e.integer(kind, low=1, high=16) if kind == "bits" else e.integer(kind, low=2, high=7)
+        if kind == "median" and spatial is None:
+            raise r.fail("squeezers", f"item {i}: input {name!r} {list(spec.shape)} has no image axes; "
+                         "set spatial or drop the median")
+        scale = e.number("scale", low=MIN_SCALE, high=2.0)
+        e.finish()
+        sq = Squeezer(kind, value, scale)
+        if any((s.kind, s.value) == (sq.kind, sq.value) for s in out):
+            raise r.fail("squeezers", f"item {i} repeats {kind} {value}")
+        out.append(sq)
+    return tuple(out)
 
 
 def parse_defence(manifest: Manifest) -> AdversarialSpec | None:
@@ -188,18 +285,29 @@ def _probabilities(output: np.ndarray, n: int, softmax: bool) -> np.ndarray:
 
 def squeeze_scores(run: RunFn, inputs: Mapping[str, np.ndarray], spec: AdversarialSpec,
                    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Outputs on ``inputs`` and the score of each sample in its batch (max L1 over the squeezers).
+    """Outputs on ``inputs`` and the score of each sample in its batch (max L1 over the squeezers, each
+    divided by its scale when the declaration lists ``squeezers``)."""
+    outputs, distances = squeeze_distances(run, inputs, spec)
+    if spec.listed:
+        distances /= spec.scales()
+    return outputs, distances.max(axis=0)
+
+
+def squeeze_distances(run: RunFn, inputs: Mapping[str, np.ndarray], spec: AdversarialSpec,
+                      ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Outputs on ``inputs`` and the L1 distance of every squeezed version, ``[squeezers, samples]``.
 
     ``run`` is one model call. With ``spec.batched`` the input and its squeezed versions are one call on a
     batch ``1 + squeezers`` times as large (the other inputs repeated), else one call each.
     """
     x = inputs[spec.input]
     n = int(x.shape[0]) if x.ndim else 1
-    squeezed = [fn(x).astype(x.dtype, copy=False) for fn in spec.squeezers()]
+    squeezed = spec.squeeze(x)
     if spec.batched:
         k = 1 + len(squeezed)
-        batch = {name: (np.concatenate([x, *squeezed], axis=0) if name == spec.input
-                        else np.concatenate([value] * k, axis=0))
+        stacked = (np.concatenate([x[None], squeezed]).reshape(k * n, *x.shape[1:])
+                   if isinstance(squeezed, np.ndarray) else np.concatenate([x, *squeezed], axis=0))
+        batch = {name: stacked if name == spec.input else np.concatenate([value] * k, axis=0)
                  for name, value in inputs.items()}
         raw = run(batch)
         # Copies: a result must not keep the whole batch (1 + squeezers times its size) alive.
@@ -212,8 +320,7 @@ def squeeze_scores(run: RunFn, inputs: Mapping[str, np.ndarray], spec: Adversari
         others = np.stack([
             _probabilities(run({**inputs, spec.input: s})[spec.output], n, spec.softmax) for s in squeezed
         ])
-    scores = np.abs(others - base[None]).sum(axis=2).max(axis=0)
-    return outputs, scores
+    return outputs, np.abs(others - base[None]).sum(axis=2)
 
 
 class SqueezeDetector:
@@ -256,104 +363,3 @@ class SqueezeDetector:
         with self._lock:
             return {"mode": self.spec.mode, "checked": self._checked, "flagged": self._flagged,
                     "rejected": self._rejected}
-
-
-def calibrate_adversarial(
-    run: RunFn,
-    samples: Sequence[Mapping[str, np.ndarray]],
-    *,
-    manifest: Manifest,
-    mode: Literal["flag", "reject"] = "flag",
-    fpr: float = 0.05,
-    bits: int = 4,
-    median: int = 2,
-    softmax: bool | None = None,
-    value_range: tuple[float, float] | None = None,
-    output: str | None = None,
-    joint: bool = False,
-) -> dict[str, Any]:
-    """The ``defence`` declaration for ``manifest``'s model, calibrated on clean ``samples`` (publisher side).
-
-    ``run`` is a reference run of the model (``edgeguard.bundle._reference.run_reference``). The threshold is
-    the ``ceil((n + 1) * (1 - fpr))``-th smallest clean score (the conformal quantile: on fresh clean inputs
-    from the same distribution the expected false-positive rate is at most ``fpr``), so at least
-    ``1 / fpr - 1`` samples are needed. ``batched`` is set when one batched call gives the same outputs as
-    separate calls and is not clearly slower than them (by 25 %) on this machine's CPU. ``softmax``
-    defaults to the top-k post-processing's flag; ``value_range`` to the declared input range, else the
-    samples' own.
-    """
-    if not 0.0 < fpr <= 0.5:
-        raise ConfigError(f"fpr must be in (0, 0.5], got {fpr}")
-    n = len(samples)
-    rank = math.ceil((n + 1) * (1.0 - fpr))
-    if rank > n:
-        raise ConfigError(f"calibrating for a {fpr:g} false-positive rate needs at least "
-                          f"{math.ceil(1 / fpr - 1)} clean samples, got {n}")
-    post = manifest.postprocess or {}
-    decl: dict[str, Any] = {"mode": mode, "threshold": 2.0, "fpr": fpr, "bits": bits, "median": median,
-                            "softmax": bool(post.get("softmax", False)) if softmax is None else softmax,
-                            "joint": joint}
-    if output is not None:
-        decl["output"] = output
-    elif isinstance(post.get("output"), str):
-        decl["output"] = post["output"]
-    inputs = {s.name: s for s in manifest.inputs}
-    name = next(iter(inputs)) if len(inputs) == 1 else (manifest.preprocess or {}).get("input")
-    if not isinstance(name, str) or name not in inputs:
-        raise ConfigError(f"cannot tell which input to squeeze among {list(inputs)}")
-    decl["input"] = name
-    if value_range is None and inputs[name].value_range is None:
-        stacked = [np.asarray(s[name]) for s in samples]
-        value_range = (float(min(a.min() for a in stacked)), float(max(a.max() for a in stacked)))
-    if value_range is not None:
-        decl["range"] = [float(value_range[0]), float(value_range[1])]
-    probe = Manifest(**{**_fields(manifest), "defence": {"adversarial": decl}})
-    try:
-        spec = parse_defence(probe)
-    except ConfigError as exc:
-        raise ConfigError(f"defence: {exc}") from None
-    assert spec is not None
-    spec = _with_batching(run, samples[0], spec) if samples else spec
-    scores = np.concatenate([squeeze_scores(run, s, spec)[1] for s in samples])
-    threshold = float(np.sort(scores)[rank - 1])
-    decl.update(threshold=round(min(threshold * (1 + 1e-6) + 1e-9, 2.0), 9), batched=spec.batched,
-                calibrated_on=int(scores.size))
-    return {"adversarial": decl}
-
-
-def _fields(manifest: Manifest) -> dict[str, Any]:
-    return {f: getattr(manifest, f) for f in manifest.__dataclass_fields__}
-
-
-def _with_batching(run: RunFn, sample: Mapping[str, np.ndarray], spec: AdversarialSpec) -> AdversarialSpec:
-    """``spec`` with ``batched`` true when a batched call agrees with separate calls on ``sample``."""
-    if any(np.asarray(v).shape[:1] != (1,) for v in sample.values()):
-        return spec
-    separate = squeeze_scores(run, sample, _replace(spec, batched=False))
-    try:
-        together = squeeze_scores(run, sample, _replace(spec, batched=True))
-    except Exception:  # a fixed batch axis: the library refuses the batch
-        return _replace(spec, batched=False)
-    same = all(np.allclose(together[0][k], separate[0][k], rtol=1e-3, atol=1e-5) for k in separate[0]) and \
-        np.allclose(together[1], separate[1], rtol=1e-3, atol=1e-5)
-    if not same:
-        return _replace(spec, batched=False)
-    # Batched unless separate calls are clearly faster: the two are close for a conv net, and a timing on a
-    # busy machine must not flip the choice on noise.
-    slower = _median_s(lambda: squeeze_scores(run, sample, _replace(spec, batched=True))) > \
-        1.25 * _median_s(lambda: squeeze_scores(run, sample, _replace(spec, batched=False)))
-    return _replace(spec, batched=not slower)
-
-
-def _median_s(fn: Callable[[], object], runs: int = 7) -> float:
-    fn()  # warm-up: first-call allocations
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[runs // 2]
-
-
-def _replace(spec: AdversarialSpec, **changes: Any) -> AdversarialSpec:
-    return AdversarialSpec(**{**{f: getattr(spec, f) for f in spec.__dataclass_fields__}, **changes})

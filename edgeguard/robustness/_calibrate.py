@@ -1,11 +1,12 @@
 """Publisher side of `pack --adversarial`: the `defence` declaration for a model, calibrated on clean data.
 
 One CPU reference session (onnxruntime; LiteRT through ``run_reference`` for ``.tflite``) scores every clean
-sample; ``edgeguard.engine.adversarial.calibrate_adversarial`` turns the scores into the threshold.
+sample; ``edgeguard.engine._adv_calibrate.calibrate_adversarial`` turns the scores into the threshold.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -15,12 +16,28 @@ import numpy as np
 from edgeguard.bundle._pack import _tensor_from_meta
 from edgeguard.bundle._reference import introspect, run_reference
 from edgeguard.bundle.manifest import ModelFormat
-from edgeguard.engine.adversarial import RunFn, calibrate_adversarial
+from edgeguard.engine._adv_calibrate import calibrate_adversarial
+from edgeguard.engine.adversarial import MAX_SQUEEZERS, RunFn, SqueezerKind
 from edgeguard.errors import ConfigError
 
 from ._evaluate import probe_manifest
 
-__all__ = ["adversarial_defence", "load_clean_samples"]
+__all__ = ["adversarial_defence", "load_clean_samples", "parse_squeezer_list"]
+
+_SQUEEZER_ITEM = re.compile(r"(bits|median)([0-9]{1,2})")
+
+
+def parse_squeezer_list(text: str) -> list[tuple[SqueezerKind, int]]:
+    """``"bits4,bits5,median2"`` -> ``[("bits", 4), ("bits", 5), ("median", 2)]`` (checked again at parse)."""
+    out: list[tuple[SqueezerKind, int]] = []
+    for item in (t.strip() for t in text.split(",")):
+        m = _SQUEEZER_ITEM.fullmatch(item)
+        if m is None:
+            raise ConfigError(f"--adversarial-squeezers: {item[:40]!r} is not bitsN or medianK")
+        out.append(("bits" if m.group(1) == "bits" else "median", int(m.group(2))))
+    if not 1 <= len(out) <= MAX_SQUEEZERS:
+        raise ConfigError(f"--adversarial-squeezers: 1 to {MAX_SQUEEZERS} squeezers, got {len(out)}")
+    return out
 
 
 def load_clean_samples(path: Path, input_names: Sequence[str], *, limit: int = 100_000,
@@ -53,6 +70,7 @@ def adversarial_defence(
     bits: int = 4,
     median: int = 2,
     joint: bool = False,
+    squeezers: Sequence[tuple[SqueezerKind, int]] | None = None,
 ) -> dict[str, Any]:
     """``meta["defence"]`` for ``model``: the detector calibrated on ``samples`` for ``fpr``."""
     if "inputs" in meta and "outputs" in meta:
@@ -74,4 +92,4 @@ def adversarial_defence(
         def run(feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
             return run_reference(model, model_format, feed)
     return calibrate_adversarial(run, samples, manifest=manifest, mode=mode, fpr=fpr, bits=bits,
-                                 median=median, joint=joint)
+                                 median=median, joint=joint, squeezers=squeezers)

@@ -15,9 +15,11 @@ from typing import Any, Literal
 import numpy as np
 
 from edgeguard.bundle.manifest import Manifest, TensorSpec
-from edgeguard.engine.adversarial import AdversarialSpec, calibrate_adversarial, parse_defence, squeeze_scores
+from edgeguard.engine._adv_calibrate import calibrate_adversarial
+from edgeguard.engine.adversarial import AdversarialSpec, SqueezerKind, parse_defence, squeeze_scores
 
 from ._attacks import SpsaConfig, fgsm, pgd
+from ._search import search_squeezers
 
 __all__ = ["AttackRow", "RobustnessReport", "evaluate", "probe_manifest"]
 
@@ -92,26 +94,40 @@ def evaluate(
     seed: int = 0,
     name: str = "model",
     progress: Callable[[str], None] = lambda _: None,
+    squeezers: Sequence[tuple[SqueezerKind, int]] | None = None,
+    search: bool = False,
+    max_squeezers: int = 2,
 ) -> RobustnessReport:
-    """Calibrate the detector on ``calibration`` (inputs, labels), then attack ``test`` and score it all."""
-    cal_x, _ = calibration
+    """Calibrate the detector on ``calibration`` (inputs, labels), then attack ``test`` and score it all.
+
+    ``squeezers``: an explicit list (normalised score) instead of ``bits``/``median``/``joint``. ``search``:
+    choose that list on the calibration split (``_search.search_squeezers``; the test split is not read).
+    """
+    cal_x, cal_y = calibration
     x, y = test
-    decl = calibrate_adversarial(run, [{manifest.inputs[0].name: cal_x[i:i + 1]} for i in range(len(cal_x))],
-                                 manifest=manifest, fpr=fpr, bits=bits, median=median, softmax=softmax,
-                                 joint=joint)
+    cal_samples = [{manifest.inputs[0].name: cal_x[i:i + 1]} for i in range(len(cal_x))]
+    decl = calibrate_adversarial(run, cal_samples, manifest=manifest, fpr=fpr, bits=bits, median=median,
+                                 softmax=softmax, joint=joint, squeezers=squeezers)
     spec = parse_defence(_with_defence(manifest, decl))
     assert spec is not None
     lo, hi = spec.value_range
     cfg = spsa or SpsaConfig(low=lo, high=hi)
     cfg = SpsaConfig(samples=cfg.samples, delta=cfg.delta, max_batch=cfg.max_batch, low=lo, high=hi)
+    searched: dict[str, Any] | None = None
+    if search:
+        progress("searching the squeezer set on the calibration split")
+        base = spec
+        found = search_squeezers(run, lambda b: _classify(run, base, b), base, (cal_x, cal_y), eps=eps,
+                                 fpr=fpr, cfg=cfg, rng=np.random.default_rng([seed, 1]), pgd_steps=pgd_steps,
+                                 max_squeezers=max_squeezers)
+        searched = {"calibration_detection": round(found.calibration_detection, 4), "tried": found.tried}
+        decl = calibrate_adversarial(run, cal_samples, manifest=manifest, fpr=fpr, softmax=softmax,
+                                     squeezers=found.squeezers)
+        spec = parse_defence(_with_defence(manifest, decl))
+        assert spec is not None
 
     def classify(batch: np.ndarray) -> np.ndarray:
-        out = run({spec.input: batch.astype(np.float32)})[spec.output]
-        flat = np.asarray(out, dtype=np.float64).reshape(len(batch), -1)
-        if spec.softmax:
-            flat = np.exp(flat - flat.max(axis=1, keepdims=True))
-            flat /= flat.sum(axis=1, keepdims=True)
-        return flat
+        return _classify(run, spec, batch)
 
     def scores(batch: np.ndarray) -> np.ndarray:
         return np.concatenate([squeeze_scores(run, {spec.input: batch[i:i + 256]}, spec)[1]
@@ -124,8 +140,10 @@ def evaluate(
         model=name, test_samples=len(y), calibration_samples=len(cal_x),
         clean_accuracy=float(correct.mean()), target_fpr=fpr, threshold=spec.threshold,
         clean_fpr=float((clean_scores > spec.threshold).mean()),
-        squeezers={"bits": spec.bits, "median": spec.median, "joint": spec.joint,
-                   "range": list(spec.value_range), "batched": spec.batched},
+        squeezers=({"squeezers": [q.to_json() for q in spec.listed]} if spec.listed else
+                   {"bits": spec.bits, "median": spec.median, "joint": spec.joint})
+        | {"range": list(spec.value_range), "batched": spec.batched}
+        | ({"search": searched} if searched is not None else {}),
         spsa={"samples": cfg.samples, "delta": cfg.delta, "pgd_steps": pgd_steps},
     )
     rng = np.random.default_rng(seed)
@@ -143,6 +161,16 @@ def evaluate(
             report.rows.append(AttackRow(attack, float(e), float((pred == y).mean()), n_success, detected,
                                          detected / n_success if n_success else None))
     return report
+
+
+def _classify(run: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]], spec: AdversarialSpec,
+              batch: np.ndarray) -> np.ndarray:
+    out = run({spec.input: batch.astype(np.float32)})[spec.output]
+    flat = np.asarray(out, dtype=np.float64).reshape(len(batch), -1)
+    if spec.softmax:
+        flat = np.exp(flat - flat.max(axis=1, keepdims=True))
+        flat /= flat.sum(axis=1, keepdims=True)
+    return flat
 
 
 def _with_defence(manifest: Manifest, defence: dict[str, Any]) -> Manifest:

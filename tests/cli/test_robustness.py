@@ -124,3 +124,43 @@ def test_robustness_on_an_image_directory_uses_the_meta_preprocess(tmp_path: Pat
     assert report["calibration_samples"] == 15 and report["test_samples"] == 6
     assert report["clean_accuracy"] >= 0.5 and report["squeezers"]["median"] == 2
     one_line_error(eg("robustness", "ppocr-cls", "--data", tmp_path / "lines", cwd=tmp_path), 2, "--meta")
+
+
+def test_robustness_search_chooses_the_squeezers_on_the_calibration_split(tmp_path: Path) -> None:
+    r = eg("robustness", "digits", "--samples", "30", "--eps", "0.12", "--attacks", "pgd", "--spsa-samples",
+           "8", "--pgd-steps", "3", "--search", "--max-squeezers", "2", "--json", cwd=tmp_path, timeout=300)
+    assert r.code == 0, r.err
+    report = json.loads(r.out)
+    sq = report["squeezers"]
+    assert "bits" not in sq and 1 <= len(sq["squeezers"]) <= 2
+    assert all(item["scale"] > 0 and set(item) - {"scale"} <= {"bits", "median"} for item in sq["squeezers"])
+    assert sq["search"]["tried"] == 7 + 21  # bits 1-5 and medians 2, 3: singles and pairs
+    assert 0.0 <= sq["search"]["calibration_detection"] <= 1.0
+    assert report["threshold"] > 0 and 0.0 <= report["clean_fpr"] <= 1.0
+    one_line_error(eg("robustness", "digits", "--search", "--max-squeezers", "5", cwd=tmp_path), 2,
+                   "--max-squeezers")
+
+
+def test_pack_adversarial_squeezers_declares_the_set_with_its_scales(tmp_path: Path) -> None:
+    case = digits_case()
+    generate_keypair("publisher", tmp_path / "keys")
+    generate_keypair("device", tmp_path / "keys")
+    (tmp_path / "digits.onnx").write_bytes(case.model)
+    meta = {k: v for k, v in case.meta().items() if k != "defence"}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    np.savez(tmp_path / "clean.npz", x=case.calibration.x)
+    np.savez(tmp_path / "golden.npz", **{"0/in/x": case.test.x[:1]})
+    common = ["pack", "digits.onnx", "--name", "digits", "--version", "1",
+              "--sign-key", "keys/publisher.key", "--recipient", "keys/device.pub",
+              "--meta", "meta.json", "--golden", "golden.npz", "--adversarial", "flag",
+              "--adversarial-data", "clean.npz", "--adversarial-fpr", "0.04"]
+    r = eg(*common, "--adversarial-squeezers", "bits4,bits5", "-o", "d.egm", cwd=tmp_path)
+    assert r.code == 0, r.err
+    decl = json.loads(eg("inspect", "d.egm", cwd=tmp_path).out)["manifest"]["defence"]["adversarial"]
+    assert [(next(k for k in s if k != "scale"), s.get("bits")) for s in decl["squeezers"]] == \
+        [("bits", 4), ("bits", 5)]
+    assert all(s["scale"] > 0 for s in decl["squeezers"]) and "bits" not in decl
+    assert decl["calibrated_on"] == len(case.calibration.y) and decl["threshold"] > 0
+    for bad in ("bits4,blur3", "bits4,bits5,bits3,bits2,bits1", "bits4,bits4"):
+        one_line_error(eg(*common, "--adversarial-squeezers", bad, "-o", "e.egm", cwd=tmp_path), 2)
+        assert not (tmp_path / "e.egm").exists()

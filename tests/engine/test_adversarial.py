@@ -225,3 +225,18 @@ def test_integer_inputs_cannot_be_squeezed() -> None:
                      [TensorSpec("p", "float32", (1, 2))], defence={"adversarial": _GOOD})
     with pytest.raises(ConfigError, match="floating-point"):
         parse_defence(m)
+
+
+def test_all_bit_depths_at_once_equal_one_depth_at_a_time() -> None:
+    from edgeguard.engine.squeeze import reduce_bit_depths
+
+    x = np.random.default_rng(3).uniform(-1.5, 2.5, (2, 3, 5, 7)).astype(np.float32)
+    x[0, 0, 0, :3] = [-1.0, 1.0, 0.5]  # the range's ends and a tie for rounding
+    got = reduce_bit_depths(x, (1, 4, 5, 16), low=-1.0, high=1.0)
+    want = np.stack([reduce_bit_depth(x, b, low=-1.0, high=1.0) for b in (1, 4, 5, 16)])
+    assert got.dtype == np.float32 and got.shape == (4, *x.shape)
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="bits"):
+        reduce_bit_depths(x, (0, 4), low=0.0, high=1.0)
+    with pytest.raises(ValueError, match="empty"):
+        reduce_bit_depths(x, (4,), low=1.0, high=1.0)
