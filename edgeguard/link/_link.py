@@ -377,7 +377,11 @@ class MqttLink:
         if self._sub_waiters:  # a handler registered while connected: subscribe now, report the SUBACK
             with self._lock:
                 waiters, self._sub_waiters = self._sub_waiters, []
+            current = set(self._inbound.topics())
             for wait in waiters:
+                if wait.topic not in current:  # removed before it was subscribed (a bundle chunk on disk)
+                    wait.done.set()
+                    continue
                 rc, mid = client.subscribe(wait.topic, qos=1)
                 if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
                     self._subscribed[mid] = wait
