@@ -5,6 +5,11 @@ Only ciphertext touches the disk (the bundle is sealed for its recipients). Memo
 written where it belongs as it arrives (paho holds one payload at a time), the whole file is hashed in 1 MiB
 reads. Chunks already written stay when the network drops: on reconnection the link subscribes again, the
 broker re-delivers the retained chunks, and those already held are skipped.
+
+Every subscription names one exact topic, never a wildcard: RabbitMQ's MQTT plugin hands retained messages
+only to exact-topic subscriptions. The meta first, then a sliding window of :data:`WINDOW` chunk topics, each
+unsubscribed once its chunk is on disk and replaced by the next missing one; the broker therefore has at most
+that many chunks in flight to the device.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ from edgeguard.errors import CommandRefused
 from ._format import ChunkGate, ChunkRefused
 from ._steps import StepHook
 
-__all__ = ["Fetcher", "SubtreeLink", "partial_path", "sha256_of"]
+__all__ = ["WINDOW", "Fetcher", "SubtreeLink", "partial_path", "sha256_of"]
 
 _log = logging.getLogger("edgeguard.deploy")
 _READ = 1024 * 1024
+WINDOW = 8  # chunk topics subscribed at once (each chunk <= 1 MiB)
 
 
 class SubtreeLink(Protocol):
@@ -42,7 +48,7 @@ class SubtreeLink(Protocol):
         timeout: float | None = None,
     ) -> bool: ...
 
-    def off_fleet_subtree(self, suffix: str) -> None: ...
+    def off_fleet_subtree(self, suffix: str, level: str | None = None) -> None: ...
 
 
 def partial_path(state_dir: Path, sha256: str) -> Path:
@@ -92,6 +98,10 @@ class Fetcher:
         self._have: set[int] = set()
         self._lock = threading.Lock()
         self._done = threading.Event()
+        self._wake = threading.Event()  # a chunk landed or the meta came: the window moves
+        self._landed: list[int] = []  # chunk indices written since the window last moved (lock)
+        self._window: set[int] = set()  # chunk indices subscribed to (the fetching thread's own)
+        self._following = 0  # the next chunk index not yet considered for the window
         self._fd = -1
         self._last = clock()
         self.refused = 0
@@ -107,6 +117,7 @@ class Fetcher:
                     self._gate.accept_meta(payload)
                     self._last = self._clock()
                     self._check_done()
+                    self._wake.set()
                     return
                 index = self._gate.check_chunk(level, len(payload))
                 if index in self._have:
@@ -119,6 +130,8 @@ class Fetcher:
                     self._steps.at("mid-chunk")
                 os.pwrite(self._fd, payload, index * meta.chunk_size)
                 self._have.add(index)
+                self._landed.append(index)
+                self._wake.set()
                 self._last = self._clock()
                 self._progress(len(self._have), meta.chunks)
                 if len(self._have) == 2:
@@ -144,16 +157,19 @@ class Fetcher:
             # The meta first: a broker sends retained messages in its own order, and a chunk that came
             # before the meta could not be checked (and is not buffered). The chunks once the meta is in.
             link.on_fleet_subtree(suffix, self.on_message, max_bytes=max_bytes, level="meta")
-            chunks = False
-            while not self._done.wait(0.2):
-                if not chunks and self._gate.meta is not None:
-                    link.on_fleet_subtree(suffix, self.on_message, max_bytes=max_bytes, level="+")
-                    chunks = True
+            while not self._done.is_set():
+                self._wake.wait(0.2)
+                self._wake.clear()
                 if stop.is_set():
                     raise CommandRefused("fetch", "deploy stopped (the service is stopping or rolled back)")
                 with self._lock:
+                    landed, self._landed = self._landed, []
                     idle = self._clock() - self._last
                     have, meta = len(self._have), self._gate.meta
+                if self._done.is_set():
+                    break
+                if meta is not None:
+                    self._move_window(link, suffix, max_bytes=max_bytes, landed=landed, chunks=meta.chunks)
                 if idle > self._stall_s:
                     got = f"{have} of {meta.chunks} chunks" if meta is not None else "no bundle meta"
                     why = f"; last dropped: {self.last_refusal}" if self.last_refusal else ""
@@ -165,6 +181,25 @@ class Fetcher:
             raise
         link.off_fleet_subtree(suffix)
         self._finish()
+
+    def _move_window(
+        self, link: SubtreeLink, suffix: str, *, max_bytes: int, landed: list[int], chunks: int
+    ) -> None:
+        """Unsubscribe the chunks that landed, subscribe the next missing ones (without waiting for the
+        SUBACK: a subscription made while disconnected is made again at the reconnection anyway)."""
+        for index in landed:
+            if index in self._window:
+                self._window.discard(index)
+                link.off_fleet_subtree(suffix, str(index))
+        while len(self._window) < WINDOW and self._following < chunks:
+            index = self._following
+            self._following += 1
+            with self._lock:
+                held = index in self._have
+            if not held:
+                self._window.add(index)
+                link.on_fleet_subtree(suffix, self.on_message, max_bytes=max_bytes, level=str(index),
+                                      timeout=0)
 
     def fetch_path(self, source: Path) -> None:
         """Copy from a file the device can read: opened without following links, a regular file of exactly

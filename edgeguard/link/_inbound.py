@@ -55,15 +55,25 @@ class InboundRouter:
             raise ValueError(f"inbound subtree level {level!r}: + or one level of [A-Za-z0-9_.-]")
         with self._lock:
             old = self._subtrees.get(topic_prefix)
-            filters = [*(old[2] if old is not None else []), topic_prefix + level]
+            filters = list(old[2]) if old is not None else []
+            if topic_prefix + level not in filters:
+                filters.append(topic_prefix + level)
             self._subtrees[topic_prefix] = (callback, min(max_bytes, self.max_bytes), filters)
         return topic_prefix + level
 
-    def remove_subtree(self, topic_prefix: str) -> list[str]:
-        """Stop delivering a subtree; the filters to unsubscribe from."""
+    def remove_subtree(self, topic_prefix: str, level: str | None = None) -> list[str]:
+        """Stop delivering a subtree (``level`` None), or only stop subscribing to one of its filters (a
+        chunk already on disk: what is still in flight on it is delivered, and skipped by its owner); the
+        filters to unsubscribe from."""
         with self._lock:
-            gone = self._subtrees.pop(topic_prefix, None)
-        return gone[2] if gone is not None else []
+            if level is None:
+                gone = self._subtrees.pop(topic_prefix, None)
+                return gone[2] if gone is not None else []
+            entry = self._subtrees.get(topic_prefix)
+            if entry is None or topic_prefix + level not in entry[2]:
+                return []
+            entry[2].remove(topic_prefix + level)
+            return [topic_prefix + level]
 
     def topics(self) -> list[str]:
         """Every topic (and subtree filter, in the order they were added) to subscribe to."""

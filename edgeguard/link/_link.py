@@ -253,9 +253,10 @@ class MqttLink:
         wait.done.wait(self.config.connect_timeout_s if timeout is None else timeout)
         return wait.ok
 
-    def off_fleet_subtree(self, suffix: str) -> None:
-        """Stop delivering (at once) and unsubscribe (at the link's next step) a subtree."""
-        filters = self._inbound.remove_subtree(f"edgeguard/v1/{self.fleet}/{suffix}/")
+    def off_fleet_subtree(self, suffix: str, level: str | None = None) -> None:
+        """Stop delivering (at once) and unsubscribe (at the link's next step) a subtree; with ``level``,
+        only unsubscribe from that one filter of it (delivery goes on)."""
+        filters = self._inbound.remove_subtree(f"edgeguard/v1/{self.fleet}/{suffix}/", level)
         if filters:
             with self._lock:
                 self._unsubscribe.extend(filters)
@@ -376,7 +377,11 @@ class MqttLink:
         if self._sub_waiters:  # a handler registered while connected: subscribe now, report the SUBACK
             with self._lock:
                 waiters, self._sub_waiters = self._sub_waiters, []
+            current = set(self._inbound.topics())
             for wait in waiters:
+                if wait.topic not in current:  # removed before it was subscribed (a bundle chunk on disk)
+                    wait.done.set()
+                    continue
                 rc, mid = client.subscribe(wait.topic, qos=1)
                 if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
                     self._subscribed[mid] = wait

@@ -27,7 +27,7 @@ from edgeguard.deploy import (
     bundle_messages,
     removal_messages,
 )
-from edgeguard.deploy._fetch import Fetcher
+from edgeguard.deploy._fetch import WINDOW, Fetcher
 from edgeguard.errors import CommandRefused, ConfigError
 from edgeguard.link._inbound import InboundRouter
 
@@ -190,6 +190,20 @@ def test_router_delivers_one_level_of_a_subtree_and_stops_when_removed() -> None
         router.add_subtree(f"{P}/bundles/#/", lambda lv, p: None, 50, "+")
 
 
+def test_router_unsubscribes_one_filter_of_a_subtree_and_keeps_delivering() -> None:
+    router = InboundRouter("edgeguard/v1/f/dev-1/", 100)
+    got: list[tuple[str, bytes]] = []
+    for level in ("meta", "0", "1", "1"):  # the same filter twice is one filter
+        router.add_subtree(f"{P}/bundles/{SHA}/", lambda lv, p: got.append((lv, p)), 50, level)
+    assert router.topics() == [f"{P}/bundles/{SHA}/{lv}" for lv in ("meta", "0", "1")]
+    assert router.remove_subtree(f"{P}/bundles/{SHA}/", "0") == [f"{P}/bundles/{SHA}/0"]
+    assert router.remove_subtree(f"{P}/bundles/{SHA}/", "0") == []  # not subscribed any more
+    assert router.remove_subtree(f"{P}/other/", "0") == []
+    assert router.topics() == [f"{P}/bundles/{SHA}/meta", f"{P}/bundles/{SHA}/1"]
+    router.deliver(f"{P}/bundles/{SHA}/0", b"late")  # in flight when unsubscribed: still delivered
+    assert got == [("0", b"late")]
+
+
 class _FakeLink:
     """Delivers the messages given to it, in the given order, when the fetcher subscribes (as a broker sends
     retained messages), from another thread."""
@@ -197,17 +211,22 @@ class _FakeLink:
     def __init__(self, messages: list[tuple[str, bytes]]) -> None:
         self.messages = messages
         self.filters: list[str] = []
+        self.open: set[str] = set()
+        self.most_open = 0
 
     def on_fleet_subtree(self, suffix: str, callback: Callable[[str, bytes], None], *, max_bytes: int,
                          level: str = "+", timeout: float | None = None) -> bool:
         self.filters.append(level)
+        self.open.add(level)
+        self.most_open = max(self.most_open, len(self.open))
         want = [(t.rsplit("/", 1)[1], p) for t, p in self.messages
                 if level == "+" or t.rsplit("/", 1)[1] == level]
         threading.Thread(target=lambda: [callback(lv, p) for lv, p in want], daemon=True).start()
         return True
 
-    def off_fleet_subtree(self, suffix: str) -> None:
-        self.filters.append("off")
+    def off_fleet_subtree(self, suffix: str, level: str | None = None) -> None:
+        self.filters.append("off" if level is None else f"off {level}")
+        self.open = set() if level is None else self.open - {level}
 
 
 def test_fetcher_assembles_chunks_skips_duplicates_and_checks_the_digest(tmp_path: Path) -> None:
@@ -219,7 +238,15 @@ def test_fetcher_assembles_chunks_skips_duplicates_and_checks_the_digest(tmp_pat
                 stall_s=30)
     link = _FakeLink(msgs)
     f.fetch_mqtt(link, max_bytes=1 << 20, stop=threading.Event())
-    assert f.path.read_bytes() == data and link.filters == ["meta", "+", "off"]
+    assert f.path.read_bytes() == data and link.filters[0] == "meta" and link.filters[-1] == "off"
+    # exact topics only (RabbitMQ hands retained messages to no wildcard), each chunk's once, a window of
+    # them at a time, each unsubscribed once its chunk landed
+    chunks = [lv for lv in link.filters if not lv.startswith("off") and lv != "meta"]
+    assert sorted(chunks, key=int) == [str(i) for i in range(10)], link.filters
+    assert link.most_open <= 1 + WINDOW and link.filters.count("off") == 1, link.filters
+    # 10 chunks through a window of 8: at least two landed chunks were unsubscribed one by one
+    singly = [lv.removeprefix("off ") for lv in link.filters if lv.startswith("off ")]
+    assert len(singly) >= 10 - WINDOW and set(singly) <= set(chunks), link.filters
     assert (f.path.stat().st_mode & 0o777) == 0o600
 
 

@@ -49,11 +49,15 @@ __all__ = [
     "rabbitmq_broker",
     "nats_broker",
     "STARTED",
+    "DEPLOY_TIMES",
 ]
 
 # (kind, version, seconds until the MQTT port accepted) of every broker the fixtures started this session:
 # tests/brokers/conftest.py prints them at the end of the run.
 STARTED: list[tuple[str, str, float]] = []
+# (broker kind, bundle bytes, chunks, seconds from the first chunk published to the device's verified answer)
+# of every deploy tests/brokers/test_brokers_deploy.py timed this session, printed in the terminal summary.
+DEPLOY_TIMES: list[tuple[str, int, int, float]] = []
 
 
 def _version(cmd: list[str]) -> str:
