@@ -68,10 +68,36 @@ __all__ = [
 ]
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+# Ports handed out by free_port come from below the kernel's ephemeral range. A port that bind(0) found free
+# and released is in that range, and an outgoing connection (a device's MQTT client, say) could take it as its
+# local port before the test's server bound it: with 20 device services one did ("address already in use", a
+# crash loop). Outside the range only explicit binds compete; each port is handed out once per process, and
+# the start is spread by pid so that parallel test processes rarely meet.
+_EPHEMERAL_LOW = _ephemeral_low()
+_PORTS_LOW = max(1024, _EPHEMERAL_LOW - 12000)
+_next_port = _PORTS_LOW + (os.getpid() * 97) % (_EPHEMERAL_LOW - _PORTS_LOW)
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback TCP port nobody listens on now, never one this process handed out before."""
+    global _next_port
+    for _ in range(_EPHEMERAL_LOW - _PORTS_LOW):
+        port = _next_port
+        _next_port = _PORTS_LOW + (_next_port + 1 - _PORTS_LOW) % (_EPHEMERAL_LOW - _PORTS_LOW)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {_PORTS_LOW}..{_EPHEMERAL_LOW - 1}")
 
 
 # ----------------------------------------------------------------------------------------------------- PKI
