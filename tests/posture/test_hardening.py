@@ -114,21 +114,41 @@ def _address(buf: bytearray) -> int:
     return ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
 
 
+_PROTECT = """
+import ctypes, importlib.util, json, sys
+sys.path.insert(0, sys.argv[2])
+from tests.posture.test_hardening import _vm_flags
+spec = importlib.util.spec_from_file_location("h", sys.argv[1]); h = importlib.util.module_from_spec(spec)
+sys.modules["h"] = h
+spec.loader.exec_module(h)
+# Above glibc's largest mmap threshold (32 MiB): a mapping of its own.
+buf = bytearray(40 * 1024 * 1024)
+address = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+before = sorted(_vm_flags(address))
+locked = h.protect(buf)
+during = sorted(_vm_flags(address))
+locked_bytes = h.memory_protection()["locked_bytes"]
+h.release(buf)
+after = sorted(_vm_flags(address))
+h.release(buf)  # twice is harmless
+print(json.dumps({"before": before, "locked": locked, "during": during, "locked_bytes": locked_bytes,
+                  "after": after}))
+"""
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux kernel interfaces")
 def test_protect_excludes_a_buffer_from_core_dumps_and_locks_it_until_released() -> None:
-    # Above glibc's largest mmap threshold (32 MiB): a mapping of its own, whatever this process did before.
-    buf = bytearray(40 * 1024 * 1024)
-    address = _address(buf)
-    assert "dd" not in _vm_flags(address)
-    locked = hardening.protect(buf)
-    flags = _vm_flags(address)
-    assert "dd" in flags  # MADV_DONTDUMP
-    assert locked == ("lo" in flags)
-    if locked:
-        assert hardening.memory_protection()["locked_bytes"] >= len(buf)
-    hardening.release(buf)
-    assert "lo" not in _vm_flags(address)
-    hardening.release(buf)  # twice is harmless
+    # In a fresh process: in the test process a mapping may already carry the flags this test looks for (the
+    # kernel reuses address ranges that other tests' protected buffers held), which failed it once by chance.
+    out = subprocess.run([sys.executable, "-c", _PROTECT, str(_MODULE), str(Path(__file__).parents[2])],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    doc = json.loads(out)
+    assert "dd" not in doc["before"]
+    assert "dd" in doc["during"]  # MADV_DONTDUMP
+    assert doc["locked"] == ("lo" in doc["during"])
+    if doc["locked"]:
+        assert doc["locked_bytes"] >= 40 * 1024 * 1024
+    assert "lo" not in doc["after"]
 
 
 _MLOCK_REFUSED = """
