@@ -32,7 +32,8 @@ def test_auto_falls_back_to_311_when_the_broker_closes_5_unanswered(
             gate.drop_connections()
             assert wait_until(lambda: link.state.connects == 2 and link.state.connected, 20)
             assert gate.levels == [5, 5, 4, 4]
-            assert json.loads(rec.on_topic("/status")[-1])["state"] == "online"
+            # The birth goes out after CONNACK and reaches the recorder after the will of the lost connection.
+            assert wait_until(lambda: json.loads(rec.on_topic("/status")[-1])["state"] == "online", 20)
         finally:
             link.stop()
             ob.close()
